@@ -1,0 +1,40 @@
+"""The OpenAI-compatible relay: `/v1/chat/completions` and `/v1/models`."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app.api.requests import read_json, request_context, require_principal, services
+from app.api.streaming import RelayStreamResponse
+from app.core.relay import parse_chat_request
+
+
+async def chat_completions(request: Request) -> Response:
+    principal = await require_principal(request)
+    chat = parse_chat_request(await read_json(request))
+    relay = services(request).relay
+    context = request_context(request)
+    if chat.stream:
+        return RelayStreamResponse(await relay.open_stream(principal, chat, context))
+    body = await relay.complete(principal, chat, context)
+    return Response(body, media_type="application/json")
+
+
+async def list_models(request: Request) -> Response:
+    await require_principal(request)
+    created = int(time.time())
+    models = [
+        {"id": model, "object": "model", "created": created, "owned_by": provider}
+        for model, provider in services(request).providers.models()
+    ]
+    return JSONResponse({"object": "list", "data": models})
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+]

@@ -1,0 +1,102 @@
+"""`python -m app serve | migrate | users create`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from app.core.config import ConfigError, Settings, load_settings
+from app.core.db import create_engine, migrate
+from app.core.errors import ApiError
+from app.core.security import Secrets
+from app.core.users import ROLES, create_user, get_or_create_relay_key
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Livegate")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP/WebSocket server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    commands.add_parser("migrate", help="bring the database schema up to date")
+
+    users = commands.add_parser("users", help="manage users")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    create = user_commands.add_parser("create", help="create a user; prints id, token, api_key")
+    create.add_argument("--email", required=True)
+    create.add_argument("--password", required=True)
+    create.add_argument("--tier", default=None)
+    create.add_argument("--role", default="user", choices=ROLES)
+    return parser
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        ws_max_size=64 * 1024,  # quota sockets only ever receive pings
+        ws_per_message_deflate=False,  # small JSON frames: compression costs more than it saves
+        timeout_graceful_shutdown=30,
+        proxy_headers=False,
+        server_header=False,
+    )
+
+
+async def _migrate(settings: Settings) -> None:
+    engine = create_engine(settings.database_url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _create_user(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
+    tier = args.tier or settings.server.default_tier
+    if tier not in settings.tiers:
+        raise ConfigError(f"unknown tier {tier!r}; configured: {', '.join(settings.tiers)}")
+    engine = create_engine(settings.database_url)
+    try:
+        await migrate(engine)
+        secrets = Secrets.from_settings(settings)
+        user = await create_user(
+            engine, email=args.email, password=args.password, tier=tier, role=args.role
+        )
+        api_key = await get_or_create_relay_key(engine, secrets, user.id)
+        return {
+            "id": user.id,
+            "email": user.email,
+            "tier": user.tier,
+            "role": user.role,
+            "token": secrets.issue_token(user.id),
+            "api_key": api_key,
+        }
+    finally:
+        await engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            serve(settings, args.host, args.port)
+        elif args.command == "migrate":
+            asyncio.run(_migrate(settings))
+            print("database is up to date")
+        elif args.command == "users":
+            print(json.dumps(asyncio.run(_create_user(settings, args))))
+    except (ConfigError, ApiError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

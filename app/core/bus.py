@@ -1,0 +1,207 @@
+"""Pub/sub between the parts of one instance, and across instances through Redis.
+
+A `Bus` delivers each message published on a channel to every local `Subscription`
+of that channel. `LocalBus` is one process; `RedisBus` holds one subscriber
+connection per process, subscribes a Redis channel while it has local subscribers,
+and fans messages out to them. Messages published while that connection was down
+are lost, so after a reconnect every subscription receives `RESYNC`, the cue to
+fetch a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+logger = logging.getLogger("livegate.bus")
+
+
+class Signal(enum.Enum):
+    RESYNC = "resync"
+
+
+RESYNC: Final = Signal.RESYNC
+
+
+class Subscription:
+    """One local subscriber's mailbox on one channel.
+
+    Holds at most `maxlen` undelivered messages; when full the oldest is dropped,
+    which for state pushes (latest value wins) is exactly right.
+    """
+
+    def __init__(self, bus: Bus, channel: str, maxlen: int) -> None:
+        self.channel = channel
+        self._bus = bus
+        self._pending: collections.deque[str | Signal] = collections.deque(maxlen=maxlen)
+        self._ready = asyncio.Event()
+
+    def deliver(self, message: str | Signal) -> None:
+        self._pending.append(message)
+        self._ready.set()
+
+    async def get(self, within: float | None = None) -> str | Signal | None:
+        """The next message, or None if `within` seconds pass without one."""
+        if not self._pending:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(within):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
+        return self._pending.popleft()
+
+    async def close(self) -> None:
+        await self._bus.unsubscribe(self)
+
+
+class Bus:
+    """The interface, and the local fan-out both implementations share."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Subscription]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def publish(self, channel: str, message: str) -> None:
+        raise NotImplementedError
+
+    async def subscribe(self, channel: str, maxlen: int = 1) -> Subscription:
+        sub = Subscription(self, channel, maxlen)
+        subs = self._subscribers.setdefault(channel, set())
+        subs.add(sub)
+        if len(subs) == 1:
+            await self._first_subscriber(channel)
+        return sub
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subscribers.get(sub.channel)
+        if subs is None or sub not in subs:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subscribers[sub.channel]
+            await self._last_unsubscriber(sub.channel)
+
+    def _fan_out(self, channel: str, message: str | Signal) -> None:
+        for sub in self._subscribers.get(channel, ()):
+            sub.deliver(message)
+
+    async def _first_subscriber(self, channel: str) -> None:
+        pass
+
+    async def _last_unsubscriber(self, channel: str) -> None:
+        pass
+
+
+class LocalBus(Bus):
+    """One process: publishing is delivering."""
+
+    async def publish(self, channel: str, message: str) -> None:
+        self._fan_out(channel, message)
+
+
+class RedisBus(Bus):
+    """Redis pub/sub with one subscriber connection per process."""
+
+    _CONTROL = "bus:control"  # always subscribed, so the reader always has a connection
+
+    def __init__(self, url: str, prefix: str, *, max_backoff: float = 5.0) -> None:
+        super().__init__()
+        self._prefix = f"{prefix}:"
+        self._publisher = Redis.from_url(url)
+        # Failures must surface here rather than be retried inside redis-py, so that
+        # we know a reconnect happened and can tell subscribers to resync.
+        self._subscriber = Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), health_check_interval=15, socket_keepalive=True
+        )
+        self._max_backoff = max_backoff
+        self._reader: asyncio.Task[None] | None = None
+        self._pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+        self._connected = asyncio.Event()
+        self.reconnects = 0
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_forever(), name="redis-bus-reader")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self._connected.wait()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._subscriber.aclose()
+        await self._publisher.aclose()
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self._publisher.publish(self._prefix + channel, message)
+
+    async def _first_subscriber(self, channel: str) -> None:
+        if self._connected.is_set():
+            with contextlib.suppress(RedisError):
+                await self._pubsub.subscribe(self._prefix + channel)
+                return
+        # Not connected: the reader subscribes every channel when it reconnects.
+
+    async def _last_unsubscriber(self, channel: str) -> None:
+        if self._connected.is_set():
+            with contextlib.suppress(RedisError):
+                await self._pubsub.unsubscribe(self._prefix + channel)
+
+    async def _read_forever(self) -> None:
+        backoff = 0.05
+        first = True
+        while True:
+            try:
+                await self._pubsub.subscribe(self._prefix + self._CONTROL)
+                channels = [self._prefix + c for c in self._subscribers]
+                if channels:
+                    await self._pubsub.subscribe(*channels)
+                self._connected.set()
+                if not first:
+                    self.reconnects += 1
+                    logger.info("redis bus reconnected; asking subscribers to resync")
+                    for channel in list(self._subscribers):
+                        self._fan_out(channel, RESYNC)
+                first, backoff = False, 0.05
+                async for message in self._pubsub.listen():
+                    if message["type"] != "message":
+                        continue
+                    channel = message["channel"].decode()[len(self._prefix) :]
+                    data = message["data"]
+                    self._fan_out(channel, data.decode() if isinstance(data, bytes) else data)
+            except asyncio.CancelledError:
+                raise
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self._connected.clear()
+                logger.warning("redis bus connection lost (%s); retrying in %.2fs", exc, backoff)
+            await self._reset_pubsub()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    async def _reset_pubsub(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+
+
+def create_bus(redis_url: str | None, prefix: str) -> Bus:
+    return RedisBus(redis_url, prefix) if redis_url else LocalBus()

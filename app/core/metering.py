@@ -1,0 +1,305 @@
+"""Metering relayed requests into `usage_logs` and the quota counter.
+
+A request's row is written when it starts, checkpointed while tokens flow (every
+`checkpoint_tokens` tokens or `checkpoint_ms`, whichever comes first) and finalized
+once with a status. Each write updates the row and the user's counter in one
+transaction, so the counter always equals the sum of the rows, and pushes the new
+quota. Checkpoints run beside the stream, never in front of the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.config import MeteringConfig
+from app.core.live import QuotaPublisher
+from app.core.quota import QuotaSnapshot, add_tokens, month_period
+from app.core.tables import UsageStatus, instances, usage_logs
+
+logger = logging.getLogger("livegate.metering")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a usage row records about the request besides its tokens."""
+
+    request_id: str
+    user_id: str
+    api_key_id: str | None
+    model: str
+    provider: str
+    stream: bool
+    token_limit: int | None
+    device_id: str | None = None
+    platform: str | None = None
+
+
+class UsageMeter:
+    """The meter of one relayed request. Not shared between tasks except its flusher."""
+
+    def __init__(
+        self,
+        metering: Metering,
+        info: RequestInfo,
+        row_id: str,
+        period: str,
+        prompt_tokens: int,
+        snapshot: QuotaSnapshot,
+    ) -> None:
+        self.info = info
+        self.row_id = row_id
+        self.period = period
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self._metering = metering
+        self._config = metering.config
+        self._flushed_total = prompt_tokens
+        self._snapshot = snapshot
+        self._since_flush = 0
+        self._last_flush = asyncio.get_running_loop().time()
+        self._flusher: asyncio.Task[None] | None = None
+        self._dirty = False
+        self.finished = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def remaining(self) -> int | None:
+        """Tokens left in the quota counting what this request has not yet flushed."""
+        if self._snapshot.limit is None:
+            return None
+        unflushed = self.total_tokens - self._flushed_total
+        return self._snapshot.limit - self._snapshot.used - unflushed
+
+    @property
+    def exhausted(self) -> bool:
+        remaining = self.remaining
+        return remaining is not None and remaining <= 0
+
+    def deliver(self, tokens: int = 1) -> None:
+        """Count tokens that reached the client; schedule a checkpoint when one is due."""
+        if self.finished:
+            return
+        self.completion_tokens += tokens
+        self._since_flush += tokens
+        now = asyncio.get_running_loop().time()
+        due = (
+            self._since_flush >= self._config.checkpoint_tokens
+            or (now - self._last_flush) * 1000 >= self._config.checkpoint_ms
+        )
+        if due:
+            self._since_flush = 0
+            self._last_flush = now
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush_loop())
+            else:
+                self._dirty = True
+
+    async def _flush_loop(self) -> None:
+        while True:
+            self._dirty = False
+            try:
+                await self._write(status=UsageStatus.STREAMING)
+            except Exception:
+                logger.exception("checkpoint of usage row %s failed", self.row_id)
+            if not self._dirty or self.finished:
+                return
+
+    async def _write(
+        self,
+        status: UsageStatus,
+        finish_reason: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        total = prompt + completion
+        delta = total - self._flushed_total
+        now = datetime.now(UTC)
+        values: dict[str, object] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": total,
+            "updated_at": now,
+        }
+        if status is not UsageStatus.STREAMING:
+            values.update(status=status, finish_reason=finish_reason, error=error, finished_at=now)
+        async with self._metering.engine.begin() as conn:
+            await conn.execute(
+                usage_logs.update().where(usage_logs.c.id == self.row_id).values(**values)
+            )
+            if delta == 0:
+                return
+            used, seq = await add_tokens(conn, self.info.user_id, self.period, delta)
+        self._flushed_total = total
+        self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
+        self._metering.publisher.push(self.info.user_id, self._snapshot)
+
+    async def finish(
+        self,
+        status: UsageStatus,
+        *,
+        usage: Usage | None = None,
+        finish_reason: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Finalize the row once. `usage` is the upstream's, trusted on completion only.
+
+        A request that ended another way bills what was delivered: the counted
+        completion tokens, and the upstream's prompt tokens if it sent them.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        self._metering.active.discard(self)
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        if usage is not None:
+            self.prompt_tokens = usage.prompt_tokens
+            if status is UsageStatus.COMPLETED:
+                self.completion_tokens = usage.completion_tokens
+        try:
+            await self._write(status, finish_reason, error)
+        except Exception:
+            logger.exception("finalizing usage row %s failed", self.row_id)
+
+    async def discard(self, status: UsageStatus, error: str) -> None:
+        """Finalize a request that delivered nothing: nothing is billed."""
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        await self.finish(status, error=error)
+
+
+class Metering:
+    """The per-process metering service, created in the lifespan."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: QuotaPublisher,
+        config: MeteringConfig,
+        instance_id: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.config = config
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.active: set[UsageMeter] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def begin(self, info: RequestInfo, prompt_tokens: int) -> UsageMeter:
+        """Write the row of a starting request and bill its (estimated) prompt tokens."""
+        now = datetime.now(UTC)
+        period = month_period(now)
+        row_id = uuid.uuid4().hex
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                usage_logs.insert().values(
+                    id=row_id,
+                    request_id=info.request_id,
+                    user_id=info.user_id,
+                    api_key_id=info.api_key_id,
+                    instance_id=self.instance_id,
+                    model=info.model,
+                    provider=info.provider,
+                    device_id=info.device_id,
+                    platform=info.platform,
+                    stream=int(info.stream),
+                    status=UsageStatus.STREAMING,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=0,
+                    total_tokens=prompt_tokens,
+                    period=period,
+                    started_at=now,
+                    updated_at=now,
+                )
+            )
+            used, seq = await add_tokens(conn, info.user_id, period, prompt_tokens)
+        snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
+        self.publisher.push(info.user_id, snapshot)
+        meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot)
+        self.active.add(meter)
+        return meter
+
+    async def start(self) -> None:
+        """Register this instance, sweep what dead instances left, start the heartbeat."""
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                instances.insert().values(id=self.instance_id, started_at=now, heartbeat_at=now)
+            )
+        await self.sweep_interrupted()
+        self._heartbeat = asyncio.create_task(self._beat(), name="metering-heartbeat")
+
+    async def close(self) -> None:
+        """Finalize streams still open as interrupted and deregister this instance."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        for meter in list(self.active):
+            await meter.finish(UsageStatus.INTERRUPTED, error="server shut down")
+        async with self.engine.begin() as conn:
+            await conn.execute(instances.delete().where(instances.c.id == self.instance_id))
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(
+                        instances.update()
+                        .where(instances.c.id == self.instance_id)
+                        .values(heartbeat_at=datetime.now(UTC))
+                    )
+                await self.sweep_interrupted()
+            except Exception:
+                logger.exception("metering heartbeat failed")
+
+    async def sweep_interrupted(self) -> int:
+        """Finalize rows of instances that stopped beating as `interrupted`.
+
+        Their tokens stay as of the last checkpoint, which the counter already holds.
+        Returns the number of rows finalized.
+        """
+        now = datetime.now(UTC)
+        cutoff = now - timedelta(seconds=3 * self.config.heartbeat_seconds)
+        live = sa.select(instances.c.id).where(instances.c.heartbeat_at >= cutoff)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                usage_logs.update()
+                .where(
+                    usage_logs.c.status == UsageStatus.STREAMING,
+                    usage_logs.c.instance_id.not_in(live),
+                )
+                .values(
+                    status=UsageStatus.INTERRUPTED,
+                    error="instance stopped before the request finished",
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(instances.delete().where(instances.c.heartbeat_at < cutoff))
+        if result.rowcount:
+            logger.warning("finalized %d usage rows left by stopped instances", result.rowcount)
+        return int(result.rowcount)

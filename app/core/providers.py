@@ -1,0 +1,388 @@
+"""Upstream LLM providers behind one interface, and the model → provider registry.
+
+A provider answers an OpenAI-format chat completion request either whole
+(`complete`) or as a stream of `StreamChunk`s (`open_stream`). Streamed chunks keep
+the upstream's own bytes, so relaying never re-encodes what it forwards; each is
+parsed once, only for what metering needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from app.core.config import ProviderConfig
+from app.core.errors import (
+    ApiError,
+    BadRequest,
+    NotFound,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from app.core.metering import Usage
+
+ECHO_MODEL = "echo"
+DONE = b"[DONE]"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One upstream SSE event: its raw `data` and what metering reads from it."""
+
+    data: bytes
+    tokens: int  # generated tokens it carries: 1 for a delta with content, else 0
+    usage: Usage | None
+    finish_reason: str | None
+    usage_only: bool  # the trailing `include_usage` chunk, with no choices
+    meta: dict[str, Any]  # id, created and model, for chunks we add ourselves
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole (non-streamed) completion: the upstream's body and its usage."""
+
+    body: bytes
+    usage: Usage | None
+    completion_text: str
+
+
+class UpstreamStream(Protocol):
+    def __aiter__(self) -> AsyncIterator[StreamChunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Provider(Protocol):
+    name: str
+    models: list[str]
+
+    async def complete(self, body: dict[str, Any]) -> Completion: ...
+
+    async def open_stream(self, body: dict[str, Any]) -> UpstreamStream: ...
+
+
+def parse_usage(value: object) -> Usage | None:
+    if not isinstance(value, dict):
+        return None
+    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return Usage(prompt_tokens=prompt, completion_tokens=completion)
+    return None
+
+
+def parse_chunk(data: bytes) -> StreamChunk:
+    """Read the metering facts out of one `chat.completion.chunk`."""
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise UpstreamError("provider sent a malformed stream event") from exc
+    if not isinstance(event, dict):
+        raise UpstreamError("provider sent a malformed stream event")
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise UpstreamError(f"provider error mid-stream: {message}")
+    choices = event.get("choices") or []
+    tokens, finish_reason = 0, None
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") or {}
+        if isinstance(delta, dict) and (
+            delta.get("content")
+            or delta.get("tool_calls")
+            or delta.get("refusal")
+            or delta.get("reasoning_content")
+        ):
+            tokens += 1
+        finish_reason = choice.get("finish_reason") or finish_reason
+    meta = {k: event[k] for k in ("id", "created", "model") if k in event}
+    return StreamChunk(
+        data=data,
+        tokens=tokens,
+        usage=parse_usage(event.get("usage")),
+        finish_reason=finish_reason,
+        usage_only=not choices and "usage" in event,
+        meta=meta,
+    )
+
+
+async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data` payloads of an SSE byte stream (multi-line data joined by newlines)."""
+    buffer = b""
+    data_lines: list[bytes] = []
+    async for chunk in chunks:
+        buffer += chunk
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                break
+            line, buffer = buffer[:newline].rstrip(b"\r"), buffer[newline + 1 :]
+            if not line:
+                if data_lines:
+                    yield b"\n".join(data_lines)
+                    data_lines = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                data_lines.append(value[1:] if value.startswith(b" ") else value)
+    if data_lines:
+        yield b"\n".join(data_lines)
+
+
+def _upstream_error(provider: str, response: httpx.Response, body: bytes) -> ApiError:
+    message = f"provider {provider} answered {response.status_code}"
+    try:
+        error = json.loads(body).get("error")
+        detail = error.get("message") if isinstance(error, dict) else error
+        if isinstance(detail, str) and detail:
+            message = f"{message}: {detail}"
+    except (ValueError, AttributeError):
+        pass
+    status = response.status_code
+    if status == 429:
+        headers = {}
+        if retry_after := response.headers.get("retry-after"):
+            headers["Retry-After"] = retry_after
+        return RateLimited(message, code="upstream_rate_limited", headers=headers)
+    if status in (400, 404, 409, 413, 422):
+        # The request itself was refused: the client can fix it, so it sees the status.
+        return BadRequest(message, code="upstream_rejected_request", status_code=status)
+    if status in (401, 403):
+        return UpstreamError(f"provider {provider} refused the configured credentials")
+    return UpstreamError(message)
+
+
+def _transport_error(provider: str, exc: httpx.HTTPError) -> ApiError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"provider {provider} timed out")
+    return UpstreamError(f"provider {provider} is unreachable: {type(exc).__name__}")
+
+
+class _OpenAIStream:
+    def __init__(self, provider: str, response: httpx.Response) -> None:
+        self._provider = provider
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        try:
+            async for data in iter_sse_data(self._response.aiter_bytes()):
+                if data == DONE:
+                    return
+                yield parse_chunk(data)
+        except httpx.HTTPError as exc:
+            raise _transport_error(self._provider, exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class OpenAIProvider:
+    """Any OpenAI-compatible upstream: OpenAI, vLLM, Ollama, OpenRouter, Gemini's endpoint."""
+
+    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+        self.name = config.name
+        self.models = list(config.models)
+        self._client = client
+        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Accept": "application/json"}
+        if config.api_key is not None:
+            self._headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self._timeout = httpx.Timeout(
+            connect=config.connect_timeout, read=config.read_timeout, write=30.0, pool=10.0
+        )
+
+    async def _send(self, body: dict[str, Any]) -> httpx.Response:
+        request = self._client.build_request(
+            "POST", self._url, json=body, headers=self._headers, timeout=self._timeout
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.name, exc) from exc
+        if response.status_code != 200:
+            try:
+                error_body = await response.aread()
+            except httpx.HTTPError:
+                error_body = b""
+            finally:
+                await response.aclose()
+            raise _upstream_error(self.name, response, error_body)
+        return response
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        response = await self._send(body)
+        try:
+            raw = await response.aread()
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.name, exc) from exc
+        finally:
+            await response.aclose()
+        try:
+            parsed = json.loads(raw)
+            choices = parsed.get("choices") or []
+        except (ValueError, AttributeError) as exc:
+            raise UpstreamError(f"provider {self.name} sent a malformed response") from exc
+        text = "".join(
+            str((c.get("message") or {}).get("content") or "")
+            for c in choices
+            if isinstance(c, dict)
+        )
+        return Completion(body=raw, usage=parse_usage(parsed.get("usage")), completion_text=text)
+
+    async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
+        return _OpenAIStream(self.name, await self._send(body))
+
+
+class EchoProvider:
+    """The offline model: streams the last user message back, word by word."""
+
+    name = "builtin"
+
+    def __init__(self, token_delay: float = 0.05) -> None:
+        self.models = [ECHO_MODEL]
+        self._token_delay = token_delay
+
+    @staticmethod
+    def _reply(body: dict[str, Any]) -> tuple[list[str], int]:
+        messages = body.get("messages") or []
+        last = next(
+            (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), {}
+        )
+        words = (content_text(last.get("content")).split() or ["(silence)"])[:4096]
+        tokens = ["Echo:"] + [f" {w}" for w in words]
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(limit, int) and limit > 0:
+            tokens = tokens[:limit]
+        return tokens, estimate_prompt_tokens(messages)
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        tokens, prompt = self._reply(body)
+        text = "".join(tokens)
+        usage = Usage(prompt_tokens=prompt, completion_tokens=len(tokens))
+        payload = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": ECHO_MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+        }
+        return Completion(body=json.dumps(payload).encode(), usage=usage, completion_text=text)
+
+    async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
+        return _EchoStream(*self._reply(body), delay=self._token_delay)
+
+
+class _EchoStream:
+    def __init__(self, tokens: list[str], prompt_tokens: int, delay: float) -> None:
+        self._tokens = tokens
+        self._prompt_tokens = prompt_tokens
+        self._delay = delay
+        self._meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": ECHO_MODEL,
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> StreamChunk:
+        event = {
+            **self._meta,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return parse_chunk(json.dumps(event, separators=(",", ":")).encode())
+
+    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        yield self._chunk({"role": "assistant", "content": ""}, None)
+        for token in self._tokens:
+            await asyncio.sleep(self._delay)
+            yield self._chunk({"content": token}, None)
+        yield self._chunk({}, "stop")
+        usage = {
+            "prompt_tokens": self._prompt_tokens,
+            "completion_tokens": len(self._tokens),
+            "total_tokens": self._prompt_tokens + len(self._tokens),
+        }
+        yield parse_chunk(json.dumps({**self._meta, "choices": [], "usage": usage}).encode())
+
+    async def aclose(self) -> None:
+        pass
+
+
+def estimate_prompt_tokens(messages: object) -> int:
+    """A provider-neutral estimate (~4 characters a token, plus per-message framing).
+
+    Used until the upstream reports the real count, and instead of it when it never
+    does; billed counts on completion always come from the upstream when it sends them.
+    """
+    if not isinstance(messages, list):
+        return 0
+    chars, count = 0, 0
+    for message in messages:
+        if isinstance(message, dict):
+            count += 1
+            chars += len(content_text(message.get("content")))
+    return (chars + 3) // 4 + 4 * count
+
+
+def estimate_tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+def content_text(content: object) -> str:
+    """The text of a message's `content`: a string, or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+class ProviderRegistry:
+    """Which provider serves which model; the echo model when none is configured."""
+
+    def __init__(self, providers: list[Provider]) -> None:
+        self.providers = providers
+        self._by_model: dict[str, Provider] = {}
+        for provider in providers:
+            for model in provider.models:
+                self._by_model.setdefault(model, provider)
+
+    @classmethod
+    def from_config(
+        cls, configs: list[ProviderConfig], client: httpx.AsyncClient, echo_delay: float = 0.05
+    ) -> ProviderRegistry:
+        if not configs:
+            return cls([EchoProvider(echo_delay)])
+        return cls([OpenAIProvider(c, client) for c in configs])
+
+    def resolve(self, model: str) -> Provider:
+        try:
+            return self._by_model[model]
+        except KeyError:
+            raise NotFound(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            ) from None
+
+    def models(self) -> list[tuple[str, str]]:
+        """(model, provider name) pairs in configuration order."""
+        return [(m, p.name) for p in self.providers for m in p.models]

@@ -1,0 +1,275 @@
+"""Relaying chat completions to providers, metered token by token.
+
+`Relay.complete` answers a non-streamed request; `Relay.open_stream` returns the
+client's byte stream once the upstream has accepted the request (so a refusal is
+still an ordinary error response). While the stream runs, every token that reaches
+the client is counted; the generator learns that a chunk was sent when it is resumed
+after yielding it, so a chunk lost to a disconnect is never billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.config import Settings
+from app.core.errors import ApiError, BadRequest, QuotaExceeded
+from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
+from app.core.providers import (
+    Provider,
+    ProviderRegistry,
+    UpstreamStream,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
+from app.core.quota import token_snapshot
+from app.core.tables import UsageStatus
+from app.core.users import Principal
+
+QUOTA_FINISH_REASON = "quota_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated OpenAI chat completion request."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    request_id: str
+    device_id: str | None = None
+    platform: str | None = None
+
+
+def parse_chat_request(payload: object) -> ChatRequest:
+    """Check the fields the relay relies on; the provider validates the rest."""
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("`model` must be a non-empty string", details={"param": "model"})
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty array", details={"param": "messages"})
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(
+                f"`messages[{i}]` must be an object with a string `role`",
+                details={"param": f"messages[{i}]"},
+            )
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("`stream` must be a boolean", details={"param": "stream"})
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("`stream_options` must be an object", details={"param": "stream_options"})
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        value = payload.get(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise BadRequest(f"`{name}` must be a positive integer", details={"param": name})
+    include_usage = bool(stream and options and options.get("include_usage") is True)
+    body = dict(payload)
+    if stream:
+        # Always ask for the upstream's own count; the client gets it only if it asked.
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+    return ChatRequest(body=body, model=model, stream=stream, include_usage=include_usage)
+
+
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        providers: ProviderRegistry,
+        metering: Metering,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._providers = providers
+        self._metering = metering
+
+    async def _begin(
+        self, principal: Principal, request: ChatRequest, context: RequestContext
+    ) -> tuple[Provider, UsageMeter]:
+        provider = self._providers.resolve(request.model)
+        limit = self._settings.tier(principal.user.tier).monthly_tokens
+        snapshot = await token_snapshot(self._engine, principal.user.id, limit)
+        if snapshot.exhausted:
+            raise QuotaExceeded(
+                "Token quota exhausted for this period",
+                details={"quota": snapshot.as_dict()},
+            )
+        info = RequestInfo(
+            request_id=context.request_id,
+            user_id=principal.user.id,
+            api_key_id=principal.api_key_id,
+            model=request.model,
+            provider=provider.name,
+            stream=request.stream,
+            token_limit=limit,
+            device_id=context.device_id,
+            platform=context.platform,
+        )
+        meter = await self._metering.begin(info, estimate_prompt_tokens(request.body["messages"]))
+        return provider, meter
+
+    async def complete(
+        self, principal: Principal, request: ChatRequest, context: RequestContext
+    ) -> bytes:
+        provider, meter = await self._begin(principal, request, context)
+        try:
+            completion = await provider.complete(request.body)
+        except ApiError as exc:
+            await meter.discard(UsageStatus.ERROR, exc.message)
+            raise
+        except asyncio.CancelledError:
+            await asyncio.shield(meter.discard(UsageStatus.CANCELLED, "client disconnected"))
+            raise
+        usage = completion.usage or Usage(
+            prompt_tokens=meter.prompt_tokens,
+            completion_tokens=estimate_tokens(completion.completion_text),
+        )
+        await meter.finish(UsageStatus.COMPLETED, usage=usage, finish_reason="stop")
+        return completion.body
+
+    async def open_stream(
+        self, principal: Principal, request: ChatRequest, context: RequestContext
+    ) -> AsyncGenerator[bytes, None]:
+        provider, meter = await self._begin(principal, request, context)
+        try:
+            upstream = await provider.open_stream(request.body)
+        except ApiError as exc:
+            await meter.discard(UsageStatus.ERROR, exc.message)
+            raise
+        except asyncio.CancelledError:
+            await asyncio.shield(meter.discard(UsageStatus.CANCELLED, "client disconnected"))
+            raise
+        return relay_stream(upstream, meter, include_usage=request.include_usage)
+
+
+async def relay_stream(
+    upstream: UpstreamStream, meter: UsageMeter, *, include_usage: bool
+) -> AsyncGenerator[bytes, None]:
+    """The client's SSE bytes; finalizes the meter however the stream ends.
+
+    Must be closed with `aclose()` (the streaming response does), so that a client
+    that went away finalizes the row as `cancelled` and closes the upstream at once.
+    """
+    status, finish_reason = UsageStatus.CANCELLED, None
+    error: str | None = "client disconnected"
+    usage: Usage | None = None
+    meta: dict[str, Any] = {}
+    try:
+        try:
+            async for chunk in upstream:
+                meta = chunk.meta or meta
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.finish_reason:
+                    finish_reason = chunk.finish_reason
+                if chunk.usage_only and not include_usage:
+                    continue
+                yield _sse(chunk.data)
+                # Resumed: the chunk above was handed to the client.
+                if chunk.tokens:
+                    meter.deliver(chunk.tokens)
+                    if meter.exhausted:
+                        status, finish_reason, error = (
+                            UsageStatus.COMPLETED,
+                            QUOTA_FINISH_REASON,
+                            None,
+                        )
+                        yield _sse(_final_chunk(meta, "length"))
+                        if include_usage:
+                            yield _sse(_usage_chunk(meta, meter))
+                        yield SSE_DONE
+                        return
+        except ApiError as exc:
+            status, error = UsageStatus.ERROR, exc.message
+            yield _sse(
+                json.dumps(
+                    {"error": {"message": exc.message, "type": exc.openai_type, "code": exc.code}}
+                ).encode()
+            )
+            return
+        if finish_reason is None:
+            status, error = UsageStatus.ERROR, "provider ended the stream before finishing"
+            yield _sse(
+                json.dumps(
+                    {
+                        "error": {
+                            "message": error,
+                            "type": "upstream_error",
+                            "code": "upstream_error",
+                        }
+                    }
+                ).encode()
+            )
+            return
+        status, error = UsageStatus.COMPLETED, None
+        if include_usage and usage is None:
+            yield _sse(_usage_chunk(meta, meter))
+        yield SSE_DONE
+    finally:
+        await _shielded(upstream.aclose)
+        await _shielded(
+            lambda: meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
+        )
+
+
+async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
+    """Run a clean-up step to its end even if the surrounding task is being cancelled."""
+    task = asyncio.ensure_future(step())
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+def _final_chunk(meta: dict[str, Any], finish_reason: str) -> bytes:
+    event = {
+        "id": meta.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": meta.get("created", int(time.time())),
+        "model": meta.get("model", ""),
+        "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}],
+    }
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def _usage_chunk(meta: dict[str, Any], meter: UsageMeter) -> bytes:
+    usage = Usage(meter.prompt_tokens, meter.completion_tokens)
+    event = {
+        "id": meta.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": meta.get("created", int(time.time())),
+        "model": meta.get("model", ""),
+        "choices": [],
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+    }
+    return json.dumps(event, separators=(",", ":")).encode()

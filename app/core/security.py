@@ -1,0 +1,164 @@
+"""Tokens, keys and passwords: issuing, verifying and keeping them out of plain text."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from app.core.config import Environment, Settings
+
+JWT_ALGORITHM = "HS256"
+JWT_ISSUER = "livegate"
+JWT_LIFETIME = timedelta(hours=24)
+API_KEY_PREFIX = "sk-lg-"
+
+
+class InvalidTokenError(Exception):
+    """A bearer token that is malformed, forged, expired or from another issuer."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    subject: str
+    token_id: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A freshly generated key: `plaintext` leaves the server once and is never stored."""
+
+    plaintext: str
+    hash: str
+    mask: str
+
+
+class Secrets:
+    """The server secret and everything derived from it."""
+
+    def __init__(self, jwt_secret: str) -> None:
+        self._jwt_key = jwt_secret.encode()
+        # A separate key for encrypting stored relay keys, so the signing key is never
+        # used for two purposes.
+        derived = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"livegate relay-key encryption"
+        ).derive(self._jwt_key)
+        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Secrets:
+        if settings.jwt_secret is not None:
+            return cls(settings.jwt_secret.get_secret_value())
+        if settings.environment is Environment.PRODUCTION:
+            raise RuntimeError("JWT_SECRET is required in production")
+        return cls(_development_secret(settings.data_dir))
+
+    def issue_token(self, subject: str, now: datetime | None = None) -> str:
+        now = now or datetime.now(UTC)
+        payload = {
+            "sub": subject,
+            "iat": int(now.timestamp()),
+            "exp": int((now + JWT_LIFETIME).timestamp()),
+            "jti": uuid.uuid4().hex,
+            "iss": JWT_ISSUER,
+        }
+        return jwt.encode(payload, self._jwt_key, algorithm=JWT_ALGORITHM)
+
+    def verify_token(self, token: str) -> TokenClaims:
+        try:
+            payload = jwt.decode(
+                token,
+                self._jwt_key,
+                algorithms=[JWT_ALGORITHM],
+                issuer=JWT_ISSUER,
+                options={"require": ["sub", "iat", "exp", "jti", "iss"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidTokenError(str(exc)) from exc
+        subject, token_id = payload["sub"], payload["jti"]
+        if not isinstance(subject, str) or not isinstance(token_id, str):
+            raise InvalidTokenError("malformed claims")
+        return TokenClaims(
+            subject=subject,
+            token_id=token_id,
+            issued_at=datetime.fromtimestamp(payload["iat"], UTC),
+            expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+        )
+
+    def encrypt(self, plaintext: str) -> str:
+        return self._fernet.encrypt(plaintext.encode()).decode()
+
+    def decrypt(self, ciphertext: str) -> str:
+        try:
+            return self._fernet.decrypt(ciphertext.encode()).decode()
+        except InvalidToken as exc:
+            raise RuntimeError("stored key cannot be decrypted: was JWT_SECRET changed?") from exc
+
+
+def _development_secret(data_dir: Path) -> str:
+    """A random secret kept under the data directory, so tokens survive restarts."""
+    path = data_dir / "jwt_secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race; use its secret
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+    return secret
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def mask_key(key: str) -> str:
+    return f"{key[:7]}...{key[-4:]}"
+
+
+def generate_api_key() -> IssuedKey:
+    plaintext = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    return IssuedKey(plaintext=plaintext, hash=hash_key(plaintext), mask=mask_key(plaintext))
+
+
+def looks_like_api_key(credential: str) -> bool:
+    return credential.startswith(API_KEY_PREFIX)
+
+
+def constant_time_equals(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+# OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
+_password_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+
+def hash_password(password: str) -> str:
+    return _password_hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _password_hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False

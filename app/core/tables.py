@@ -1,0 +1,156 @@
+"""The schema, defined once; Alembic migrations create exactly these tables."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.engine import Dialect
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class UsageStatus(enum.StrEnum):
+    STREAMING = "streaming"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+
+
+class KeyKind(enum.StrEnum):
+    RELAY = "relay"  # the one per-user key that `/api/user/api-key` returns again
+    USER = "user"  # keys created through the API-key endpoints, shown once
+
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    Column("password_hash", Text, nullable=True),
+    Column("tier", String(64), nullable=False),
+    Column("role", String(32), nullable=False, server_default="user"),
+    Column("first_name", String(200), nullable=True),
+    Column("last_name", String(200), nullable=True),
+    Column("image_url", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime(), nullable=True),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(200), nullable=True),
+    # SHA-256 of the whole key: the only form a key is looked up by.
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_mask", String(32), nullable=False),
+    # Relay keys only: the key encrypted under the server secret, to be shown again.
+    Column("key_ciphertext", Text, nullable=True),
+    Column("permissions", JSON, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("last_used_at", UTCDateTime(), nullable=True),
+    Column("usage_count", BigInteger, nullable=False, server_default="0"),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Index("ix_api_keys_user_id", "user_id"),
+    # At most one live relay key per user, so get-or-create is race-free.
+    Index(
+        "uq_api_keys_live_relay_key",
+        "user_id",
+        unique=True,
+        sqlite_where=text("kind = 'relay' AND revoked_at IS NULL"),
+        postgresql_where=text("kind = 'relay' AND revoked_at IS NULL"),
+    ),
+)
+
+usage_logs = Table(
+    "usage_logs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("request_id", String(128), nullable=False),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("api_key_id", String(64), nullable=True),
+    Column("instance_id", String(64), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("provider", String(200), nullable=False),
+    Column("device_id", String(128), nullable=True),
+    Column("platform", String(64), nullable=True),
+    Column("stream", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("finish_reason", String(32), nullable=True),
+    Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("total_tokens", BigInteger, nullable=False, server_default="0"),
+    # The quota period the row counts toward (month "YYYY-MM"), fixed at start.
+    Column("period", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Index("ix_usage_logs_user_id_period", "user_id", "period"),
+    Index("ix_usage_logs_status_instance_id", "status", "instance_id"),
+)
+
+# Fast per-user counters, kept equal to sums over `usage_logs` by updating both in
+# one transaction; `seq` orders the pushes so a client never goes back in time.
+quota_counters = Table(
+    "quota_counters",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("metric", String(64), primary_key=True),
+    Column("period", String(16), primary_key=True),
+    Column("used", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+)

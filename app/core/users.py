@@ -1,0 +1,173 @@
+"""Users, their relay keys, and resolving a bearer credential to a user."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.errors import BadRequest, Unauthorized
+from app.core.security import (
+    InvalidTokenError,
+    Secrets,
+    generate_api_key,
+    hash_key,
+    hash_password,
+    looks_like_api_key,
+)
+from app.core.tables import KeyKind, api_keys, users
+
+ROLES = ("user", "admin", "super_admin")
+RELAY_KEY_PERMISSIONS = ["ai:read", "ai:write", "usage:read"]
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    email: str
+    tier: str
+    role: str
+    first_name: str | None
+    last_name: str | None
+    image_url: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the user, and the API key used, if any."""
+
+    user: User
+    api_key_id: str | None = None
+
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.email,
+    users.c.tier,
+    users.c.role,
+    users.c.first_name,
+    users.c.last_name,
+    users.c.image_url,
+    users.c.created_at,
+    users.c.updated_at,
+)
+
+
+def _user(row: Any) -> User:
+    m = row._mapping
+    return User(**{c.name: m[c.name] for c in _USER_COLUMNS})
+
+
+async def create_user(
+    engine: AsyncEngine,
+    *,
+    email: str,
+    password: str | None,
+    tier: str,
+    role: str = "user",
+    first_name: str | None = None,
+    last_name: str | None = None,
+) -> User:
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 320:
+        raise BadRequest("invalid email address", details={"field": "email"})
+    if role not in ROLES:
+        raise BadRequest(f"role must be one of {', '.join(ROLES)}", details={"field": "role"})
+    now = datetime.now(UTC)
+    values = {
+        "id": uuid.uuid4().hex,
+        "email": email,
+        "password_hash": hash_password(password) if password else None,
+        "tier": tier,
+        "role": role,
+        "first_name": first_name,
+        "last_name": last_name,
+        "created_at": now,
+        "updated_at": now,
+    }
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(users.insert().values(**values))
+    except IntegrityError as exc:
+        raise BadRequest("a user with this email exists", code="email_taken") from exc
+    return await get_user(engine, str(values["id"]))
+
+
+async def get_user(engine: AsyncEngine, user_id: str) -> User:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(*_USER_COLUMNS).where(users.c.id == user_id, users.c.deleted_at.is_(None))
+            )
+        ).first()
+    if row is None:
+        raise Unauthorized("user not found or deleted")
+    return _user(row)
+
+
+async def authenticate(engine: AsyncEngine, secrets: Secrets, credential: str) -> Principal:
+    """Resolve a bearer credential: an API key (`sk-lg-...`) or a JWT we issued."""
+    if looks_like_api_key(credential):
+        now = datetime.now(UTC)
+        query = (
+            sa.select(api_keys.c.id.label("key_id"), *_USER_COLUMNS)
+            .join(users, users.c.id == api_keys.c.user_id)
+            .where(
+                api_keys.c.key_hash == hash_key(credential),
+                api_keys.c.revoked_at.is_(None),
+                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
+                users.c.deleted_at.is_(None),
+            )
+        )
+        async with engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
+        return Principal(user=_user(row), api_key_id=row.key_id)
+    try:
+        claims = secrets.verify_token(credential)
+    except InvalidTokenError as exc:
+        raise Unauthorized("invalid or expired token", code="invalid_token") from exc
+    return Principal(user=await get_user(engine, claims.subject))
+
+
+async def get_or_create_relay_key(engine: AsyncEngine, secrets: Secrets, user_id: str) -> str:
+    """The user's one relay key; created on first call, the same key on every later one."""
+    select_live = sa.select(api_keys.c.key_ciphertext).where(
+        api_keys.c.user_id == user_id,
+        api_keys.c.kind == KeyKind.RELAY,
+        api_keys.c.revoked_at.is_(None),
+    )
+    async with engine.connect() as conn:
+        ciphertext = (await conn.execute(select_live)).scalar()
+    if ciphertext is not None:
+        return secrets.decrypt(ciphertext)
+    issued = generate_api_key()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    id=uuid.uuid4().hex,
+                    user_id=user_id,
+                    kind=KeyKind.RELAY,
+                    name="relay",
+                    key_hash=issued.hash,
+                    key_mask=issued.mask,
+                    key_ciphertext=secrets.encrypt(issued.plaintext),
+                    permissions=RELAY_KEY_PERMISSIONS,
+                    created_at=datetime.now(UTC),
+                )
+            )
+    except IntegrityError:
+        # A concurrent call created it first (the partial unique index); return that one.
+        async with engine.connect() as conn:
+            ciphertext = (await conn.execute(select_live)).scalar_one()
+        return secrets.decrypt(ciphertext)
+    return issued.plaintext

@@ -1,0 +1,66 @@
+"""The ASGI application."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.api.envelopes import error_response
+from app.api.middleware import RequestIdMiddleware
+from app.api.routes import openai, quota_ws, usage, users
+from app.core.config import Settings, load_settings
+from app.core.errors import ApiError, MethodNotAllowed, NotFound
+from app.core.services import open_services
+
+logger = logging.getLogger("livegate")
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(request.url.path, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: ApiError
+    if exc.status_code == 404:
+        error = NotFound(f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"method {request.method} not allowed here")
+    else:
+        error = ApiError(str(exc.detail), status_code=exc.status_code)
+    error.headers.update(exc.headers or {})
+    return error_response(request.url.path, error)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(request.url.path, ApiError("internal server error"))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or load_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_services(settings) as services:
+            app.state.services = services
+            yield
+
+    return Starlette(
+        routes=[*openai.routes, *users.routes, *usage.routes, *quota_ws.routes],
+        middleware=[Middleware(RequestIdMiddleware)],
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=lifespan,
+    )
