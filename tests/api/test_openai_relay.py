@@ -1,0 +1,191 @@
+"""The `/v1` relay through the official OpenAI SDK, to a fake upstream on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+
+from app.core.tables import usage_logs
+from app.core.config import ProviderConfig
+from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
+from tests.fake_upstream import FakeUpstream
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+
+
+async def usage_rows(livegate: Livegate, user_id: str) -> list[sa.Row]:
+    async with livegate.services.engine.connect() as conn:
+        result = await conn.execute(
+            sa.select(usage_logs)
+            .where(usage_logs.c.user_id == user_id)
+            .order_by(usage_logs.c.started_at)
+        )
+        return list(result)
+
+
+async def wait_for_status(livegate: Livegate, user_id: str, status: str) -> sa.Row:
+    for _ in range(300):
+        rows = await usage_rows(livegate, user_id)
+        if rows and rows[-1].status == status:
+            return rows[-1]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no usage row reached {status!r}: {rows}")
+
+
+def client(livegate: Livegate, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{livegate.base_url}/v1", api_key=key, max_retries=0)
+
+
+async def test_non_stream_bills_upstream_usage(livegate: Livegate, fake_upstream: FakeUpstream):
+    fake_upstream.script.tokens = 7
+    account = await livegate.account()
+    result = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert result.choices[0].message.content == "".join(fake_upstream.token(i) for i in range(7))
+    assert result.usage is not None and result.usage.completion_tokens == 7
+    [row] = await usage_rows(livegate, account.user.id)
+    assert (row.status, row.prompt_tokens, row.completion_tokens) == ("completed", 11, 7)
+    assert row.provider == "fake" and row.model == FAKE_MODEL and row.stream == 0
+
+
+async def test_stream_bills_upstream_usage_and_hides_it_unless_asked(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.tokens = 12
+    account = await livegate.account()
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(fake_upstream.token(i) for i in range(12))
+    assert all(c.usage is None for c in chunks)
+    # The relay always asks the upstream for its usage.
+    assert fake_upstream.requests[-1]["stream_options"] == {"include_usage": True}
+    row = await wait_for_status(livegate, account.user.id, "completed")
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (11, 12, 23)
+
+
+async def test_stream_with_include_usage_gets_upstream_usage_chunk(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.tokens = 5
+    account = await livegate.account()
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (11, 5)
+
+
+async def test_stream_without_upstream_usage_counts_delivered_tokens(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.tokens = 9
+    fake_upstream.script.report_usage = False
+    account = await livegate.account()
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL,
+        messages=[{"role": "user", "content": "count me"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    row = await wait_for_status(livegate, account.user.id, "completed")
+    assert row.completion_tokens == 9
+    # The client asked for usage, so the relay reports its own count.
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
+    assert chunks[-1].usage.prompt_tokens == row.prompt_tokens > 0
+
+
+async def test_disconnect_after_k_chunks_bills_exactly_k(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.tokens = 50
+    fake_upstream.script.hold_after = 4
+    account = await livegate.account()
+    received = 0
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        async with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {account.api_key}"},
+            json={
+                "model": FAKE_MODEL,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        ) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    received += 1
+                    if received == 4:
+                        break
+    row = await wait_for_status(livegate, account.user.id, "cancelled")
+    assert row.completion_tokens == received == 4
+    # The relay hung up on the upstream instead of letting it run on.
+    for _ in range(200):
+        if fake_upstream.streams[-1].closed_early:
+            break
+        await asyncio.sleep(0.01)
+    assert fake_upstream.streams[-1].closed_early
+    assert not fake_upstream.streams[-1].finished
+
+
+async def test_upstream_failure_before_stream_is_502_and_not_billed(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.status = 503
+    account = await livegate.account()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    assert caught.value.status_code == 502
+    assert "503" in caught.value.message
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.total_tokens == 0
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        quota = await http.get(
+            "/api/usage/quota", headers={"Authorization": f"Bearer {account.token}"}
+        )
+    assert quota.json()["used"] == 0
+
+
+async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.tokens = 10
+    fake_upstream.script.fail_after = 3
+    account = await livegate.account()
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    received = 0
+    with pytest.raises(openai.APIError):
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+    assert received == 3
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.completion_tokens == 3
+
+
+async def test_unreachable_upstream_is_502(start_livegate: StartLivegate):
+    dead = ProviderConfig(name="dead", base_url="http://127.0.0.1:9/v1", models=[FAKE_MODEL])
+    livegate = await start_livegate(providers=[dead])
+    account = await livegate.account()
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 502

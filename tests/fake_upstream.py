@@ -1,0 +1,193 @@
+"""A small OpenAI-compatible upstream that tests start on loopback.
+
+Its behaviour is set per test through `FakeUpstream.script`: how many tokens, how
+slowly, whether it reports usage, whether it fails (with a status, or by dropping
+the connection mid-stream), or holds the stream open after some tokens until the
+test releases it. It records every request body it received and how each stream
+ended, so tests can assert what the relay sent and when it hung up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Script:
+    tokens: int = 8
+    delay: float = 0.0  # seconds before each token
+    prompt_tokens: int = 11
+    report_usage: bool = True  # honour stream_options.include_usage / add usage
+    status: int = 200  # anything else: answer with this status and an error body
+    fail_after: int | None = None  # drop the connection after this many tokens
+    hold_after: int | None = None  # stop sending after this many tokens until released
+    content_prefix: str = "tok"
+
+
+@dataclass
+class StreamRecord:
+    sent_tokens: int = 0
+    finished: bool = False  # reached [DONE]
+    closed_early: bool = False  # the relay hung up before the end
+
+
+@dataclass
+class FakeUpstream:
+    script: Script = field(default_factory=Script)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    streams: list[StreamRecord] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def token(self, i: int) -> str:
+        return f"{self.script.content_prefix}{i} "
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        script = self.script
+        if script.status != 200:
+            return JSONResponse(
+                {"error": {"message": f"scripted failure {script.status}", "type": "test"}},
+                status_code=script.status,
+            )
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                self._stream(body.get("model", ""), include_usage), media_type="text/event-stream"
+            )
+        text = "".join(self.token(i) for i in range(script.tokens))
+        payload: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", ""),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if script.report_usage:
+            payload["usage"] = self._usage()
+        return JSONResponse(payload)
+
+    def _usage(self) -> dict[str, int]:
+        prompt, completion = self.script.prompt_tokens, self.script.tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    async def _stream(self, model: str, include_usage: bool):  # type: ignore[no-untyped-def]
+        script = self.script
+        record = StreamRecord()
+        self.streams.append(record)
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def event(payload: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps({**meta, **payload}).encode() + b"\n\n"
+
+        try:
+            yield event(
+                {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+            )
+            for i in range(script.tokens):
+                if script.hold_after is not None and i == script.hold_after:
+                    await self.release.wait()
+                if script.fail_after is not None and i == script.fail_after:
+                    raise ConnectionAbortedError("scripted mid-stream failure")
+                if script.delay:
+                    await asyncio.sleep(script.delay)
+                yield event(
+                    {
+                        "choices": [
+                            {"index": 0, "delta": {"content": self.token(i)}, "finish_reason": None}
+                        ]
+                    }
+                )
+                record.sent_tokens += 1
+            yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if include_usage and script.report_usage:
+                yield event({"choices": [], "usage": self._usage()})
+            yield b"data: [DONE]\n\n"
+            record.finished = True
+        except (asyncio.CancelledError, GeneratorExit):
+            record.closed_early = True
+            raise
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": []})
+
+
+class LoopbackServer:
+    """An ASGI app served by uvicorn on a loopback port, inside the running loop."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+            ws_per_message_deflate=False,
+        )
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        for _ in range(500):
+            if self.server.started:
+                return
+            if self.task.done():
+                self.task.result()
+                raise RuntimeError("server exited during start-up")
+            await asyncio.sleep(0.01)
+        raise RuntimeError("server did not start")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+async def start_fake_upstream() -> tuple[FakeUpstream, LoopbackServer]:
+    fake = FakeUpstream()
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", fake.chat, methods=["POST"]),
+            Route("/v1/models", fake.models),
+        ]
+    )
+    server = LoopbackServer(app)
+    fake.port = server.port
+    await server.start()
+    return fake, server
