@@ -9,8 +9,8 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from app.core.tables import usage_logs
 from app.core.config import ProviderConfig
+from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
 from tests.fake_upstream import FakeUpstream
 
@@ -114,8 +114,9 @@ async def test_disconnect_after_k_chunks_bills_exactly_k(
     fake_upstream.script.hold_after = 4
     account = await livegate.account()
     received = 0
-    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
-        async with http.stream(
+    async with (
+        httpx.AsyncClient(base_url=livegate.base_url) as http,
+        http.stream(
             "POST",
             "/v1/chat/completions",
             headers={"Authorization": f"Bearer {account.api_key}"},
@@ -124,12 +125,13 @@ async def test_disconnect_after_k_chunks_bills_exactly_k(
                 "stream": True,
                 "messages": [{"role": "user", "content": "hi"}],
             },
-        ) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("data: ") and '"content"' in line:
-                    received += 1
-                    if received == 4:
-                        break
+        ) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                received += 1
+                if received == 4:
+                    break
     row = await wait_for_status(livegate, account.user.id, "cancelled")
     assert row.completion_tokens == received == 4
     # The relay hung up on the upstream instead of letting it run on.
