@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
 
 from app.api.envelopes import error_response
 from app.api.middleware import RequestIdMiddleware
@@ -20,6 +23,9 @@ from app.core.errors import ApiError, MethodNotAllowed, NotFound
 from app.core.services import open_services
 
 logger = logging.getLogger("livegate")
+
+# The demo page; present in a source checkout and in the container image.
+STATIC_DIR = Path("static")
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -54,8 +60,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.services = services
             yield
 
+    routes: list[BaseRoute] = [*openai.routes, *users.routes, *usage.routes, *quota_ws.routes]
+    if STATIC_DIR.is_dir():
+        routes.append(Mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo"))
     return Starlette(
-        routes=[*openai.routes, *users.routes, *usage.routes, *quota_ws.routes],
+        routes=routes,
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={
             ApiError: _api_error,

@@ -1,0 +1,164 @@
+"""Two `python -m app serve` processes sharing PostgreSQL and Redis, as in production."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.conftest import FAKE_MODEL, REDIS_URL
+from tests.fake_upstream import FakeUpstream
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def instance_env(
+    tmp_path: Path, postgres_url: str, redis_prefix: str, fake_upstream: FakeUpstream
+) -> dict[str, str]:
+    config = tmp_path / "livegate.toml"
+    config.write_text(
+        f"""
+[[providers]]
+name = "fake"
+base_url = "{fake_upstream.base_url}"
+api_key = "sk-upstream"
+models = ["{FAKE_MODEL}"]
+
+[metering]
+checkpoint_tokens = 5
+checkpoint_ms = 10000
+push_interval_ms = 0
+
+[server]
+redis_prefix = "{redis_prefix}-pair"
+"""
+    )
+    return {
+        **os.environ,
+        "DATABASE_URL": postgres_url,
+        "REDIS_URL": REDIS_URL,
+        "JWT_SECRET": "two-instance-secret-" + "y" * 32,
+        "LIVEGATE_CONFIG": str(config),
+        "LIVEGATE_DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+async def run_cli(env: dict[str, str], *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+@pytest.fixture
+async def two_instances(instance_env: dict[str, str]) -> AsyncIterator[tuple[str, str]]:
+    procs, urls = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "app",
+                    "serve",
+                    "--port",
+                    str(port),
+                    env=instance_env,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        async with httpx.AsyncClient() as http:
+            for url in urls:
+                for _ in range(300):
+                    try:
+                        if (await http.get(f"{url}/v1/models")).status_code == 401:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"instance at {url} did not start")
+        yield urls[0], urls[1]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await proc.wait()
+
+
+async def test_quota_change_on_a_reaches_socket_on_b(
+    instance_env: dict[str, str], two_instances: tuple[str, str], fake_upstream: FakeUpstream
+) -> None:
+    url_a, url_b = two_instances
+    account = json.loads(
+        await run_cli(
+            instance_env,
+            "users",
+            "create",
+            "--email",
+            "pair@example.test",
+            "--password",
+            "pw-123456",
+        )
+    )
+    fake_upstream.script.tokens = 30
+    ws_b = url_b.replace("http", "ws") + "/ws/quota?deviceId=phone"
+    async with connect(
+        ws_b, additional_headers={"Authorization": f"Bearer {account['token']}"}
+    ) as ws:
+        first = json.loads(await ws.recv())
+        assert first["type"] == "quota" and first["used"] == 0
+
+        client = openai.AsyncOpenAI(
+            base_url=f"{url_a}/v1", api_key=account["api_key"], max_retries=0
+        )
+        stream = await client.chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        delivered = [c async for c in stream if c.choices and c.choices[0].delta.content]
+        assert len(delivered) == 30
+
+        async with httpx.AsyncClient() as http:
+            final = (
+                await http.get(
+                    f"{url_a}/api/usage/quota",
+                    headers={"Authorization": f"Bearer {account['token']}"},
+                )
+            ).json()
+        assert final["used"] == 11 + 30  # the fake upstream's usage, billed on completion
+
+        seen = []
+        async with asyncio.timeout(10):
+            while not seen or seen[-1]["used"] != final["used"]:
+                message = json.loads(await ws.recv())
+                if message["type"] == "quota":
+                    seen.append(message)
+        # Ticks while tokens flowed, not one jump at the end.
+        assert len(seen) >= 3
+        assert [m["seq"] for m in seen] == sorted({m["seq"] for m in seen})
+        assert seen[-1]["remaining"] == final["remaining"]
