@@ -32,7 +32,8 @@ class Script:
     report_usage: bool = True  # honour stream_options.include_usage / add usage
     status: int = 200  # anything else: answer with this status and an error body
     fail_after: int | None = None  # drop the connection after this many tokens
-    hold_after: int | None = None  # stop sending after this many tokens until released
+    # Stop after this many tokens until released (non-stream: hold the whole answer).
+    hold_after: int | None = None
     content_prefix: str = "tok"
 
 
@@ -72,6 +73,14 @@ class FakeUpstream:
             return StreamingResponse(
                 self._stream(body.get("model", ""), include_usage), media_type="text/event-stream"
             )
+        if script.hold_after is not None:
+            record = StreamRecord()
+            self.streams.append(record)
+            while not self.release.is_set():
+                if await request.is_disconnected():
+                    record.closed_early = True
+                    return Response(status_code=499)
+                await asyncio.sleep(0.01)
         text = "".join(self.token(i) for i in range(script.tokens))
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

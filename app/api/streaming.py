@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
+from typing import TypeVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -56,6 +59,28 @@ class RelayStreamResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self._chunks.aclose()
+
+
+async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
+    """Await `work`, cancelling it the moment the client disconnects (then None).
+
+    For non-streamed relays: nothing else would notice the client leaving while the
+    upstream is still thinking. Call it only after the request body has been read.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -191,3 +191,32 @@ async def test_unreachable_upstream_is_502(start_livegate: StartLivegate):
             model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
         )
     assert caught.value.status_code == 502
+
+
+async def test_non_stream_disconnect_cancels_upstream_and_bills_nothing(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    fake_upstream.script.hold_after = 0
+    account = await livegate.account()
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        request = asyncio.create_task(
+            http.post(
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {account.api_key}"},
+                json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            )
+        )
+        for _ in range(500):
+            if fake_upstream.streams:
+                break
+            await asyncio.sleep(0.01)
+        request.cancel()  # the client hangs up while the upstream is still thinking
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    row = await wait_for_status(livegate, account.user.id, "cancelled")
+    assert row.total_tokens == 0
+    for _ in range(500):
+        if fake_upstream.streams[-1].closed_early:
+            break
+        await asyncio.sleep(0.01)
+    assert fake_upstream.streams[-1].closed_early

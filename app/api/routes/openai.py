@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.api.requests import read_json, request_context, require_principal, services
-from app.api.streaming import RelayStreamResponse
+from app.api.streaming import RelayStreamResponse, cancel_on_disconnect
 from app.core.relay import parse_chat_request
 
 
@@ -20,7 +20,9 @@ async def chat_completions(request: Request) -> Response:
     context = request_context(request)
     if chat.stream:
         return RelayStreamResponse(await relay.open_stream(principal, chat, context))
-    body = await relay.complete(principal, chat, context)
+    body = await cancel_on_disconnect(request.receive, relay.complete(principal, chat, context))
+    if body is None:  # the client is gone; nobody reads this
+        return Response(status_code=499)
     return Response(body, media_type="application/json")
 
 
