@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from starlette.responses import Response
@@ -31,8 +31,10 @@ class RelayStreamResponse(Response):
         self,
         chunks: AsyncGenerator[bytes, None],
         headers: Mapping[str, str] | None = None,
+        on_server_cancel: Callable[[], None] | None = None,
     ) -> None:
         self._chunks = chunks
+        self._on_server_cancel = on_server_cancel
         self.status_code = 200
         self.background = None
         self.media_type = "text/event-stream"
@@ -43,6 +45,11 @@ class RelayStreamResponse(Response):
         watcher = asyncio.create_task(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Neither the stream nor the client ended it: the server is shutting down.
+            if self._on_server_cancel is not None:
+                self._on_server_cancel()
+            raise
         finally:
             for task in (pump, watcher):
                 task.cancel()

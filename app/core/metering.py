@@ -171,6 +171,8 @@ class UsageMeter:
             return
         self.finished = True
         self._metering.active.discard(self)
+        if status is UsageStatus.CANCELLED and self._metering.draining:
+            status = UsageStatus.INTERRUPTED  # cut by our shutdown, not by the client
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
@@ -205,7 +207,13 @@ class Metering:
         self.config = config
         self.instance_id = instance_id or uuid.uuid4().hex
         self.active: set[UsageMeter] = set()
+        # Set once the server starts cancelling requests to shut down.
+        self.draining = False
         self._heartbeat: asyncio.Task[None] | None = None
+
+    def drain(self) -> None:
+        """Mark requests cancelled from now on as interrupted by shutdown."""
+        self.draining = True
 
     async def begin(self, info: RequestInfo, prompt_tokens: int) -> UsageMeter:
         """Write the row of a starting request and bill its (estimated) prompt tokens."""

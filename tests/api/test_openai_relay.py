@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.core.config import ProviderConfig
+from app.core.db import create_engine
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
 from tests.fake_upstream import FakeUpstream
@@ -220,3 +221,43 @@ async def test_non_stream_disconnect_cancels_upstream_and_bills_nothing(
             break
         await asyncio.sleep(0.01)
     assert fake_upstream.streams[-1].closed_early
+
+
+async def test_stream_cut_by_server_shutdown_is_interrupted(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    livegate = await start_livegate()
+    fake_upstream.script.tokens = 50
+    fake_upstream.script.hold_after = 3
+    account = await livegate.account()
+    received = 0
+
+    async def consume() -> None:
+        nonlocal received
+        stream = await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+
+    consumer = asyncio.create_task(consume())
+    for _ in range(500):
+        if received == 3:
+            break
+        await asyncio.sleep(0.01)
+    engine_url = livegate.settings.database_url
+    await livegate.server.stop()  # graceful timeout passes, then uvicorn cancels the stream
+    with pytest.raises(openai.APIError):
+        await consumer
+    engine = create_engine(engine_url)
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(usage_logs).where(usage_logs.c.user_id == account.user.id)
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    assert (row.status, row.completion_tokens) == ("interrupted", 3)

@@ -16,10 +16,14 @@ from app.core.relay import parse_chat_request
 async def chat_completions(request: Request) -> Response:
     principal = await require_principal(request)
     chat = parse_chat_request(await read_json(request))
-    relay = services(request).relay
+    svc = services(request)
+    relay = svc.relay
     context = request_context(request)
     if chat.stream:
-        return RelayStreamResponse(await relay.open_stream(principal, chat, context))
+        return RelayStreamResponse(
+            await relay.open_stream(principal, chat, context),
+            on_server_cancel=svc.metering.drain,
+        )
     body = await cancel_on_disconnect(request.receive, relay.complete(principal, chat, context))
     if body is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
