@@ -8,6 +8,8 @@ import json
 import logging
 import sys
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.core.config import ConfigError, Settings, load_settings
 from app.core.db import create_engine, migrate
 from app.core.errors import ApiError
@@ -99,4 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SQLAlchemyError) as exc:
+        # An unreachable or broken database: one clear line, not a traceback.
+        reason = getattr(exc, "orig", None) or exc
+        print(f"error: database unavailable: {type(reason).__name__}: {reason}", file=sys.stderr)
+        return 1
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,13 +15,11 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
 from app.api.envelopes import error_response
-from app.api.middleware import RequestIdMiddleware
+from app.api.middleware import RateLimitMiddleware, RequestIdMiddleware
 from app.api.routes import openai, quota_ws, usage, users
 from app.core.config import Settings, load_settings
 from app.core.errors import ApiError, MethodNotAllowed, NotFound
 from app.core.services import open_services
-
-logger = logging.getLogger("livegate")
 
 # The demo page; present in a source checkout and in the container image.
 STATIC_DIR = Path("static")
@@ -30,7 +27,7 @@ STATIC_DIR = Path("static")
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(request.url.path, exc)
+    return error_response(request.method, request.url.path, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -43,12 +40,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = ApiError(str(exc.detail), status_code=exc.status_code)
     error.headers.update(exc.headers or {})
-    return error_response(request.url.path, error)
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(request.url.path, ApiError("internal server error"))
+    return error_response(request.method, request.url.path, error)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -65,11 +57,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes.append(Mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo"))
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(RequestIdMiddleware), Middleware(RateLimitMiddleware)],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
-            Exception: _unexpected_error,
         },
         lifespan=lifespan,
     )

@@ -147,7 +147,11 @@ class Livegate:
 
 
 def make_settings(backend: Backend, upstream: FakeUpstream | None, **overrides: Any) -> Settings:
-    tiers = builtin_tiers()
+    # Request rates off unless a test sets them: a suite of fast requests is no abuse.
+    tiers = {
+        name: tier.model_copy(update={"requests_per_minute": None, "burst": None, "surfaces": {}})
+        for name, tier in builtin_tiers().items()
+    }
     tiers.update(overrides.pop("tiers", {}))
     providers = (
         [

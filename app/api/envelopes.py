@@ -1,8 +1,13 @@
-"""Each surface's error envelope, chosen by path, so one core error fits every client."""
+"""Each surface's error envelope, so one core error reaches every client in its shape.
+
+The surface is chosen by method and path (longest prefix first); where two specs
+share a path, the route that tells them apart by body passes its own surface.
+"""
 
 from __future__ import annotations
 
 import enum
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -10,34 +15,102 @@ from starlette.responses import JSONResponse
 from app.core.errors import ApiError
 
 
-class Surface(enum.Enum):
-    OPENAI = "openai"  # /v1/*: {"error": {"message", "type", "param", "code"}}
-    SOKUJI = "sokuji"  # /api/*, /ws/*: {"error": "...", "details": {...}}
+class Surface(enum.StrEnum):
+    OPENAI = "openai"  # {"error": {"message", "type", "param", "code"}}
+    SOKUJI = "sokuji"  # {"error": "...", "details": {...}}
+    PLAYGROUND = "playground"  # {"success": false, "error": {"message", "code", "details"}, ...}
+    NAVI = "navi"  # {"success": false, "error": {"code", "message", ...}}
 
 
-def surface_for(path: str) -> Surface:
-    return Surface.OPENAI if path == "/v1" or path.startswith("/v1/") else Surface.SOKUJI
+# (method or None for any, path prefix, surface); the first match wins.
+_ROUTES: tuple[tuple[str | None, str, Surface], ...] = (
+    (None, "/v1/", Surface.OPENAI),
+    (None, "/api/v1/", Surface.PLAYGROUND),
+    (None, "/api/auth/refresh", Surface.NAVI),
+    (None, "/api/auth/callback", Surface.NAVI),
+    ("GET", "/api/auth/login", Surface.NAVI),
+    (None, "/api/auth/webhook/", Surface.SOKUJI),
+    (None, "/api/auth/", Surface.PLAYGROUND),
+)
+
+
+def surface_for(method: str, path: str) -> Surface:
+    if path == "/v1":
+        return Surface.OPENAI
+    for route_method, prefix, surface in _ROUTES:
+        if (route_method is None or route_method == method) and path.startswith(prefix):
+            return surface
+    return Surface.SOKUJI
+
+
+def iso_millis(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_PLAYGROUND_CODES = {
+    400: "VALIDATION_ERROR",
+    401: "AUTHENTICATION_ERROR",
+    402: "QUOTA_EXCEEDED",
+    403: "AUTHORIZATION_ERROR",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    429: "RATE_LIMIT_EXCEEDED",
+    502: "SERVICE_UNAVAILABLE",
+    503: "SERVICE_UNAVAILABLE",
+    504: "SERVICE_UNAVAILABLE",
+}
+
+_NAVI_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    429: "RATE_LIMITED",
+}
 
 
 def error_body(surface: Surface, exc: ApiError) -> dict[str, Any]:
+    details = exc.details or {}
     if surface is Surface.OPENAI:
-        param = (exc.details or {}).get("param")
         return {
             "error": {
                 "message": exc.message,
                 "type": exc.openai_type,
-                "param": param,
+                "param": details.get("param"),
                 "code": exc.code,
             }
+        }
+    if surface is Surface.PLAYGROUND:
+        return {
+            "success": False,
+            "error": {
+                "message": exc.message,
+                "code": _PLAYGROUND_CODES.get(exc.status_code, "SERVER_ERROR"),
+                "details": {"reason": exc.code, **details},
+            },
+            "timestamp": iso_millis(datetime.now(UTC)),
+        }
+    if surface is Surface.NAVI:
+        return {
+            "success": False,
+            "error": {
+                "code": _NAVI_CODES.get(exc.status_code, "INTERNAL_ERROR"),
+                "message": exc.message,
+                **details,
+            },
         }
     body: dict[str, Any] = {"error": exc.message}
     if exc.status_code == 429 and "Retry-After" in exc.headers:
         body["retryAfter"] = int(exc.headers["Retry-After"])
-    body["details"] = {"code": exc.code, **(exc.details or {})}
+    body["details"] = {"code": exc.code, **details}
     return body
 
 
-def error_response(path: str, exc: ApiError) -> JSONResponse:
+def error_response(method: str, path: str, exc: ApiError) -> JSONResponse:
     return JSONResponse(
-        error_body(surface_for(path), exc), status_code=exc.status_code, headers=exc.headers
+        error_body(surface_for(method, path), exc),
+        status_code=exc.status_code,
+        headers=exc.headers,
     )

@@ -1,18 +1,34 @@
-"""ASGI middleware: a request id on every request and response."""
+"""ASGI middleware: request ids and rate limits."""
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import time
 import uuid
+from datetime import UTC, datetime
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.envelopes import Surface, error_response, iso_millis, surface_for
+from app.api.requests import client_ip, resolve_principal, services
+from app.core.errors import ApiError, RateLimited
+from app.core.ratelimit import Decision
+
+logger = logging.getLogger("livegate")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestIdMiddleware:
-    """Adopts a sane client `X-Request-Id` or makes one; echoes it on the response."""
+    """Adopts a sane client `X-Request-Id` or makes one; echoes it on the response.
+
+    Also the last line of defence: an unexpected exception becomes a 500 in the
+    surface's envelope here, inside the request id, never a traceback.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -31,9 +47,101 @@ class RequestIdMiddleware:
         request_id = request_id or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if scope["type"] != "http" or started:
+                raise
+            error = ApiError("internal server error")
+            response = error_response(scope["method"], scope["path"], error)
+            await response(scope, receive, send_with_id)
+
+
+# Paths never rate limited: signed webhooks, health checks, the demo page.
+_UNLIMITED_PREFIXES = ("/api/auth/webhook/", "/api/subscription/webhook", "/api/health", "/demo")
+
+
+class RateLimitMiddleware:
+    """The tier's request rate on every HTTP call: per user, or per client IP if anonymous.
+
+    Every response carries `X-RateLimit-*` and the IETF `RateLimit` / `RateLimit-Policy`
+    fields; `/api/v1` also `X-RateLimit-Endpoint` and `X-RateLimit-Identifier`, and its
+    reset as an ISO time as the Playground spec shows (elsewhere epoch seconds).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or path.startswith(_UNLIMITED_PREFIXES)
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        svc = services(request)
+        try:
+            principal = await resolve_principal(request)
+        except ApiError:
+            principal = None  # the route answers 401; the caller counts as anonymous
+        if principal is not None:
+            caller, identifier, tier = f"user:{principal.user.id}", "user", principal.user.tier
+        else:
+            caller = f"ip:{client_ip(request)}"
+            identifier, tier = "ip", svc.settings.server.default_tier
+        surface = surface_for(scope["method"], path)
+        decision = await svc.policy.check_rate(caller, tier, surface.value)
+        if decision is None:
+            await self.app(scope, receive, send)
+            return
+        headers = _rate_headers(decision, surface, path, identifier)
+        if not decision.allowed:
+            retry = str(decision.retry_after_seconds)
+            error = RateLimited(
+                "Too many requests",
+                headers={**headers, "Retry-After": retry},
+                details={"retryAfter": int(retry)},
+            )
+            await error_response(scope["method"], path, error)(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                for name, value in headers.items():
+                    response_headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _rate_headers(
+    decision: Decision, surface: Surface, path: str, identifier: str
+) -> dict[str, str]:
+    reset_at = time.time() + decision.reset_after
+    reset_seconds = max(0, math.ceil(decision.reset_after))
+    headers = {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(math.ceil(reset_at)),
+        "RateLimit-Policy": f'"tier";q={decision.limit};w=60',
+        "RateLimit": f'"tier";r={decision.remaining};t={reset_seconds}',
+    }
+    if surface is Surface.PLAYGROUND:
+        headers["X-RateLimit-Reset"] = iso_millis(datetime.fromtimestamp(reset_at, UTC))
+        headers["X-RateLimit-Endpoint"] = path.removeprefix("/api/v1/").split("/", 1)[0] or "api"
+        headers["X-RateLimit-Identifier"] = identifier
+    return headers

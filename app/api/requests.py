@@ -1,19 +1,22 @@
-"""Reading what a request carries: its JSON body, its credential, its device."""
+"""Reading what a request carries: its JSON body, its caller, its device."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import re
 from typing import Any
 
 from starlette.requests import HTTPConnection, Request
 
-from app.core.errors import BadRequest, PayloadTooLarge, Unauthorized
+from app.core.auth import Principal
+from app.core.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
 from app.core.relay import RequestContext
 from app.core.services import Services
-from app.core.users import Principal, authenticate
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_NOT_RESOLVED = object()
 
 
 def services(conn: HTTPConnection) -> Services:
@@ -33,32 +36,151 @@ async def read_json(request: Request) -> Any:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     if not body:
         raise BadRequest("request body is empty; a JSON object is expected")
+    return parse_json(bytes(body))
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# A \uD800-\uDFFF escape: only such bodies can hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates.
+
+    Each of those parses in Python but cannot be encoded again (to the upstream, or
+    into a database), so it is refused here as the client's error.
+    """
     try:
-        return json.loads(body)
+        value = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise BadRequest("request body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise BadRequest("request body is nested too deeply") from exc
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
+        raise BadRequest("request body contains an unpaired UTF-16 surrogate escape")
+    return value
 
 
-def bearer_credential(conn: HTTPConnection, *, allow_query: bool = False) -> str | None:
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    payload = await read_json(request)
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload
+
+
+def credential(conn: HTTPConnection, *, allow_query: bool = False) -> str | None:
+    """A bearer token or API key: `Authorization: Bearer`, `X-API-Key`, or `?token=`."""
     header = conn.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-        return None
+    api_key = conn.headers.get("x-api-key")
+    if api_key:
+        return api_key.strip()
     if allow_query:
         return conn.query_params.get("token") or None
     return None
 
 
-async def require_principal(conn: HTTPConnection, *, allow_query: bool = False) -> Principal:
-    credential = bearer_credential(conn, allow_query=allow_query)
-    if credential is None:
-        raise Unauthorized("missing bearer token", code="missing_token")
+async def resolve_principal(conn: HTTPConnection, *, allow_query: bool = False) -> Principal | None:
+    """The caller, or None if anonymous; raises `Unauthorized` for a bad credential.
+
+    Resolved once per request: the rate limiter and the route share the answer.
+    """
+    state = conn.scope.setdefault("state", {})
+    cached = state.get("principal", _NOT_RESOLVED)
+    if isinstance(cached, ApiError):
+        raise cached
+    if cached is not _NOT_RESOLVED:
+        return cached  # type: ignore[no-any-return]
     svc = services(conn)
-    return await authenticate(svc.engine, svc.secrets, credential)
+    try:
+        token = credential(conn, allow_query=allow_query)
+        principal: Principal | None
+        if token is not None:
+            principal = await svc.authenticator.authenticate(token)
+        elif dev_user := conn.headers.get("x-user-id"):
+            principal = await svc.authenticator.development_user(dev_user)
+        else:
+            principal = None
+    except ApiError as exc:
+        state["principal"] = exc
+        raise
+    state["principal"] = principal
+    return principal
+
+
+async def require_principal(
+    conn: HTTPConnection,
+    permission: str | None = None,
+    *,
+    allow_query: bool = False,
+    session_only: bool = False,
+) -> Principal:
+    principal = await resolve_principal(conn, allow_query=allow_query)
+    if principal is None:
+        raise Unauthorized("missing bearer token or API key", code="missing_token")
+    if session_only and not principal.is_session:
+        raise Unauthorized(
+            "this route needs a user session token, not an API key", code="session_required"
+        )
+    if permission is not None:
+        principal.require(permission)
+    return principal
+
+
+def client_ip(conn: HTTPConnection) -> str:
+    """The client's address; `X-Forwarded-For` is believed only from trusted proxies."""
+    peer = conn.client.host if conn.client else "unknown"
+    trusted = services(conn).settings.server.trusted_proxy_networks
+    if not trusted or not _in_networks(peer, trusted):
+        return peer
+    forwarded = conn.headers.get("x-forwarded-for", "")
+    # Walk from the nearest hop back; the first untrusted address is the client.
+    for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+        if not _in_networks(hop, trusted):
+            return hop
+    return peer
+
+
+def _in_networks(
+    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def _optional_header(request: Request, name: str) -> str | None:

@@ -121,10 +121,12 @@ class RedisBus(Bus):
 
     _CONTROL = "bus:control"  # always subscribed, so the reader always has a connection
 
-    def __init__(self, url: str, prefix: str, *, max_backoff: float = 5.0) -> None:
+    def __init__(
+        self, url: str, prefix: str, *, publisher: Redis, max_backoff: float = 5.0
+    ) -> None:
         super().__init__()
         self._prefix = f"{prefix}:"
-        self._publisher = Redis.from_url(url)
+        self._publisher = publisher  # shared, owned by the caller
         # Failures must surface here rather than be retried inside redis-py, so that
         # we know a reconnect happened and can tell subscribers to resync.
         self._subscriber = Redis.from_url(
@@ -149,7 +151,6 @@ class RedisBus(Bus):
                 await self._reader
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._subscriber.aclose()
-        await self._publisher.aclose()
 
     async def publish(self, channel: str, message: str) -> None:
         await self._publisher.publish(self._prefix + channel, message)
@@ -201,7 +202,3 @@ class RedisBus(Bus):
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         self._pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-
-
-def create_bus(redis_url: str | None, prefix: str) -> Bus:
-    return RedisBus(redis_url, prefix) if redis_url else LocalBus()

@@ -8,15 +8,28 @@ and tuning. Every TOML key is optional and the defaults reproduce the specs' num
 from __future__ import annotations
 
 import enum
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Period = Literal["minute", "hour", "day", "week", "month", "lifetime"]
 PositiveInt = Annotated[int, Field(ge=0)]
+# Only asymmetric algorithms for external issuers: an HS* token could be forged with
+# the public key as the secret.
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+AsymmetricAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
 
 
 class ConfigError(Exception):
@@ -49,11 +62,21 @@ class CounterLimit(_Strict):
     per: Period = "day"
 
 
+class RateOverride(_Strict):
+    """A tier's request rate on one surface, where that surface's spec differs."""
+
+    requests_per_minute: PositiveInt | None = None
+    burst: PositiveInt | None = None
+
+
 class TierConfig(_Strict):
     """One tier's limits; a key left out (None) means unlimited."""
 
     requests_per_minute: PositiveInt | None = None
     burst: PositiveInt | None = None
+    # Per-surface request rates ("openai", "sokuji", "playground", ...), e.g. the
+    # Playground's 30/min for `basic` beside Sokuji's 60/min.
+    surfaces: dict[str, RateOverride] = Field(default_factory=dict)
     daily_requests: PositiveInt | None = None
     weekly_requests: PositiveInt | None = None
     monthly_requests: PositiveInt | None = None
@@ -62,39 +85,76 @@ class TierConfig(_Strict):
 
 
 def _builtin_tiers() -> dict[str, TierConfig]:
-    # Sokuji's rate-limit table, Playground's request quotas, Navi's and
-    # AnkiLingoFlash's counters; the token quotas follow Sokuji's example profile.
+    """Every number the specs give, by tier.
+
+    Rates: Sokuji's table (`free` 10/20, `basic` 60/100, `premium` 300/500,
+    `enterprise` unlimited), with the Playground's own where it differs (`basic` 30,
+    `pro` 100, `enterprise` 500). AI request quotas: the Playground's daily limits,
+    weekly = 7x and monthly = 30x as its free-tier example shows (50/350/1500).
+    Tokens: Sokuji's. Counters: Navi's 20 messages a day and AnkiLingoFlash's 100
+    generations, 5 regenerations a card, on `free`; Navi's `pro` is unlimited.
+    """
     free_counters = {
         "chat_messages": CounterLimit(limit=20, per="day"),
         "flashcard_generations": CounterLimit(limit=100, per="lifetime"),
+        "flashcard_regenerations": CounterLimit(limit=5, per="lifetime"),
     }
+
+    def requests(daily: int) -> dict[str, int]:
+        return {
+            "daily_requests": daily,
+            "weekly_requests": 7 * daily,
+            "monthly_requests": 30 * daily,
+        }
+
     return {
         "free": TierConfig(
             requests_per_minute=10,
             burst=20,
-            daily_requests=50,
-            weekly_requests=350,
-            monthly_requests=1500,
+            **requests(50),
             monthly_tokens=1_000_000,
             counters=free_counters,
         ),
         "basic": TierConfig(
             requests_per_minute=60,
             burst=100,
-            daily_requests=500,
-            weekly_requests=3500,
-            monthly_requests=15000,
+            **requests(500),
             monthly_tokens=10_000_000,
+            surfaces={"playground": RateOverride(requests_per_minute=30)},
+        ),
+        "pro": TierConfig(
+            requests_per_minute=100,
+            **requests(2000),
+            monthly_tokens=20_000_000,
         ),
         "premium": TierConfig(
             requests_per_minute=300,
             burst=500,
-            daily_requests=5000,
-            weekly_requests=35000,
-            monthly_requests=150000,
             monthly_tokens=50_000_000,
         ),
-        "enterprise": TierConfig(),
+        "enterprise": TierConfig(
+            surfaces={"playground": RateOverride(requests_per_minute=500)},
+        ),
+    }
+
+
+class ActionLimit(_Strict):
+    """A per-action limit: `limit` per `window_seconds`, counted per `scope` value."""
+
+    limit: int = Field(ge=1)
+    window_seconds: int = Field(ge=1)
+    scope: Literal["user", "ip", "email"] = "user"
+
+
+def _builtin_actions() -> dict[str, ActionLimit]:
+    # The workspace spec's table.
+    return {
+        "otp_send": ActionLimit(limit=3, window_seconds=600, scope="email"),
+        "otp_send_ip": ActionLimit(limit=10, window_seconds=600, scope="ip"),
+        "otp_try": ActionLimit(limit=5, window_seconds=600, scope="email"),
+        "voice_execute": ActionLimit(limit=20, window_seconds=60, scope="user"),
+        "thread_create": ActionLimit(limit=10, window_seconds=60, scope="user"),
+        "work_item_create": ActionLimit(limit=50, window_seconds=3600, scope="user"),
     }
 
 
@@ -112,9 +172,42 @@ class MeteringConfig(_Strict):
 
 class ServerConfig(_Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Proxies whose X-Forwarded-For is believed (CIDRs); empty: the peer is the client.
+    trusted_proxies: list[str] = Field(default_factory=list)
     ws_ping_seconds: float = Field(default=25.0, gt=0)
     redis_prefix: str = Field(default="livegate", min_length=1)
     default_tier: str = "free"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
+
+
+class IssuerConfig(_Strict):
+    """An external identity provider whose bearer JWTs are accepted (Clerk, WorkOS, OIDC)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    issuer: str = Field(min_length=1)
+    jwks_url: str = Field(min_length=1)
+    audience: str | list[str] | None = None
+    # Clerk's `azp`: the origins allowed to have requested the token.
+    authorized_parties: list[str] = Field(default_factory=list)
+    algorithms: list[AsymmetricAlgorithm] = Field(
+        default_factory=lambda: list[AsymmetricAlgorithm](["RS256", "ES256"]), min_length=1
+    )
+
+
+class AuthConfig(_Strict):
+    issuers: list[IssuerConfig] = Field(default_factory=list)
+    # Which issuer's subjects the Clerk webhook's user ids are.
+    clerk_provider: str = "clerk"
 
 
 class FileConfig(_Strict):
@@ -122,6 +215,8 @@ class FileConfig(_Strict):
 
     providers: list[ProviderConfig] = Field(default_factory=list)
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    actions: dict[str, ActionLimit] = Field(default_factory=dict)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -144,9 +239,12 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     livegate_config: Path | None = None
     livegate_data_dir: Path = Path("data")
+    clerk_webhook_signing_secret: SecretStr | None = None
 
     providers: list[ProviderConfig] = Field(default_factory=list)
     tiers: dict[str, TierConfig] = Field(default_factory=_builtin_tiers)
+    actions: dict[str, ActionLimit] = Field(default_factory=_builtin_actions)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -172,6 +270,8 @@ def load_settings(**overrides: object) -> Settings:
             update={
                 "providers": file.providers,
                 "tiers": tiers,
+                "actions": {**settings.actions, **file.actions},
+                "auth": file.auth,
                 "metering": file.metering,
                 "server": file.server,
             }

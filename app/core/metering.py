@@ -63,8 +63,10 @@ class UsageMeter:
         period: str,
         prompt_tokens: int,
         snapshot: QuotaSnapshot,
+        started_at: datetime,
     ) -> None:
         self.info = info
+        self.started_at = started_at
         self.row_id = row_id
         self.period = period
         self.prompt_tokens = prompt_tokens
@@ -245,7 +247,7 @@ class Metering:
             used, seq = await add_tokens(conn, info.user_id, period, prompt_tokens)
         snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
         self.publisher.push(info.user_id, snapshot)
-        meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot)
+        meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, now)
         self.active.add(meter)
         return meter
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -71,19 +72,37 @@ class QuotaSnapshot:
         )
 
 
+def _counter_upsert(
+    conn: AsyncConnection,
+    subject: str,
+    metric: str,
+    period: str,
+    amount: int,
+    where: sa.ColumnElement[bool] | None = None,
+) -> Any:
+    """Add `amount` to a counter row, creating it; with `where`, only if it holds."""
+    insert = dialect_insert(conn)
+    return (
+        insert(quota_counters)
+        .values(user_id=subject, metric=metric, period=period, used=amount, seq=1)
+        .on_conflict_do_update(
+            index_elements=[
+                quota_counters.c.user_id,
+                quota_counters.c.metric,
+                quota_counters.c.period,
+            ],
+            set_={"used": quota_counters.c.used + amount, "seq": quota_counters.c.seq + 1},
+            where=where,
+        )
+        .returning(quota_counters.c.used, quota_counters.c.seq)
+    )
+
+
 async def add_tokens(
     conn: AsyncConnection, user_id: str, period: str, delta: int
 ) -> tuple[int, int]:
     """Add `delta` to the user's counter for `period`; return (used, seq) after it."""
-    insert = dialect_insert(conn)
-    stmt = insert(quota_counters).values(
-        user_id=user_id, metric=TOKENS, period=period, used=delta, seq=1
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[quota_counters.c.user_id, quota_counters.c.metric, quota_counters.c.period],
-        set_={"used": quota_counters.c.used + delta, "seq": quota_counters.c.seq + 1},
-    ).returning(quota_counters.c.used, quota_counters.c.seq)
-    row = (await conn.execute(stmt)).one()
+    row = (await conn.execute(_counter_upsert(conn, user_id, TOKENS, period, delta))).one()
     return int(row.used), int(row.seq)
 
 
@@ -127,3 +146,56 @@ async def reconcile_tokens(engine: AsyncEngine, user_id: str, period: str) -> in
         if used != total:
             await add_tokens(conn, user_id, period, int(total) - used)
     return int(total)
+
+
+def period_window(per: str, now: datetime) -> tuple[str, datetime | None]:
+    """The counter key of the calendar window (UTC) holding `now`, and when it resets."""
+    now = now.astimezone(UTC)
+    day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    if per == "minute":
+        start = now.replace(second=0, microsecond=0)
+        return f"min:{start:%Y-%m-%dT%H:%M}", start + timedelta(minutes=1)
+    if per == "hour":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        return f"h:{start:%Y-%m-%dT%H}", start + timedelta(hours=1)
+    if per == "day":
+        return f"d:{day:%Y-%m-%d}", day + timedelta(days=1)
+    if per == "week":
+        year, week, weekday = now.isocalendar()
+        return f"w:{year}-W{week:02d}", day + timedelta(days=8 - weekday)
+    if per == "month":
+        period = month_period(now)
+        return f"m:{period}", period_reset(period)
+    if per == "lifetime":
+        return "all", None
+    raise ValueError(f"unknown period {per!r}")
+
+
+async def increment_within(
+    conn: AsyncConnection, subject: str, metric: str, period: str, amount: int, limit: int | None
+) -> int | None:
+    """Add `amount` unless that would pass `limit`; the new value, or None if refused.
+
+    One conditional upsert: concurrent callers serialize on the row, so the limit
+    holds exactly whatever the concurrency.
+    """
+    if limit is not None and amount > limit:
+        return None
+    where = None if limit is None else quota_counters.c.used + amount <= limit
+    row = (
+        await conn.execute(_counter_upsert(conn, subject, metric, period, amount, where))
+    ).first()
+    return None if row is None else int(row.used)
+
+
+async def read_counter(conn: AsyncConnection, subject: str, metric: str, period: str) -> int:
+    used = (
+        await conn.execute(
+            sa.select(quota_counters.c.used).where(
+                quota_counters.c.user_id == subject,
+                quota_counters.c.metric == metric,
+                quota_counters.c.period == period,
+            )
+        )
+    ).scalar()
+    return int(used or 0)

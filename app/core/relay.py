@@ -18,9 +18,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, QuotaExceeded
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
+from app.core.policy import Policy
 from app.core.providers import (
     Provider,
     ProviderRegistry,
@@ -30,7 +32,6 @@ from app.core.providers import (
 )
 from app.core.quota import token_snapshot
 from app.core.tables import UsageStatus
-from app.core.users import Principal
 
 QUOTA_FINISH_REASON = "quota_exhausted"
 
@@ -102,11 +103,13 @@ class Relay:
         engine: AsyncEngine,
         providers: ProviderRegistry,
         metering: Metering,
+        policy: Policy,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._providers = providers
         self._metering = metering
+        self._policy = policy
 
     async def _begin(
         self, principal: Principal, request: ChatRequest, context: RequestContext
@@ -114,11 +117,17 @@ class Relay:
         provider = self._providers.resolve(request.model)
         limit = self._settings.tier(principal.user.tier).monthly_tokens
         snapshot = await token_snapshot(self._engine, principal.user.id, limit)
+        prompt_tokens = estimate_prompt_tokens(request.body["messages"])
         if snapshot.exhausted:
             raise QuotaExceeded(
-                "Token quota exhausted for this period",
-                details={"quota": snapshot.as_dict()},
+                "Token quota exhausted for this period", details={"quota": snapshot.as_dict()}
             )
+        if limit is not None and snapshot.used + prompt_tokens >= limit:
+            raise QuotaExceeded(
+                "The prompt alone would use up the remaining token quota",
+                details={"quota": snapshot.as_dict(), "prompt_tokens": prompt_tokens},
+            )
+        await self._policy.consume_ai_request(principal.user.id, principal.user.tier)
         info = RequestInfo(
             request_id=context.request_id,
             user_id=principal.user.id,
@@ -130,8 +139,13 @@ class Relay:
             device_id=context.device_id,
             platform=context.platform,
         )
-        meter = await self._metering.begin(info, estimate_prompt_tokens(request.body["messages"]))
+        meter = await self._metering.begin(info, prompt_tokens)
         return provider, meter
+
+    async def _refused(self, meter: UsageMeter, status: UsageStatus, error: str) -> None:
+        """The upstream never delivered: bill nothing and give the request back."""
+        await meter.discard(status, error)
+        await self._policy.refund_ai_request(meter.info.user_id, meter.started_at)
 
     async def complete(
         self, principal: Principal, request: ChatRequest, context: RequestContext
@@ -140,10 +154,10 @@ class Relay:
         try:
             completion = await provider.complete(request.body)
         except ApiError as exc:
-            await meter.discard(UsageStatus.ERROR, exc.message)
+            await self._refused(meter, UsageStatus.ERROR, exc.message)
             raise
         except asyncio.CancelledError:
-            await asyncio.shield(meter.discard(UsageStatus.CANCELLED, "client disconnected"))
+            await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
             raise
         usage = completion.usage or Usage(
             prompt_tokens=meter.prompt_tokens,
@@ -159,10 +173,10 @@ class Relay:
         try:
             upstream = await provider.open_stream(request.body)
         except ApiError as exc:
-            await meter.discard(UsageStatus.ERROR, exc.message)
+            await self._refused(meter, UsageStatus.ERROR, exc.message)
             raise
         except asyncio.CancelledError:
-            await asyncio.shield(meter.discard(UsageStatus.CANCELLED, "client disconnected"))
+            await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
             raise
         return relay_stream(upstream, meter, include_usage=request.include_usage)
 
@@ -189,21 +203,18 @@ async def relay_stream(
                     finish_reason = chunk.finish_reason
                 if chunk.usage_only and not include_usage:
                     continue
+                if chunk.tokens and meter.exhausted:
+                    # More tokens than the quota holds: end here, cleanly, as a length cut.
+                    status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
+                    yield _sse(_final_chunk(meta, "length"))
+                    if include_usage:
+                        yield _sse(_usage_chunk(meta, meter))
+                    yield SSE_DONE
+                    return
                 yield _sse(chunk.data)
                 # Resumed: the chunk above was handed to the client.
                 if chunk.tokens:
                     meter.deliver(chunk.tokens)
-                    if meter.exhausted:
-                        status, finish_reason, error = (
-                            UsageStatus.COMPLETED,
-                            QUOTA_FINISH_REASON,
-                            None,
-                        )
-                        yield _sse(_final_chunk(meta, "length"))
-                        if include_usage:
-                            yield _sse(_usage_chunk(meta, meter))
-                        yield SSE_DONE
-                        return
         except ApiError as exc:
             status, error = UsageStatus.ERROR, exc.message
             yield _sse(

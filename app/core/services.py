@@ -7,17 +7,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.bus import Bus, create_bus
+from app.core.auth import Authenticator
+from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.config import Settings
 from app.core.db import create_engine, migrate
+from app.core.keys import KeyUsageRecorder
 from app.core.live import QuotaPublisher
 from app.core.metering import Metering
+from app.core.policy import Policy
 from app.core.providers import ProviderRegistry
 from app.core.quota import QuotaSnapshot, token_snapshot
+from app.core.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from app.core.relay import Relay
 from app.core.security import Secrets
+from app.core.sessions import Sessions, TokenDenylist
 from app.core.users import User
 
 
@@ -26,17 +32,21 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     secrets: Secrets
+    redis: Redis | None
     bus: Bus
     http: httpx.AsyncClient
     providers: ProviderRegistry
     publisher: QuotaPublisher
     metering: Metering
     relay: Relay
+    policy: Policy
+    sessions: Sessions
+    authenticator: Authenticator
+    key_usage: KeyUsageRecorder
 
     async def token_quota(self, user: User) -> QuotaSnapshot:
-        return await token_snapshot(
-            self.engine, user.id, self.settings.tier(user.tier).monthly_tokens
-        )
+        limit = self.settings.tier(user.tier).monthly_tokens
+        return await token_snapshot(self.engine, user.id, limit)
 
 
 @contextlib.asynccontextmanager
@@ -45,14 +55,26 @@ async def open_services(
 ) -> AsyncIterator[Services]:
     """Create every resource, yield them, and release them in reverse order."""
     engine = create_engine(settings.database_url)
+    prefix = settings.server.redis_prefix
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(engine.dispose)
         if run_migrations:
             await migrate(engine)
         secrets = Secrets.from_settings(settings)
-        bus = create_bus(settings.redis_url, settings.server.redis_prefix)
+
+        redis: Redis | None = None
+        bus: Bus
+        limiter: RateLimiter
+        if settings.redis_url:
+            redis = Redis.from_url(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+            bus = RedisBus(settings.redis_url, prefix, publisher=redis)
+            limiter = RedisRateLimiter(redis, prefix)
+        else:
+            bus, limiter = LocalBus(), LocalRateLimiter()
         await bus.start()
         stack.push_async_callback(bus.close)
+
         http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
             follow_redirects=False,
@@ -63,15 +85,26 @@ async def open_services(
         metering = Metering(engine, publisher, settings.metering)
         await metering.start()
         stack.push_async_callback(metering.close)
+        key_usage = KeyUsageRecorder(engine)
+        await key_usage.start()
+        stack.push_async_callback(key_usage.close)
+
+        denylist = TokenDenylist(engine, redis, prefix)
         providers = ProviderRegistry.from_config(settings.providers, http)
+        policy = Policy(settings, engine, limiter)
         yield Services(
             settings=settings,
             engine=engine,
             secrets=secrets,
+            redis=redis,
             bus=bus,
             http=http,
             providers=providers,
             publisher=publisher,
             metering=metering,
-            relay=Relay(settings, engine, providers, metering),
+            relay=Relay(settings, engine, providers, metering, policy),
+            policy=policy,
+            sessions=Sessions(engine, secrets, denylist),
+            authenticator=Authenticator(settings, engine, secrets, denylist, key_usage, http),
+            key_usage=key_usage,
         )

@@ -67,6 +67,7 @@ users = Table(
     metadata,
     Column("id", String(64), primary_key=True),
     Column("email", String(320), nullable=False, unique=True),
+    Column("username", String(30), nullable=True),
     Column("password_hash", Text, nullable=True),
     Column("tier", String(64), nullable=False),
     Column("role", String(32), nullable=False, server_default="user"),
@@ -76,6 +77,8 @@ users = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime(), nullable=True),
+    # An index, not a constraint: SQLite adds it without rebuilding the table.
+    Index("uq_users_username", "username", unique=True),
 )
 
 api_keys = Table(
@@ -96,6 +99,7 @@ api_keys = Table(
     Column("last_used_at", UTCDateTime(), nullable=True),
     Column("usage_count", BigInteger, nullable=False, server_default="0"),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=True),
     Index("ix_api_keys_user_id", "user_id"),
     # At most one live relay key per user, so get-or-create is race-free.
     Index(
@@ -153,4 +157,47 @@ instances = Table(
     Column("id", String(64), primary_key=True),
     Column("started_at", UTCDateTime(), nullable=False),
     Column("heartbeat_at", UTCDateTime(), nullable=False),
+)
+
+# Who a user is at an external identity provider (Clerk, WorkOS, any OIDC issuer).
+external_identities = Table(
+    "external_identities",
+    metadata,
+    Column("provider", String(64), primary_key=True),
+    Column("subject", String(255), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# Rotating refresh tokens: each use spends the token and issues the next one of its
+# family; presenting a spent token revokes the whole family (it was stolen).
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("family_id", String(64), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("used_at", UTCDateTime(), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Index("ix_refresh_tokens_family_id", "family_id"),
+)
+
+# Access tokens revoked before they expire (logout), when Redis is not configured.
+revoked_tokens = Table(
+    "revoked_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+# Inbound webhook deliveries already processed, so a replay is never applied twice.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("source", String(32), primary_key=True),
+    Column("event_id", String(255), primary_key=True),
+    Column("received_at", UTCDateTime(), nullable=False),
 )

@@ -12,14 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.errors import BadRequest, Unauthorized
-from app.core.security import (
-    InvalidTokenError,
-    Secrets,
-    generate_api_key,
-    hash_key,
-    hash_password,
-    looks_like_api_key,
-)
+from app.core.security import Secrets, generate_api_key, hash_password
 from app.core.tables import KeyKind, api_keys, users
 
 ROLES = ("user", "admin", "super_admin")
@@ -39,15 +32,7 @@ class User:
     updated_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: the user, and the API key used, if any."""
-
-    user: User
-    api_key_id: str | None = None
-
-
-_USER_COLUMNS = (
+USER_COLUMNS = (
     users.c.id,
     users.c.email,
     users.c.tier,
@@ -60,9 +45,9 @@ _USER_COLUMNS = (
 )
 
 
-def _user(row: Any) -> User:
+def row_to_user(row: Any) -> User:
     m = row._mapping
-    return User(**{c.name: m[c.name] for c in _USER_COLUMNS})
+    return User(**{c.name: m[c.name] for c in USER_COLUMNS})
 
 
 async def create_user(
@@ -104,38 +89,12 @@ async def get_user(engine: AsyncEngine, user_id: str) -> User:
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                sa.select(*_USER_COLUMNS).where(users.c.id == user_id, users.c.deleted_at.is_(None))
+                sa.select(*USER_COLUMNS).where(users.c.id == user_id, users.c.deleted_at.is_(None))
             )
         ).first()
     if row is None:
         raise Unauthorized("user not found or deleted")
-    return _user(row)
-
-
-async def authenticate(engine: AsyncEngine, secrets: Secrets, credential: str) -> Principal:
-    """Resolve a bearer credential: an API key (`sk-lg-...`) or a JWT we issued."""
-    if looks_like_api_key(credential):
-        now = datetime.now(UTC)
-        query = (
-            sa.select(api_keys.c.id.label("key_id"), *_USER_COLUMNS)
-            .join(users, users.c.id == api_keys.c.user_id)
-            .where(
-                api_keys.c.key_hash == hash_key(credential),
-                api_keys.c.revoked_at.is_(None),
-                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
-                users.c.deleted_at.is_(None),
-            )
-        )
-        async with engine.connect() as conn:
-            row = (await conn.execute(query)).first()
-        if row is None:
-            raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
-        return Principal(user=_user(row), api_key_id=row.key_id)
-    try:
-        claims = secrets.verify_token(credential)
-    except InvalidTokenError as exc:
-        raise Unauthorized("invalid or expired token", code="invalid_token") from exc
-    return Principal(user=await get_user(engine, claims.subject))
+    return row_to_user(row)
 
 
 async def get_or_create_relay_key(engine: AsyncEngine, secrets: Secrets, user_id: str) -> str:

@@ -14,7 +14,7 @@ from app.core.relay import parse_chat_request
 
 
 async def chat_completions(request: Request) -> Response:
-    principal = await require_principal(request)
+    principal = await require_principal(request, "ai:write")
     chat = parse_chat_request(await read_json(request))
     svc = services(request)
     relay = svc.relay
@@ -31,7 +31,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
-    await require_principal(request)
+    await require_principal(request, "ai:read")
     created = int(time.time())
     models = [
         {"id": model, "object": "model", "created": created, "owned_by": provider}

@@ -74,7 +74,7 @@ class _QuotaSocket:
             if text == "ping":
                 await self.send(PONG)
             elif text.startswith("{"):
-                with contextlib.suppress(ValueError, AttributeError):
+                with contextlib.suppress(ValueError, AttributeError, RecursionError):
                     if json.loads(text).get("type") == "ping":
                         await self.send(PONG)
 
@@ -83,7 +83,7 @@ async def quota_socket(websocket: WebSocket) -> None:
     # Accept first: a browser only sees a close code on an accepted socket.
     await websocket.accept()
     try:
-        principal = await require_principal(websocket, allow_query=True)
+        principal = await require_principal(websocket, "usage:read", allow_query=True)
     except ApiError:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
         return

@@ -10,7 +10,7 @@ from app.api.requests import require_principal, services
 
 
 async def quota(request: Request) -> JSONResponse:
-    user = (await require_principal(request)).user
+    user = (await require_principal(request, "usage:read")).user
     snapshot = await services(request).token_quota(user)
     return JSONResponse(snapshot.as_dict())
 

@@ -15,7 +15,7 @@ RELAY_PROVIDER = "kizunaai"
 
 
 async def profile(request: Request) -> JSONResponse:
-    user = (await require_principal(request)).user
+    user = (await require_principal(request, "usage:read")).user
     quota = await services(request).token_quota(user)
     return JSONResponse(
         {
@@ -35,7 +35,7 @@ async def profile(request: Request) -> JSONResponse:
 
 
 async def api_key(request: Request) -> JSONResponse:
-    user = (await require_principal(request)).user
+    user = (await require_principal(request, session_only=True)).user
     svc = services(request)
     key = await get_or_create_relay_key(svc.engine, svc.secrets, user.id)
     return JSONResponse({"apiKey": key, "provider": RELAY_PROVIDER})

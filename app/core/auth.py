@@ -1,0 +1,263 @@
+"""Resolving a credential to a `Principal`: API keys, our JWTs, external issuers' JWTs.
+
+- `sk-lg-...`: an API key, looked up by its SHA-256; live, unexpired, of a live user.
+- a JWT with `iss = "livegate"`: ours, HS256 only, refused once its `jti` is revoked.
+- a JWT from a configured issuer (Clerk, WorkOS, any OIDC): verified against the
+  issuer's JWKS with its asymmetric algorithm allow-list, mapped by `sub` to a user
+  created on first sight.
+- `x-user-id` (development only): the named user, created on first sight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import jwt
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.config import Environment, IssuerConfig, Settings
+from app.core.errors import Forbidden, Unauthorized
+from app.core.keys import KeyUsageRecorder
+from app.core.security import JWT_ISSUER, InvalidTokenError, Secrets, hash_key, looks_like_api_key
+from app.core.sessions import TokenDenylist
+from app.core.tables import api_keys, external_identities, users
+from app.core.users import USER_COLUMNS, User, get_user, row_to_user
+
+logger = logging.getLogger("livegate.auth")
+
+DEV_PROVIDER = "dev"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, and with what."""
+
+    user: User
+    api_key_id: str | None = None
+    # None: a user session (our JWT or an external one), which may do anything the
+    # user may; a set: an API key limited to these permissions.
+    permissions: frozenset[str] | None = None
+    token_id: str | None = None
+    token_expires_at: datetime | None = None
+
+    @property
+    def is_session(self) -> bool:
+        return self.api_key_id is None
+
+    def require(self, permission: str) -> None:
+        if self.permissions is not None and permission not in self.permissions:
+            raise Forbidden(
+                f"this API key lacks the `{permission}` permission",
+                code="missing_permission",
+                details={"required": permission},
+            )
+
+
+class JwksCache:
+    """One issuer's signing keys, fetched on first use and again on an unknown `kid`."""
+
+    REFRESH_EVERY = 3600.0
+    MIN_REFETCH = 10.0  # an unknown kid must not make every request hit the issuer
+
+    def __init__(self, http: httpx.AsyncClient, url: str) -> None:
+        self._http = http
+        self._url = url
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str | None) -> jwt.PyJWK:
+        age = time.monotonic() - self._fetched_at
+        if (kid not in self._keys or age > self.REFRESH_EVERY) and age > self.MIN_REFETCH:
+            await self._refresh()
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        if kid is None or kid not in self._keys:
+            raise Unauthorized("token signed with an unknown key", code="invalid_token")
+        return self._keys[kid]
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._fetched_at <= self.MIN_REFETCH:
+                return  # another request refreshed while we waited
+            try:
+                response = await self._http.get(self._url, timeout=10)
+                response.raise_for_status()
+                keys = jwt.PyJWKSet.from_dict(response.json())
+            except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+                logger.warning("fetching JWKS from %s failed: %s", self._url, exc)
+                self._fetched_at = time.monotonic()
+                return
+            self._keys = {k.key_id: k for k in keys.keys if k.key_id}
+            if not self._keys and keys.keys:
+                self._keys = {"": keys.keys[0]}
+            self._fetched_at = time.monotonic()
+
+
+class Authenticator:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        secrets: Secrets,
+        denylist: TokenDenylist,
+        key_usage: KeyUsageRecorder,
+        http: httpx.AsyncClient,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._secrets = secrets
+        self._denylist = denylist
+        self._key_usage = key_usage
+        self._issuers = {i.issuer: (i, JwksCache(http, i.jwks_url)) for i in settings.auth.issuers}
+
+    async def authenticate(self, credential: str) -> Principal:
+        if looks_like_api_key(credential):
+            return await self._api_key(credential)
+        try:
+            unverified = jwt.decode(credential, options={"verify_signature": False})
+            header = jwt.get_unverified_header(credential)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized("malformed token", code="invalid_token") from exc
+        issuer = unverified.get("iss")
+        if issuer == JWT_ISSUER:
+            return await self._own_token(credential)
+        if isinstance(issuer, str) and issuer in self._issuers:
+            config, jwks = self._issuers[issuer]
+            return await self._external_token(credential, header, config, jwks)
+        raise Unauthorized("token from an unknown issuer", code="invalid_token")
+
+    async def _api_key(self, credential: str) -> Principal:
+        now = datetime.now(UTC)
+        query = (
+            sa.select(api_keys.c.id.label("key_id"), api_keys.c.permissions, *USER_COLUMNS)
+            .join(users, users.c.id == api_keys.c.user_id)
+            .where(
+                api_keys.c.key_hash == hash_key(credential),
+                api_keys.c.revoked_at.is_(None),
+                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
+                users.c.deleted_at.is_(None),
+            )
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
+        self._key_usage.record(row.key_id, now)
+        return Principal(
+            user=row_to_user(row), api_key_id=row.key_id, permissions=frozenset(row.permissions)
+        )
+
+    async def _own_token(self, credential: str) -> Principal:
+        try:
+            claims = self._secrets.verify_token(credential)
+        except InvalidTokenError as exc:
+            raise Unauthorized("invalid or expired token", code="invalid_token") from exc
+        if await self._denylist.is_revoked(claims.token_id):
+            raise Unauthorized("token has been revoked", code="token_revoked")
+        user = await get_user(self._engine, claims.subject)
+        return Principal(user=user, token_id=claims.token_id, token_expires_at=claims.expires_at)
+
+    async def _external_token(
+        self, credential: str, header: dict[str, Any], config: IssuerConfig, jwks: JwksCache
+    ) -> Principal:
+        if header.get("alg") not in config.algorithms:
+            raise Unauthorized("token algorithm not allowed", code="invalid_token")
+        key = await jwks.key(header.get("kid"))
+        try:
+            claims = jwt.decode(
+                credential,
+                key=key.key,
+                algorithms=list(config.algorithms),
+                issuer=config.issuer,
+                audience=config.audience,
+                options={
+                    "require": ["sub", "exp", "iat", "iss"],
+                    "verify_aud": bool(config.audience),
+                },
+                leeway=5,
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"invalid token: {exc}", code="invalid_token") from exc
+        azp = claims.get("azp")
+        if config.authorized_parties and azp not in config.authorized_parties:
+            raise Unauthorized("token issued for an unauthorized party", code="invalid_token")
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject:
+            raise Unauthorized("token has no subject", code="invalid_token")
+        user = await self.user_for_identity(
+            config.name, subject, email=claims.get("email"), profile=claims
+        )
+        return Principal(user=user)
+
+    async def development_user(self, user_id: str) -> Principal:
+        """The `x-user-id` header's user; only ever called in development."""
+        if self._settings.environment is not Environment.DEVELOPMENT:
+            raise Unauthorized("x-user-id authentication is disabled outside development")
+        return Principal(user=await self.user_for_identity(DEV_PROVIDER, user_id))
+
+    async def user_for_identity(
+        self,
+        provider: str,
+        subject: str,
+        *,
+        email: object = None,
+        profile: dict[str, Any] | None = None,
+    ) -> User:
+        """The user behind an external identity, created on first sight."""
+        lookup = sa.select(external_identities.c.user_id).where(
+            external_identities.c.provider == provider, external_identities.c.subject == subject
+        )
+        async with self._engine.connect() as conn:
+            user_id = (await conn.execute(lookup)).scalar()
+        if user_id is not None:
+            return await get_user(self._engine, user_id)
+        profile = profile or {}
+        now = datetime.now(UTC)
+        new_id = uuid.uuid4().hex
+        address = email if isinstance(email, str) and "@" in email else None
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    users.insert().values(
+                        id=new_id,
+                        # A placeholder on the reserved .invalid domain until one is known.
+                        email=(address or f"{new_id}@{provider}.invalid").lower(),
+                        tier=self._settings.server.default_tier,
+                        role="user",
+                        first_name=_str(profile.get("given_name") or profile.get("first_name")),
+                        last_name=_str(profile.get("family_name") or profile.get("last_name")),
+                        image_url=_str(profile.get("picture") or profile.get("image_url")),
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                await conn.execute(
+                    external_identities.insert().values(
+                        provider=provider, subject=subject, user_id=new_id, created_at=now
+                    )
+                )
+        except IntegrityError:
+            # A concurrent first request created it, or the email belongs to a user
+            # already: link to whichever exists.
+            async with self._engine.connect() as conn:
+                user_id = (await conn.execute(lookup)).scalar()
+            if user_id is None:
+                raise Unauthorized(
+                    "this identity's email belongs to another account", code="identity_conflict"
+                ) from None
+            return await get_user(self._engine, user_id)
+        return await get_user(self._engine, new_id)
+
+
+def _str(value: object) -> str | None:
+    return value[:200] if isinstance(value, str) and value else None

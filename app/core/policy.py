@@ -1,0 +1,187 @@
+"""The policy engine: request rates, AI request quotas, named counters, action limits.
+
+Everything a tier limits is decided here, against shared state (Redis or SQL), so the
+numbers hold across instances:
+- request rate per caller (GCRA): every authenticated call, or per IP if anonymous;
+- AI request quotas per calendar day/week/month (UTC): conditional SQL increments;
+- named counters (`chat_messages` per day, `flashcard_generations` for life, ...);
+- per-action limits with their scope (`otp_send` per email, per IP, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.config import Settings, TierConfig
+from app.core.errors import RateLimited
+from app.core.quota import increment_within, period_window, read_counter
+from app.core.ratelimit import Decision, Rate, RateLimiter
+
+REQUESTS = "requests"
+_REQUEST_WINDOWS = (("daily", "day"), ("weekly", "week"), ("monthly", "month"))
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUsage:
+    used: int
+    limit: int | None
+    reset_at: datetime | None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used, 0)
+
+
+class QuotaExhausted(RateLimited):
+    """An AI request quota or a named counter is used up for its window."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, window: str, usage: WindowUsage) -> None:
+        retry = (
+            {"Retry-After": str(max(1, int((usage.reset_at - datetime.now(UTC)).total_seconds())))}
+            if usage.reset_at
+            else {}
+        )
+        super().__init__(
+            message,
+            details={
+                "window": window,
+                "used": usage.used,
+                "limit": usage.limit,
+                "resetAt": int(usage.reset_at.timestamp()) if usage.reset_at else None,
+            },
+            headers=retry,
+        )
+        self.window = window
+        self.usage = usage
+
+
+class Policy:
+    def __init__(self, settings: Settings, engine: AsyncEngine, limiter: RateLimiter) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._limiter = limiter
+
+    def tier(self, name: str) -> TierConfig:
+        return self._settings.tier(name)
+
+    # -- request rate -----------------------------------------------------------------
+
+    def request_rate(self, tier_name: str, surface: str) -> Rate | None:
+        tier = self.tier(tier_name)
+        override = tier.surfaces.get(surface)
+        per_minute = tier.requests_per_minute
+        burst = tier.burst
+        if override is not None:
+            per_minute, burst = override.requests_per_minute, override.burst
+        if per_minute is None:
+            return None
+        if per_minute == 0:
+            return Rate(limit=0, period=60, burst=0)
+        return Rate(limit=per_minute, period=60, burst=burst or per_minute)
+
+    async def check_rate(self, caller: str, tier_name: str, surface: str) -> Decision | None:
+        """One request by `caller` ("user:ID" or "ip:ADDR"); None when unlimited."""
+        rate = self.request_rate(tier_name, surface)
+        if rate is None:
+            return None
+        if rate.limit == 0:
+            return Decision(False, 0, 0, 60.0, 60.0)
+        key = f"{caller}:{surface}" if surface in self.tier(tier_name).surfaces else caller
+        return await self._limiter.hit(key, rate)
+
+    async def limit_action(self, action: str, scope_value: str) -> Decision:
+        """Count one `action` for its scope value; raise `RateLimited` past the limit."""
+        config = self._settings.actions[action]
+        rate = Rate(limit=config.limit, period=config.window_seconds, burst=config.limit)
+        decision = await self._limiter.hit(f"action:{action}:{scope_value.lower()}", rate)
+        if not decision.allowed:
+            raise RateLimited(
+                f"Rate limit exceeded for {action}. Try again later.",
+                details={"action": action, "scope": config.scope},
+                headers={"Retry-After": str(decision.retry_after_seconds)},
+            )
+        return decision
+
+    # -- AI request quotas ------------------------------------------------------------
+
+    def _request_limits(self, tier: TierConfig) -> dict[str, int | None]:
+        return {
+            "daily": tier.daily_requests,
+            "weekly": tier.weekly_requests,
+            "monthly": tier.monthly_requests,
+        }
+
+    async def consume_ai_request(self, subject: str, tier_name: str) -> dict[str, WindowUsage]:
+        """Count one AI request in every window, all or none; raise if any is full."""
+        limits = self._request_limits(self.tier(tier_name))
+        now = datetime.now(UTC)
+        usage: dict[str, WindowUsage] = {}
+        async with self._engine.begin() as conn:
+            for window, per in _REQUEST_WINDOWS:
+                period, reset_at = period_window(per, now)
+                used = await increment_within(conn, subject, REQUESTS, period, 1, limits[window])
+                if used is None:
+                    # Raising rolls back the windows already counted: all or none.
+                    current = await read_counter(conn, subject, REQUESTS, period)
+                    raise QuotaExhausted(
+                        f"{window.capitalize()} request limit reached",
+                        window=window,
+                        usage=WindowUsage(current, limits[window], reset_at),
+                    )
+                usage[window] = WindowUsage(used, limits[window], reset_at)
+        return usage
+
+    async def refund_ai_request(self, subject: str, at: datetime) -> None:
+        """Give back a request that failed upstream (it is not billed)."""
+        async with self._engine.begin() as conn:
+            for _, per in _REQUEST_WINDOWS:
+                period, _ = period_window(per, at)
+                await increment_within(conn, subject, REQUESTS, period, -1, None)
+
+    async def ai_request_usage(self, subject: str, tier_name: str) -> dict[str, WindowUsage]:
+        limits = self._request_limits(self.tier(tier_name))
+        now = datetime.now(UTC)
+        usage: dict[str, WindowUsage] = {}
+        async with self._engine.connect() as conn:
+            for window, per in _REQUEST_WINDOWS:
+                period, reset_at = period_window(per, now)
+                used = await read_counter(conn, subject, REQUESTS, period)
+                usage[window] = WindowUsage(used, limits[window], reset_at)
+        return usage
+
+    # -- named counters ---------------------------------------------------------------
+
+    def _counter(self, tier_name: str, name: str) -> tuple[int | None, str]:
+        counter = self.tier(tier_name).counters.get(name)
+        if counter is None:
+            return None, "lifetime"
+        return counter.limit, counter.per
+
+    async def consume_counter(
+        self, subject: str, tier_name: str, name: str, amount: int = 1
+    ) -> WindowUsage:
+        """Add `amount` to counter `name` unless it would pass the tier's limit."""
+        limit, per = self._counter(tier_name, name)
+        period, reset_at = period_window(per, datetime.now(UTC))
+        async with self._engine.begin() as conn:
+            used = await increment_within(conn, subject, f"counter:{name}", period, amount, limit)
+            if used is None:
+                current = await read_counter(conn, subject, f"counter:{name}", period)
+                raise QuotaExhausted(
+                    f"Limit of {limit} {name.replace('_', ' ')} reached",
+                    window=per,
+                    usage=WindowUsage(current, limit, reset_at),
+                )
+        return WindowUsage(used, limit, reset_at)
+
+    async def counter_usage(self, subject: str, tier_name: str, name: str) -> WindowUsage:
+        limit, per = self._counter(tier_name, name)
+        period, reset_at = period_window(per, datetime.now(UTC))
+        async with self._engine.connect() as conn:
+            used = await read_counter(conn, subject, f"counter:{name}", period)
+        return WindowUsage(used, limit, reset_at)

@@ -1,0 +1,128 @@
+"""Rate limiting with GCRA (the generic cell rate algorithm).
+
+A `Rate` admits `burst` requests at once and refills one every `period / limit`.
+GCRA keeps one number per key, the theoretical arrival time (TAT), and decides in
+O(1): exact under concurrency because each decision is one atomic step (a Lua script
+on the Redis server's clock, or a synchronous block on the event loop in-process).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    limit: int  # requests per period
+    period: float  # seconds
+    burst: int  # requests admitted at once from a full bucket
+
+    @property
+    def interval_ms(self) -> float:
+        return self.period * 1000 / self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: float  # seconds until a request would be admitted (0 if allowed)
+    reset_after: float  # seconds until the bucket is full again
+
+    @property
+    def retry_after_seconds(self) -> int:
+        return max(1, math.ceil(self.retry_after))
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str, rate: Rate) -> Decision: ...
+
+
+def _decide(now_ms: float, tat_ms: float | None, rate: Rate) -> tuple[Decision, float | None]:
+    """The GCRA step; returns the decision and the new TAT to store (None: unchanged)."""
+    interval = rate.interval_ms
+    tolerance = interval * rate.burst
+    tat = max(tat_ms if tat_ms is not None else now_ms, now_ms)
+    new_tat = tat + interval
+    allow_at = new_tat - tolerance
+    if allow_at > now_ms:
+        remaining = max(0, math.floor((now_ms - (tat - tolerance)) / interval))
+        return (
+            Decision(
+                False, rate.limit, remaining, (allow_at - now_ms) / 1000, (tat - now_ms) / 1000
+            ),
+            None,
+        )
+    remaining = max(0, math.floor((now_ms - (new_tat - tolerance)) / interval))
+    return Decision(True, rate.limit, remaining, 0.0, (new_tat - now_ms) / 1000), new_tat
+
+
+class LocalRateLimiter:
+    """One process. Each decision runs without an await, so it is atomic on the loop."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._tats: dict[str, float] = {}
+        self._max_keys = max_keys
+
+    async def hit(self, key: str, rate: Rate) -> Decision:
+        now = time.time() * 1000
+        decision, new_tat = _decide(now, self._tats.get(key), rate)
+        if new_tat is not None:
+            self._tats[key] = new_tat
+            if len(self._tats) > self._max_keys:
+                self._purge(now)
+        return decision
+
+    def _purge(self, now: float) -> None:
+        # A key whose TAT has passed is a full bucket: forgetting it changes nothing.
+        for key in [k for k, tat in self._tats.items() if tat <= now]:
+            del self._tats[key]
+
+
+# Same arithmetic as `_decide`, on the Redis server's clock so instances agree.
+_GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - tolerance
+if allow_at > now then
+  local remaining = math.floor((now - (tat - tolerance)) / interval)
+  if remaining < 0 then remaining = 0 end
+  return {0, remaining, tostring(allow_at - now), tostring(tat - now)}
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
+local remaining = math.floor((now - (new_tat - tolerance)) / interval)
+if remaining < 0 then remaining = 0 end
+return {1, remaining, '0', tostring(new_tat - now)}
+"""
+
+
+class RedisRateLimiter:
+    """Shared by every instance: one Lua script call per decision."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = f"{prefix}:rl:"
+        self._script = redis.register_script(_GCRA_LUA)
+
+    async def hit(self, key: str, rate: Rate) -> Decision:
+        allowed, remaining, retry_ms, reset_ms = await self._script(
+            keys=[self._prefix + key], args=[rate.interval_ms, rate.burst]
+        )
+        return Decision(
+            allowed=bool(allowed),
+            limit=rate.limit,
+            remaining=int(remaining),
+            retry_after=float(retry_ms) / 1000,
+            reset_after=float(reset_ms) / 1000,
+        )

@@ -1,0 +1,145 @@
+"""Sessions: access tokens that can be revoked, and rotating refresh tokens."""
+
+from __future__ import annotations
+
+import secrets as random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from redis.asyncio import Redis
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.errors import Unauthorized
+from app.core.security import JWT_LIFETIME, Secrets, hash_key
+from app.core.tables import refresh_tokens, revoked_tokens
+
+REFRESH_LIFETIME = timedelta(days=30)
+REFRESH_PREFIX = "rt_"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTokens:
+    user_id: str
+    access_token: str
+    refresh_token: str
+    expires_in: int  # seconds the access token is valid
+
+
+class TokenDenylist:
+    """Ids of access tokens revoked before they expire, kept until they would have.
+
+    In Redis when configured, so a logout on one instance holds on all of them at the
+    next request; otherwise in SQL.
+    """
+
+    def __init__(self, engine: AsyncEngine, redis: Redis | None, prefix: str) -> None:
+        self._engine = engine
+        self._redis = redis
+        self._prefix = f"{prefix}:revoked:"
+
+    async def revoke(self, token_id: str, expires_at: datetime) -> None:
+        ttl = int((expires_at - datetime.now(UTC)).total_seconds()) + 1
+        if ttl <= 0:
+            return
+        if self._redis is not None:
+            await self._redis.set(self._prefix + token_id, b"1", ex=ttl)
+            return
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            await conn.execute(revoked_tokens.delete().where(revoked_tokens.c.expires_at < now))
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        revoked_tokens.insert().values(jti=token_id, expires_at=expires_at)
+                    )
+            except IntegrityError:
+                pass  # revoked twice: already denied
+
+    async def is_revoked(self, token_id: str) -> bool:
+        if self._redis is not None:
+            return bool(await self._redis.exists(self._prefix + token_id))
+        async with self._engine.connect() as conn:
+            found = await conn.execute(
+                sa.select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == token_id)
+            )
+            return found.first() is not None
+
+
+class Sessions:
+    def __init__(self, engine: AsyncEngine, secrets: Secrets, denylist: TokenDenylist) -> None:
+        self._engine = engine
+        self._secrets = secrets
+        self.denylist = denylist
+
+    async def issue(self, user_id: str, family_id: str | None = None) -> SessionTokens:
+        """A new access token and a refresh token (of a new family unless given)."""
+        plaintext = REFRESH_PREFIX + random.token_urlsafe(32)
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                refresh_tokens.insert().values(
+                    id=uuid.uuid4().hex,
+                    user_id=user_id,
+                    family_id=family_id or uuid.uuid4().hex,
+                    token_hash=hash_key(plaintext),
+                    created_at=now,
+                    expires_at=now + REFRESH_LIFETIME,
+                )
+            )
+        return SessionTokens(
+            user_id=user_id,
+            access_token=self._secrets.issue_token(user_id, now),
+            refresh_token=plaintext,
+            expires_in=int(JWT_LIFETIME.total_seconds()),
+        )
+
+    async def refresh(self, refresh_token: str) -> SessionTokens:
+        """Spend a refresh token for a new pair; a spent one revokes its whole family."""
+        token_hash = hash_key(refresh_token)
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            spent = (
+                await conn.execute(
+                    refresh_tokens.update()
+                    .where(
+                        refresh_tokens.c.token_hash == token_hash,
+                        refresh_tokens.c.used_at.is_(None),
+                        refresh_tokens.c.revoked_at.is_(None),
+                        refresh_tokens.c.expires_at > now,
+                    )
+                    .values(used_at=now)
+                    .returning(refresh_tokens.c.user_id, refresh_tokens.c.family_id)
+                )
+            ).first()
+            if spent is None:
+                known = (
+                    await conn.execute(
+                        sa.select(refresh_tokens.c.family_id, refresh_tokens.c.used_at).where(
+                            refresh_tokens.c.token_hash == token_hash
+                        )
+                    )
+                ).first()
+                if known is not None and known.used_at is not None:
+                    # Reuse of a spent token: someone else holds the family. End it.
+                    await conn.execute(
+                        refresh_tokens.update()
+                        .where(
+                            refresh_tokens.c.family_id == known.family_id,
+                            refresh_tokens.c.revoked_at.is_(None),
+                        )
+                        .values(revoked_at=now)
+                    )
+        if spent is None:
+            raise Unauthorized("invalid, expired or reused refresh token", code="invalid_refresh")
+        return await self.issue(spent.user_id, spent.family_id)
+
+    async def revoke_user_refresh_tokens(self, user_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                refresh_tokens.update()
+                .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=datetime.now(UTC))
+            )
