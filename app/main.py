@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from app.api.envelopes import error_response
 from app.api.middleware import RateLimitMiddleware, RequestIdMiddleware
-from app.api.routes import openai, quota_ws, usage, users
+from app.api.routes import api_keys, auth, openai, quota_ws, usage, users
 from app.core.config import Settings, load_settings
 from app.core.errors import ApiError, MethodNotAllowed, NotFound
 from app.core.services import open_services
@@ -52,7 +52,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.services = services
             yield
 
-    routes: list[BaseRoute] = [*openai.routes, *users.routes, *usage.routes, *quota_ws.routes]
+    routes: list[BaseRoute] = [
+        *openai.routes,
+        *auth.routes,
+        *api_keys.routes,
+        *users.routes,
+        *usage.routes,
+        *quota_ws.routes,
+    ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo"))
     return Starlette(

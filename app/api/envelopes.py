@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from app.api.responses import iso_millis
 from app.core.errors import ApiError
 
 
@@ -41,10 +42,6 @@ def surface_for(method: str, path: str) -> Surface:
         if (route_method is None or route_method == method) and path.startswith(prefix):
             return surface
     return Surface.SOKUJI
-
-
-def iso_millis(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _PLAYGROUND_CODES = {

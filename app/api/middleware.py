@@ -13,8 +13,9 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.envelopes import Surface, error_response, iso_millis, surface_for
+from app.api.envelopes import Surface, error_response, surface_for
 from app.api.requests import client_ip, resolve_principal, services
+from app.api.responses import iso_millis
 from app.core.errors import ApiError, RateLimited
 from app.core.ratelimit import Decision
 
@@ -137,7 +138,7 @@ def _rate_headers(
         "X-RateLimit-Limit": str(decision.limit),
         "X-RateLimit-Remaining": str(decision.remaining),
         "X-RateLimit-Reset": str(math.ceil(reset_at)),
-        "RateLimit-Policy": f'"tier";q={decision.limit};w=60',
+        "RateLimit-Policy": f'"tier";q={decision.limit};w={math.ceil(decision.window)}',
         "RateLimit": f'"tier";r={decision.remaining};t={reset_seconds}',
     }
     if surface is Surface.PLAYGROUND:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
-import math
 import re
 from typing import Any
 
@@ -14,6 +12,7 @@ from app.core.auth import Principal
 from app.core.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized
 from app.core.relay import RequestContext
 from app.core.services import Services
+from app.core.strict_json import parse_json
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _NOT_RESOLVED = object()
@@ -25,6 +24,14 @@ def services(conn: HTTPConnection) -> Services:
 
 async def read_json(request: Request) -> Any:
     """The body as JSON, refused with a 4xx if it is too large, not JSON, or not UTF-8."""
+    body = await read_body(request)
+    if not body:
+        raise BadRequest("request body is empty; a JSON object is expected")
+    return parse_json(body)
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body, refused with 413 past the configured size."""
     limit = services(request).settings.server.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -34,60 +41,7 @@ async def read_json(request: Request) -> Any:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    if not body:
-        raise BadRequest("request body is empty; a JSON object is expected")
-    return parse_json(bytes(body))
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:32]} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# A \uD800-\uDFFF escape: only such bodies can hold a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def parse_json(body: bytes) -> Any:
-    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates.
-
-    Each of those parses in Python but cannot be encoded again (to the upstream, or
-    into a database), so it is refused here as the client's error.
-    """
-    try:
-        value = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
-    except UnicodeDecodeError as exc:
-        raise BadRequest("request body is not valid UTF-8") from exc
-    except RecursionError as exc:
-        raise BadRequest("request body is nested too deeply") from exc
-    except ValueError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
-        raise BadRequest("request body contains an unpaired UTF-16 surrogate escape")
-    return value
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    return bytes(body)
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:

@@ -8,6 +8,7 @@
         ├── Forbidden             403
         ├── NotFound              404
         ├── MethodNotAllowed      405
+        ├── Conflict              409
         ├── PayloadTooLarge       413
         ├── RateLimited           429
         └── UpstreamError         502  (the provider failed or answered nonsense)
@@ -83,6 +84,12 @@ class NotFound(ApiError):
 class MethodNotAllowed(ApiError):
     status_code = 405
     code = "method_not_allowed"
+    openai_type = "invalid_request_error"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    code = "conflict"
     openai_type = "invalid_request_error"
 
 

@@ -90,7 +90,7 @@ class Policy:
         if rate is None:
             return None
         if rate.limit == 0:
-            return Decision(False, 0, 0, 60.0, 60.0)
+            return Decision(False, 0, 60.0, 0, 60.0, 60.0)
         key = f"{caller}:{surface}" if surface in self.tier(tier_name).surfaces else caller
         return await self._limiter.hit(key, rate)
 

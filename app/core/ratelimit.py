@@ -26,11 +26,16 @@ class Rate:
     def interval_ms(self) -> float:
         return self.period * 1000 / self.limit
 
+    @property
+    def window(self) -> float:
+        return self.burst * self.interval_ms / 1000
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
-    limit: int
+    limit: int  # the bucket's capacity (the burst): what `remaining` counts down from
+    window: float  # seconds an empty bucket takes to fill again
     remaining: int
     retry_after: float  # seconds until a request would be admitted (0 if allowed)
     reset_after: float  # seconds until the bucket is full again
@@ -55,12 +60,20 @@ def _decide(now_ms: float, tat_ms: float | None, rate: Rate) -> tuple[Decision, 
         remaining = max(0, math.floor((now_ms - (tat - tolerance)) / interval))
         return (
             Decision(
-                False, rate.limit, remaining, (allow_at - now_ms) / 1000, (tat - now_ms) / 1000
+                False,
+                rate.burst,
+                rate.window,
+                remaining,
+                (allow_at - now_ms) / 1000,
+                (tat - now_ms) / 1000,
             ),
             None,
         )
     remaining = max(0, math.floor((now_ms - (new_tat - tolerance)) / interval))
-    return Decision(True, rate.limit, remaining, 0.0, (new_tat - now_ms) / 1000), new_tat
+    return (
+        Decision(True, rate.burst, rate.window, remaining, 0.0, (new_tat - now_ms) / 1000),
+        new_tat,
+    )
 
 
 class LocalRateLimiter:
@@ -121,7 +134,8 @@ class RedisRateLimiter:
         )
         return Decision(
             allowed=bool(allowed),
-            limit=rate.limit,
+            limit=rate.burst,
+            window=rate.window,
             remaining=int(remaining),
             retry_after=float(retry_ms) / 1000,
             reset_after=float(reset_ms) / 1000,

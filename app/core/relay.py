@@ -153,11 +153,11 @@ class Relay:
         provider, meter = await self._begin(principal, request, context)
         try:
             completion = await provider.complete(request.body)
-        except ApiError as exc:
-            await self._refused(meter, UsageStatus.ERROR, exc.message)
-            raise
         except asyncio.CancelledError:
             await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
+            raise
+        except Exception as exc:
+            await self._refused(meter, UsageStatus.ERROR, _describe(exc))
             raise
         usage = completion.usage or Usage(
             prompt_tokens=meter.prompt_tokens,
@@ -172,11 +172,11 @@ class Relay:
         provider, meter = await self._begin(principal, request, context)
         try:
             upstream = await provider.open_stream(request.body)
-        except ApiError as exc:
-            await self._refused(meter, UsageStatus.ERROR, exc.message)
-            raise
         except asyncio.CancelledError:
             await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
+            raise
+        except Exception as exc:
+            await self._refused(meter, UsageStatus.ERROR, _describe(exc))
             raise
         return relay_stream(upstream, meter, include_usage=request.include_usage)
 
@@ -215,8 +215,10 @@ async def relay_stream(
                 # Resumed: the chunk above was handed to the client.
                 if chunk.tokens:
                     meter.deliver(chunk.tokens)
-        except ApiError as exc:
-            status, error = UsageStatus.ERROR, exc.message
+        except Exception as exc:
+            status, error = UsageStatus.ERROR, _describe(exc)
+            if not isinstance(exc, ApiError):
+                raise
             yield _sse(
                 json.dumps(
                     {"error": {"message": exc.message, "type": exc.openai_type, "code": exc.code}}
@@ -246,6 +248,10 @@ async def relay_stream(
         await _shielded(
             lambda: meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
         )
+
+
+def _describe(exc: Exception) -> str:
+    return exc.message if isinstance(exc, ApiError) else f"internal error: {type(exc).__name__}"
 
 
 async def _shielded(step: Callable[[], Awaitable[None]]) -> None:

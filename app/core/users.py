@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.errors import BadRequest, Unauthorized
+from app.core.errors import BadRequest, Conflict, Unauthorized
 from app.core.security import Secrets, generate_api_key, hash_password
 from app.core.tables import KeyKind, api_keys, users
 
@@ -23,6 +23,7 @@ RELAY_KEY_PERMISSIONS = ["ai:read", "ai:write", "usage:read"]
 class User:
     id: str
     email: str
+    username: str | None
     tier: str
     role: str
     first_name: str | None
@@ -35,6 +36,7 @@ class User:
 USER_COLUMNS = (
     users.c.id,
     users.c.email,
+    users.c.username,
     users.c.tier,
     users.c.role,
     users.c.first_name,
@@ -57,6 +59,7 @@ async def create_user(
     password: str | None,
     tier: str,
     role: str = "user",
+    username: str | None = None,
     first_name: str | None = None,
     last_name: str | None = None,
 ) -> User:
@@ -69,6 +72,7 @@ async def create_user(
     values = {
         "id": uuid.uuid4().hex,
         "email": email,
+        "username": username,
         "password_hash": hash_password(password) if password else None,
         "tier": tier,
         "role": role,
@@ -81,7 +85,7 @@ async def create_user(
         async with engine.begin() as conn:
             await conn.execute(users.insert().values(**values))
     except IntegrityError as exc:
-        raise BadRequest("a user with this email exists", code="email_taken") from exc
+        raise Conflict("a user with this email or username already exists") from exc
     return await get_user(engine, str(values["id"]))
 
 

@@ -1,0 +1,159 @@
+"""Password accounts: registration, login, profile and password changes, tiers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.errors import BadRequest, Conflict, NotFound, Unauthorized
+from app.core.keys import revoke_all_keys
+from app.core.live import QuotaPublisher
+from app.core.quota import QuotaSnapshot, add_tokens, month_period
+from app.core.security import hash_password, verify_password
+from app.core.sessions import Sessions, SessionTokens
+from app.core.tables import users
+from app.core.users import USER_COLUMNS, User, create_user, get_user, row_to_user
+
+_USERNAME = re.compile(r"^[A-Za-z0-9]{3,30}$")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+MAX_PASSWORD = 1024  # argon2 hashes any length; a cap keeps one request from costing much
+# A real hash of a random password, verified when the email is unknown so that
+# login takes the same time either way.
+_DUMMY_HASH = hash_password("livegate-timing-equaliser")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSession:
+    user: User
+    tokens: SessionTokens
+
+
+def validate_username(value: object) -> str:
+    if not isinstance(value, str) or not _USERNAME.match(value):
+        raise BadRequest("username must be 3-30 letters or digits", details={"field": "username"})
+    return value
+
+
+def validate_email(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 320 or not _EMAIL.match(value.strip()):
+        raise BadRequest("email must be a valid email address", details={"field": "email"})
+    return value.strip().lower()
+
+
+def validate_password(value: object, field: str = "password") -> str:
+    if (
+        not isinstance(value, str)
+        or not 8 <= len(value) <= MAX_PASSWORD
+        or not re.search(r"[a-z]", value)
+        or not re.search(r"[A-Z]", value)
+        or not re.search(r"[0-9]", value)
+    ):
+        raise BadRequest(
+            "password must be at least 8 characters with an uppercase letter, "
+            "a lowercase letter and a number",
+            details={"field": field},
+        )
+    return value
+
+
+async def register(
+    engine: AsyncEngine,
+    sessions: Sessions,
+    *,
+    username: str,
+    email: str,
+    password: str,
+    tier: str,
+) -> AccountSession:
+    user = await create_user(engine, email=email, password=password, tier=tier, username=username)
+    return AccountSession(user, await sessions.issue(user.id))
+
+
+async def login(
+    engine: AsyncEngine, sessions: Sessions, *, email: str, password: str
+) -> AccountSession:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.select(users.c.password_hash, *USER_COLUMNS).where(
+                    users.c.email == email.strip().lower(), users.c.deleted_at.is_(None)
+                )
+            )
+        ).first()
+    stored = row.password_hash if row is not None and row.password_hash else _DUMMY_HASH
+    if not verify_password(stored, password[:MAX_PASSWORD]) or row is None:
+        raise Unauthorized("invalid email or password", code="invalid_credentials")
+    user = row_to_user(row)
+    return AccountSession(user, await sessions.issue(user.id))
+
+
+async def update_profile(
+    engine: AsyncEngine, user_id: str, *, username: str | None, email: str | None
+) -> User:
+    values: dict[str, object] = {"updated_at": datetime.now(UTC)}
+    if username is not None:
+        values["username"] = username
+    if email is not None:
+        values["email"] = email
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(users.update().where(users.c.id == user_id).values(**values))
+    except IntegrityError as exc:
+        raise Conflict("this email or username is taken") from exc
+    return await get_user(engine, user_id)
+
+
+async def change_password(
+    engine: AsyncEngine, sessions: Sessions, user_id: str, *, old: str, new: str
+) -> None:
+    """Replace the password; every refresh token of the user stops working."""
+    async with engine.connect() as conn:
+        stored = (
+            await conn.execute(sa.select(users.c.password_hash).where(users.c.id == user_id))
+        ).scalar()
+    if not stored or not verify_password(stored, old[:MAX_PASSWORD]):
+        raise Unauthorized("current password is incorrect", code="invalid_credentials")
+    async with engine.begin() as conn:
+        await conn.execute(
+            users.update()
+            .where(users.c.id == user_id)
+            .values(password_hash=hash_password(new), updated_at=datetime.now(UTC))
+        )
+    await sessions.revoke_user_refresh_tokens(user_id)
+
+
+async def set_tier(
+    engine: AsyncEngine, publisher: QuotaPublisher, user_id: str, tier: str, limit: int | None
+) -> User:
+    """Move a user to `tier` and push the quota it implies to their devices at once."""
+    now = datetime.now(UTC)
+    period = month_period(now)
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            users.update()
+            .where(users.c.id == user_id, users.c.deleted_at.is_(None))
+            .values(tier=tier, updated_at=now)
+        )
+        if result.rowcount == 0:
+            raise NotFound("user not found")
+        # A zero increment still advances `seq`, so devices accept the new limit.
+        used, seq = await add_tokens(conn, user_id, period, 0)
+    publisher.push(user_id, QuotaSnapshot(limit, used, period, seq))
+    return await get_user(engine, user_id)
+
+
+async def delete_user(engine: AsyncEngine, sessions: Sessions, user_id: str) -> None:
+    """Soft delete: the user and all their keys and sessions stop working at once."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            users.update()
+            .where(users.c.id == user_id, users.c.deleted_at.is_(None))
+            .values(deleted_at=datetime.now(UTC))
+        )
+    await revoke_all_keys(engine, user_id)
+    await sessions.revoke_user_refresh_tokens(user_id)

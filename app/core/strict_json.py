@@ -1,0 +1,61 @@
+"""Strict JSON for request bodies."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from app.core.errors import BadRequest
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# A \uD800-\uDFFF escape: only such bodies can hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates.
+
+    Each of those parses in Python but cannot be encoded again (to the upstream, or
+    into a database), so it is refused here as the client's error.
+    """
+    try:
+        value = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+    except UnicodeDecodeError as exc:
+        raise BadRequest("request body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise BadRequest("request body is nested too deeply") from exc
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
+        raise BadRequest("request body contains an unpaired UTF-16 surrogate escape")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
