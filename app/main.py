@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from app.api.envelopes import error_response
 from app.api.middleware import RateLimitMiddleware, RequestIdMiddleware
-from app.api.routes import api_keys, auth, openai, quota_ws, usage, users
+from app.api.routes import admin, api_keys, auth, openai, quota_ws, usage, users
 from app.core.config import Settings, load_settings
 from app.core.errors import ApiError, MethodNotAllowed, NotFound
 from app.core.services import open_services
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *openai.routes,
         *auth.routes,
         *api_keys.routes,
+        *admin.routes,
         *users.routes,
         *usage.routes,
         *quota_ws.routes,

@@ -32,6 +32,7 @@ _ROUTES: tuple[tuple[str | None, str, Surface], ...] = (
     ("GET", "/api/auth/login", Surface.NAVI),
     (None, "/api/auth/webhook/", Surface.SOKUJI),
     (None, "/api/auth/", Surface.PLAYGROUND),
+    (None, "/api/admin/", Surface.PLAYGROUND),
 )
 
 

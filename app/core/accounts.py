@@ -147,6 +147,29 @@ async def set_tier(
     return await get_user(engine, user_id)
 
 
+async def update_user_admin(
+    engine: AsyncEngine,
+    publisher: QuotaPublisher,
+    user_id: str,
+    *,
+    tier: str | None,
+    role: str | None,
+    token_limit: int | None,
+) -> User:
+    if role is not None:
+        async with engine.begin() as conn:
+            result = await conn.execute(
+                users.update()
+                .where(users.c.id == user_id, users.c.deleted_at.is_(None))
+                .values(role=role, updated_at=datetime.now(UTC))
+            )
+        if result.rowcount == 0:
+            raise NotFound("user not found")
+    if tier is not None:
+        return await set_tier(engine, publisher, user_id, tier, token_limit)
+    return await get_user(engine, user_id)
+
+
 async def delete_user(engine: AsyncEngine, sessions: Sessions, user_id: str) -> None:
     """Soft delete: the user and all their keys and sessions stop working at once."""
     async with engine.begin() as conn:
