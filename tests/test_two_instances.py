@@ -127,21 +127,35 @@ async def test_quota_change_on_a_reaches_socket_on_b(
         )
     )
     fake_upstream.script.tokens = 30
+    # The upstream pauses after 10 tokens, so a tick must arrive while the stream is open.
+    fake_upstream.script.hold_after = 10
     ws_b = url_b.replace("http", "ws") + "/ws/quota?deviceId=phone"
-    async with connect(
-        ws_b, additional_headers={"Authorization": f"Bearer {account['token']}"}
-    ) as ws:
+    auth = {"Authorization": f"Bearer {account['token']}"}
+    async with connect(ws_b, additional_headers=auth) as ws:
         first = json.loads(await ws.recv())
         assert first["type"] == "quota" and first["used"] == 0
 
         client = openai.AsyncOpenAI(
             base_url=f"{url_a}/v1", api_key=account["api_key"], max_retries=0
         )
-        stream = await client.chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        delivered = [c async for c in stream if c.choices and c.choices[0].delta.content]
-        assert len(delivered) == 30
+
+        async def chat() -> int:
+            stream = await client.chat.completions.create(
+                model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            return len([c async for c in stream if c.choices and c.choices[0].delta.content])
+
+        chatting = asyncio.create_task(chat())
+        seen = []
+        async with asyncio.timeout(10):
+            # Tokens are flowing on A; B must see them before the stream ends.
+            while not seen or seen[-1]["used"] < 10:
+                message = json.loads(await ws.recv())
+                if message["type"] == "quota":
+                    seen.append(message)
+        assert not chatting.done()
+        fake_upstream.release.set()
+        assert await chatting == 30
 
         async with httpx.AsyncClient() as http:
             final = (
@@ -152,13 +166,10 @@ async def test_quota_change_on_a_reaches_socket_on_b(
             ).json()
         assert final["used"] == 11 + 30  # the fake upstream's usage, billed on completion
 
-        seen = []
         async with asyncio.timeout(10):
-            while not seen or seen[-1]["used"] != final["used"]:
+            while seen[-1]["used"] != final["used"]:
                 message = json.loads(await ws.recv())
                 if message["type"] == "quota":
                     seen.append(message)
-        # Ticks while tokens flowed, not one jump at the end.
-        assert len(seen) >= 3
         assert [m["seq"] for m in seen] == sorted({m["seq"] for m in seen})
         assert seen[-1]["remaining"] == final["remaining"]

@@ -46,15 +46,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Price(_Strict):
+    """USD per million tokens."""
+
+    prompt: float = Field(default=0.0, ge=0)
+    completion: float = Field(default=0.0, ge=0)
+
+
 class ProviderConfig(_Strict):
-    name: str = Field(min_length=1)
-    kind: Literal["openai"] = "openai"
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    # "openai": any OpenAI-compatible API; "anthropic": the Messages API, translated.
+    kind: Literal["openai", "anthropic"] = "openai"
     base_url: str = Field(min_length=1)
     api_key: SecretStr | None = None
     models: list[str] = Field(min_length=1)
     connect_timeout: float = Field(default=10.0, gt=0)
     # Time allowed between two bytes of the upstream response (first token included).
     read_timeout: float = Field(default=120.0, gt=0)
+    # Attempts on 429/5xx/timeouts before the first token, before falling back.
+    max_retries: int = Field(default=1, ge=0, le=10)
+    prices: dict[str, Price] = Field(default_factory=dict)
+
+
+class ModelRoute(_Strict):
+    """A model name clients may ask for, served by an ordered fallback chain."""
+
+    name: str = Field(min_length=1)
+    # "provider:model" targets, tried in order until one answers before its first token.
+    targets: list[str] = Field(min_length=1)
+    description: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            provider, _, model = target.partition(":")
+            if not provider or not model:
+                raise ValueError(f"target {target!r} must be written provider:model")
+        return value
 
 
 class CounterLimit(_Strict):
@@ -214,6 +244,7 @@ class FileConfig(_Strict):
     """The TOML file's shape."""
 
     providers: list[ProviderConfig] = Field(default_factory=list)
+    models: list[ModelRoute] = Field(default_factory=list)
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
     actions: dict[str, ActionLimit] = Field(default_factory=dict)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -225,6 +256,16 @@ class FileConfig(_Strict):
         names = [p.name for p in self.providers]
         if len(names) != len(set(names)):
             raise ValueError("provider names must be unique")
+        served = {(p.name, m) for p in self.providers for m in p.models}
+        for route in self.models:
+            for target in route.targets:
+                provider, _, model = target.partition(":")
+                if provider not in names:
+                    raise ValueError(f"model {route.name!r}: unknown provider {provider!r}")
+                if (provider, model) not in served:
+                    raise ValueError(
+                        f"model {route.name!r}: provider {provider!r} does not list {model!r}"
+                    )
         return self
 
 
@@ -242,6 +283,7 @@ class Settings(BaseSettings):
     clerk_webhook_signing_secret: SecretStr | None = None
 
     providers: list[ProviderConfig] = Field(default_factory=list)
+    models: list[ModelRoute] = Field(default_factory=list)
     tiers: dict[str, TierConfig] = Field(default_factory=_builtin_tiers)
     actions: dict[str, ActionLimit] = Field(default_factory=_builtin_actions)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -269,6 +311,7 @@ def load_settings(**overrides: object) -> Settings:
         settings = settings.model_copy(
             update={
                 "providers": file.providers,
+                "models": file.models,
                 "tiers": tiers,
                 "actions": {**settings.actions, **file.actions},
                 "auth": file.auth,

@@ -15,6 +15,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,6 +24,9 @@ from app.core.config import MeteringConfig
 from app.core.live import QuotaPublisher
 from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.tables import UsageStatus, instances, usage_logs
+
+if TYPE_CHECKING:
+    from app.core.routing import Target
 
 logger = logging.getLogger("livegate.metering")
 
@@ -80,6 +84,15 @@ class UsageMeter:
         self._flusher: asyncio.Task[None] | None = None
         self._dirty = False
         self.finished = False
+        self.provider = info.provider
+        self.upstream_model: str | None = None
+        self._target: Target | None = None
+
+    def answered_by(self, target: Target) -> None:
+        """Record the provider that answered (the fallback chain may have moved on)."""
+        self._target = target
+        self.provider = target.provider.name
+        self.upstream_model = target.model
 
     @property
     def total_tokens(self) -> int:
@@ -141,6 +154,9 @@ class UsageMeter:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": total,
+            "provider": self.provider,
+            "upstream_model": self.upstream_model,
+            "cost": self._target.cost(prompt, completion) if self._target else 0.0,
             "updated_at": now,
         }
         if status is not UsageStatus.STREAMING:

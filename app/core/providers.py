@@ -22,7 +22,6 @@ from app.core.config import ProviderConfig
 from app.core.errors import (
     ApiError,
     BadRequest,
-    NotFound,
     RateLimited,
     UpstreamError,
     UpstreamTimeout,
@@ -137,7 +136,7 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield b"\n".join(data_lines)
 
 
-def _upstream_error(provider: str, response: httpx.Response, body: bytes) -> ApiError:
+def upstream_error(provider: str, response: httpx.Response, body: bytes) -> ApiError:
     message = f"provider {provider} answered {response.status_code}"
     try:
         error = json.loads(body).get("error")
@@ -160,7 +159,7 @@ def _upstream_error(provider: str, response: httpx.Response, body: bytes) -> Api
     return UpstreamError(message)
 
 
-def _transport_error(provider: str, exc: httpx.HTTPError) -> ApiError:
+def transport_error(provider: str, exc: httpx.HTTPError) -> ApiError:
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"provider {provider} timed out")
     return UpstreamError(f"provider {provider} is unreachable: {type(exc).__name__}")
@@ -178,35 +177,34 @@ class _OpenAIStream:
                     return
                 yield parse_chunk(data)
         except httpx.HTTPError as exc:
-            raise _transport_error(self._provider, exc) from exc
+            raise transport_error(self._provider, exc) from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
 
 
-class OpenAIProvider:
-    """Any OpenAI-compatible upstream: OpenAI, vLLM, Ollama, OpenRouter, Gemini's endpoint."""
+class HttpProvider:
+    """What every HTTP upstream shares: one pooled client, timeouts, error mapping."""
 
-    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient, url: str) -> None:
         self.name = config.name
         self.models = list(config.models)
         self._client = client
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._url = url
         self._headers = {"Accept": "application/json"}
-        if config.api_key is not None:
-            self._headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
         self._timeout = httpx.Timeout(
             connect=config.connect_timeout, read=config.read_timeout, write=30.0, pool=10.0
         )
 
     async def _send(self, body: dict[str, Any]) -> httpx.Response:
+        """POST `body`; the open response if it is a 200, else the mapped `ApiError`."""
         request = self._client.build_request(
             "POST", self._url, json=body, headers=self._headers, timeout=self._timeout
         )
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise _transport_error(self.name, exc) from exc
+            raise transport_error(self.name, exc) from exc
         if response.status_code != 200:
             try:
                 error_body = await response.aread()
@@ -214,24 +212,40 @@ class OpenAIProvider:
                 error_body = b""
             finally:
                 await response.aclose()
-            raise _upstream_error(self.name, response, error_body)
+            raise upstream_error(self.name, response, error_body)
         return response
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def _post_json(self, body: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """POST `body` and read the whole JSON answer: (raw bytes, parsed object)."""
         response = await self._send(body)
         try:
             raw = await response.aread()
         except httpx.HTTPError as exc:
-            raise _transport_error(self.name, exc) from exc
+            raise transport_error(self.name, exc) from exc
         finally:
             await response.aclose()
         try:
             parsed = json.loads(raw)
-            choices = parsed.get("choices") or []
-        except (ValueError, AttributeError) as exc:
+        except ValueError as exc:
             raise UpstreamError(f"provider {self.name} sent a malformed response") from exc
+        if not isinstance(parsed, dict):
+            raise UpstreamError(f"provider {self.name} sent a malformed response")
+        return raw, parsed
+
+
+class OpenAIProvider(HttpProvider):
+    """Any OpenAI-compatible upstream: OpenAI, vLLM, Ollama, OpenRouter, Gemini's endpoint."""
+
+    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+        super().__init__(config, client, config.base_url.rstrip("/") + "/chat/completions")
+        if config.api_key is not None:
+            self._headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        raw, parsed = await self._post_json(body)
+        choices = parsed.get("choices") or []
         text = "".join(
-            str((c.get("message") or {}).get("content") or "")
+            content_text((c.get("message") or {}).get("content"))
             for c in choices
             if isinstance(c, dict)
         )
@@ -354,35 +368,3 @@ def content_text(content: object) -> str:
     if isinstance(content, list):
         return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return ""
-
-
-class ProviderRegistry:
-    """Which provider serves which model; the echo model when none is configured."""
-
-    def __init__(self, providers: list[Provider]) -> None:
-        self.providers = providers
-        self._by_model: dict[str, Provider] = {}
-        for provider in providers:
-            for model in provider.models:
-                self._by_model.setdefault(model, provider)
-
-    @classmethod
-    def from_config(
-        cls, configs: list[ProviderConfig], client: httpx.AsyncClient, echo_delay: float = 0.05
-    ) -> ProviderRegistry:
-        if not configs:
-            return cls([EchoProvider(echo_delay)])
-        return cls([OpenAIProvider(c, client) for c in configs])
-
-    def resolve(self, model: str) -> Provider:
-        try:
-            return self._by_model[model]
-        except KeyError:
-            raise NotFound(
-                f"The model `{model}` does not exist or you do not have access to it.",
-                code="model_not_found",
-            ) from None
-
-    def models(self) -> list[tuple[str, str]]:
-        """(model, provider name) pairs in configuration order."""
-        return [(m, p.name) for p in self.providers for m in p.models]

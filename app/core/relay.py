@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +20,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.auth import Principal
 from app.core.config import Settings
-from app.core.errors import ApiError, BadRequest, QuotaExceeded
+from app.core.errors import ApiError, BadRequest, QuotaExceeded, UpstreamError
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
 from app.core.policy import Policy
 from app.core.providers import (
-    Provider,
-    ProviderRegistry,
+    Completion,
+    StreamChunk,
     UpstreamStream,
     estimate_prompt_tokens,
     estimate_tokens,
 )
 from app.core.quota import token_snapshot
+from app.core.routing import ModelRouter, Target, first_answer
 from app.core.tables import UsageStatus
 
 QUOTA_FINISH_REASON = "quota_exhausted"
@@ -101,20 +102,20 @@ class Relay:
         self,
         settings: Settings,
         engine: AsyncEngine,
-        providers: ProviderRegistry,
+        router: ModelRouter,
         metering: Metering,
         policy: Policy,
     ) -> None:
         self._settings = settings
         self._engine = engine
-        self._providers = providers
+        self._router = router
         self._metering = metering
         self._policy = policy
 
     async def _begin(
         self, principal: Principal, request: ChatRequest, context: RequestContext
-    ) -> tuple[Provider, UsageMeter]:
-        provider = self._providers.resolve(request.model)
+    ) -> tuple[list[Target], UsageMeter]:
+        chain = self._router.chain(request.model)
         limit = self._settings.tier(principal.user.tier).monthly_tokens
         snapshot = await token_snapshot(self._engine, principal.user.id, limit)
         prompt_tokens = estimate_prompt_tokens(request.body["messages"])
@@ -133,14 +134,14 @@ class Relay:
             user_id=principal.user.id,
             api_key_id=principal.api_key_id,
             model=request.model,
-            provider=provider.name,
+            provider=chain[0].provider.name,
             stream=request.stream,
             token_limit=limit,
             device_id=context.device_id,
             platform=context.platform,
         )
         meter = await self._metering.begin(info, prompt_tokens)
-        return provider, meter
+        return chain, meter
 
     async def _refused(self, meter: UsageMeter, status: UsageStatus, error: str) -> None:
         """The upstream never delivered: bill nothing and give the request back."""
@@ -150,15 +151,20 @@ class Relay:
     async def complete(
         self, principal: Principal, request: ChatRequest, context: RequestContext
     ) -> bytes:
-        provider, meter = await self._begin(principal, request, context)
+        chain, meter = await self._begin(principal, request, context)
+
+        async def call(target: Target) -> Completion:
+            return await target.provider.complete({**request.body, "model": target.model})
+
         try:
-            completion = await provider.complete(request.body)
+            target, completion = await first_answer(chain, call)
         except asyncio.CancelledError:
             await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
             raise
         except Exception as exc:
             await self._refused(meter, UsageStatus.ERROR, _describe(exc))
             raise
+        meter.answered_by(target)
         usage = completion.usage or Usage(
             prompt_tokens=meter.prompt_tokens,
             completion_tokens=estimate_tokens(completion.completion_text),
@@ -169,16 +175,64 @@ class Relay:
     async def open_stream(
         self, principal: Principal, request: ChatRequest, context: RequestContext
     ) -> AsyncGenerator[bytes, None]:
-        provider, meter = await self._begin(principal, request, context)
+        """The client's stream, once a provider has sent its first event."""
+        chain, meter = await self._begin(principal, request, context)
+
+        async def call(target: Target) -> _OpenedStream:
+            return await _open_stream(target, {**request.body, "model": target.model})
+
         try:
-            upstream = await provider.open_stream(request.body)
+            target, opened = await first_answer(chain, call)
         except asyncio.CancelledError:
             await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
             raise
         except Exception as exc:
             await self._refused(meter, UsageStatus.ERROR, _describe(exc))
             raise
-        return relay_stream(upstream, meter, include_usage=request.include_usage)
+        meter.answered_by(target)
+        return relay_stream(opened, meter, include_usage=request.include_usage)
+
+
+class _OpenedStream:
+    """An upstream stream whose first event has been read (so it is known to work)."""
+
+    def __init__(
+        self, upstream: UpstreamStream, events: AsyncIterator[StreamChunk], first: StreamChunk
+    ) -> None:
+        self._upstream = upstream
+        self._events = events
+        self._first: StreamChunk | None = first
+
+    def __aiter__(self) -> _OpenedStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        closer = getattr(self._events, "aclose", None)
+        try:
+            if closer is not None:
+                await closer()
+        finally:
+            await self._upstream.aclose()
+
+
+async def _open_stream(target: Target, body: dict[str, Any]) -> _OpenedStream:
+    upstream = await target.provider.open_stream(body)
+    events = aiter(upstream)
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        await upstream.aclose()
+        raise UpstreamError(f"provider {target.provider.name} ended the stream at once") from None
+    except BaseException:
+        await upstream.aclose()
+        raise
+    return _OpenedStream(upstream, events, first)
 
 
 async def relay_stream(

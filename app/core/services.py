@@ -18,10 +18,10 @@ from app.core.keys import KeyUsageRecorder
 from app.core.live import QuotaPublisher
 from app.core.metering import Metering
 from app.core.policy import Policy
-from app.core.providers import ProviderRegistry
 from app.core.quota import QuotaSnapshot, token_snapshot
 from app.core.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from app.core.relay import Relay
+from app.core.routing import ModelRouter
 from app.core.security import Secrets
 from app.core.sessions import Sessions, TokenDenylist
 from app.core.users import User
@@ -35,7 +35,7 @@ class Services:
     redis: Redis | None
     bus: Bus
     http: httpx.AsyncClient
-    providers: ProviderRegistry
+    router: ModelRouter
     publisher: QuotaPublisher
     metering: Metering
     relay: Relay
@@ -90,7 +90,7 @@ async def open_services(
         stack.push_async_callback(key_usage.close)
 
         denylist = TokenDenylist(engine, redis, prefix)
-        providers = ProviderRegistry.from_config(settings.providers, http)
+        router = ModelRouter(settings.providers, settings.models, http)
         policy = Policy(settings, engine, limiter)
         yield Services(
             settings=settings,
@@ -99,10 +99,10 @@ async def open_services(
             redis=redis,
             bus=bus,
             http=http,
-            providers=providers,
+            router=router,
             publisher=publisher,
             metering=metering,
-            relay=Relay(settings, engine, providers, metering, policy),
+            relay=Relay(settings, engine, router, metering, policy),
             policy=policy,
             sessions=Sessions(engine, secrets, denylist),
             authenticator=Authenticator(settings, engine, secrets, denylist, key_usage, http),

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -121,6 +122,8 @@ usage_logs = Table(
     Column("instance_id", String(64), nullable=False),
     Column("model", String(200), nullable=False),
     Column("provider", String(200), nullable=False),
+    # The name the provider that answered knows the model by (aliases resolve to it).
+    Column("upstream_model", String(200), nullable=True),
     Column("device_id", String(128), nullable=True),
     Column("platform", String(64), nullable=True),
     Column("stream", Integer, nullable=False),
@@ -129,6 +132,8 @@ usage_logs = Table(
     Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
     Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
     Column("total_tokens", BigInteger, nullable=False, server_default="0"),
+    # USD, from the answering provider's configured prices.
+    Column("cost", Float, nullable=False, server_default="0"),
     # The quota period the row counts toward (month "YYYY-MM"), fixed at start.
     Column("period", String(16), nullable=False),
     Column("error", Text, nullable=True),

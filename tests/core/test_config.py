@@ -228,7 +228,7 @@ def test_unknown_key_is_a_config_error_naming_it(config_file, text: str, bad_key
         "[tiers.free]\nmonthly_tokens = 'lots'\n",
         "[tiers.free.counters]\nchat = { limit = 1, per = 'fortnight' }\n",
         "[[providers]]\nname='a'\nbase_url='http://x/v1'\nmodels=[]\n",
-        "[[providers]]\nname='a'\nkind='anthropic'\nbase_url='http://x/v1'\nmodels=['m']\n",
+        "[[providers]]\nname='a'\nkind='gemini'\nbase_url='http://x/v1'\nmodels=['m']\n",
         "[[providers]]\nbase_url='http://x/v1'\nmodels=['m']\n",
         "[server]\nmax_body_bytes = 10\n",
         "[server]\ndefault_tier = 'gold'\n",

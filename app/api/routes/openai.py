@@ -34,8 +34,8 @@ async def list_models(request: Request) -> Response:
     await require_principal(request, "ai:read")
     created = int(time.time())
     models = [
-        {"id": model, "object": "model", "created": created, "owned_by": provider}
-        for model, provider in services(request).providers.models()
+        {"id": m.name, "object": "model", "created": created, "owned_by": m.owned_by}
+        for m in services(request).router.catalogue()
     ]
     return JSONResponse({"object": "list", "data": models})
 

@@ -1,0 +1,191 @@
+"""Anthropic's Messages API behind the OpenAI chat completion format, both ways.
+
+Requests are translated once (system messages to `system`, `stop` to
+`stop_sequences`, `max_tokens` required); answers and stream events are translated
+back into `chat.completion` / `chat.completion.chunk` objects, so the relay and its
+metering see one format whatever the provider.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from app.core.config import ProviderConfig
+from app.core.errors import BadRequest, UpstreamError
+from app.core.metering import Usage
+from app.core.providers import (
+    Completion,
+    HttpProvider,
+    StreamChunk,
+    UpstreamStream,
+    content_text,
+    iter_sse_data,
+    parse_chunk,
+    transport_error,
+)
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat completion request as an Anthropic Messages request."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for message in body.get("messages") or []:
+        role = message.get("role")
+        text = content_text(message.get("content"))
+        if role in ("system", "developer"):
+            system.append(text)
+        elif role in ("user", "assistant"):
+            if messages and messages[-1]["role"] == role:  # Anthropic wants turns to alternate
+                messages[-1]["content"] += "\n\n" + text
+            else:
+                messages.append({"role": role, "content": text})
+        else:
+            raise BadRequest(
+                f"role {role!r} is not supported by this model's provider",
+                details={"param": "messages"},
+            )
+    if not messages or messages[0]["role"] != "user":
+        messages.insert(0, {"role": "user", "content": "(continue)"})
+    request: dict[str, Any] = {
+        "model": body["model"],
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        request["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            request[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("stream"):
+        request["stream"] = True
+    return request
+
+
+def _openai_usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class AnthropicProvider(HttpProvider):
+    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+        super().__init__(config, client, config.base_url.rstrip("/") + "/v1/messages")
+        self._headers["anthropic-version"] = API_VERSION
+        if config.api_key is not None:
+            self._headers["x-api-key"] = config.api_key.get_secret_value()
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        _, answer = await self._post_json(to_messages_request(body))
+        blocks = answer.get("content") or []
+        text = "".join(
+            str(b.get("text", ""))
+            for b in blocks
+            if isinstance(b, dict) and b.get("type") == "text"
+        )
+        raw_usage = answer.get("usage") or {}
+        usage = Usage(
+            prompt_tokens=int(raw_usage.get("input_tokens") or 0),
+            completion_tokens=int(raw_usage.get("output_tokens") or 0),
+        )
+        payload = {
+            "id": f"chatcmpl-{answer.get('id') or uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": answer.get("model") or body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop"),
+                }
+            ],
+            "usage": _openai_usage(usage),
+        }
+        return Completion(body=json.dumps(payload).encode(), usage=usage, completion_text=text)
+
+    async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
+        response = await self._send(to_messages_request(body))
+        return _AnthropicStream(self.name, response, body["model"])
+
+
+class _AnthropicStream:
+    """Anthropic stream events as OpenAI `chat.completion.chunk`s."""
+
+    def __init__(self, provider: str, response: httpx.Response, model: str) -> None:
+        self._provider = provider
+        self._response = response
+        self._meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+    def _chunk(self, payload: dict[str, Any]) -> StreamChunk:
+        return parse_chunk(json.dumps({**self._meta, **payload}, separators=(",", ":")).encode())
+
+    def _delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> StreamChunk:
+        return self._chunk(
+            {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        )
+
+    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        prompt_tokens = completion_tokens = 0
+        try:
+            async for data in iter_sse_data(self._response.aiter_bytes()):
+                try:
+                    event = json.loads(data)
+                except ValueError as exc:
+                    raise UpstreamError("provider sent a malformed stream event") from exc
+                kind = event.get("type")
+                if kind == "message_start":
+                    message = event.get("message") or {}
+                    if message.get("model"):
+                        self._meta["model"] = message["model"]
+                    prompt_tokens = int((message.get("usage") or {}).get("input_tokens") or 0)
+                    yield self._delta({"role": "assistant", "content": ""})
+                elif kind == "content_block_delta":
+                    delta = event.get("delta") or {}
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        yield self._delta({"content": delta["text"]})
+                elif kind == "message_delta":
+                    usage = event.get("usage") or {}
+                    completion_tokens = int(usage.get("output_tokens") or completion_tokens)
+                    reason = (event.get("delta") or {}).get("stop_reason")
+                    if reason:
+                        yield self._delta({}, FINISH_REASONS.get(reason, "stop"))
+                elif kind == "message_stop":
+                    usage = Usage(prompt_tokens, completion_tokens)
+                    yield self._chunk({"choices": [], "usage": _openai_usage(usage)})
+                    return
+                elif kind == "error":
+                    error = event.get("error") or {}
+                    raise UpstreamError(f"provider error mid-stream: {error.get('message')}")
+        except httpx.HTTPError as exc:
+            raise transport_error(self._provider, exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
