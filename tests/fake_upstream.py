@@ -200,3 +200,93 @@ async def start_fake_upstream() -> tuple[FakeUpstream, LoopbackServer]:
     fake.port = server.port
     await server.start()
     return fake, server
+
+
+@dataclass
+class FakeAnthropic:
+    """A small Anthropic Messages API: `/v1/messages`, whole or streamed."""
+
+    text_tokens: list[str] = field(default_factory=lambda: ["Bonjour", " le", " monde"])
+    input_tokens: int = 17
+    status: int = 200
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def messages(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.status != 200:
+            return JSONResponse(
+                {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
+                status_code=self.status,
+            )
+        if body.get("stream"):
+            return StreamingResponse(self._stream(body), media_type="text/event-stream")
+        return JSONResponse(
+            {
+                "id": "msg_01",
+                "type": "message",
+                "role": "assistant",
+                "model": body["model"],
+                "content": [{"type": "text", "text": "".join(self.text_tokens)}],
+                "stop_reason": "end_turn",
+                "usage": {
+                    "input_tokens": self.input_tokens,
+                    "output_tokens": len(self.text_tokens),
+                },
+            }
+        )
+
+    async def _stream(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+        def event(kind: str, payload: dict[str, Any]) -> bytes:
+            data = json.dumps({"type": kind, **payload})
+            return f"event: {kind}\ndata: {data}\n\n".encode()
+
+        yield event(
+            "message_start",
+            {
+                "message": {
+                    "id": "msg_01",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": body["model"],
+                    "content": [],
+                    "usage": {"input_tokens": self.input_tokens, "output_tokens": 1},
+                }
+            },
+        )
+        yield event(
+            "content_block_start",
+            {"index": 0, "content_block": {"type": "text", "text": ""}},
+        )
+        yield event("ping", {})
+        for token in self.text_tokens:
+            yield event(
+                "content_block_delta",
+                {"index": 0, "delta": {"type": "text_delta", "text": token}},
+            )
+        yield event("content_block_stop", {"index": 0})
+        yield event(
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": len(self.text_tokens)},
+            },
+        )
+        yield event("message_stop", {})
+
+
+async def start_fake_anthropic() -> tuple[FakeAnthropic, LoopbackServer]:
+    fake = FakeAnthropic()
+    server = LoopbackServer(
+        Starlette(routes=[Route("/v1/messages", fake.messages, methods=["POST"])])
+    )
+    fake.port = server.port
+    await server.start()
+    return fake, server
