@@ -99,6 +99,11 @@ class UsageMeter:
         return self.prompt_tokens + self.completion_tokens
 
     @property
+    def counted(self) -> Usage:
+        """What has been billed so far: the prompt estimate and the delivered tokens."""
+        return Usage(self.prompt_tokens, self.completion_tokens)
+
+    @property
     def remaining(self) -> int | None:
         """Tokens left in the quota counting what this request has not yet flushed."""
         if self._snapshot.limit is None:

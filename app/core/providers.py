@@ -38,6 +38,7 @@ class StreamChunk:
 
     data: bytes
     tokens: int  # generated tokens it carries: 1 for a delta with content, else 0
+    text: str  # the content delta of its first choice
     usage: Usage | None
     finish_reason: str | None
     usage_only: bool  # the trailing `include_usage` chunk, with no choices
@@ -90,11 +91,13 @@ def parse_chunk(data: bytes) -> StreamChunk:
         message = error.get("message") if isinstance(error, dict) else str(error)
         raise UpstreamError(f"provider error mid-stream: {message}")
     choices = event.get("choices") or []
-    tokens, finish_reason = 0, None
+    tokens, finish_reason, text = 0, None, ""
     for choice in choices:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta") or {}
+        if not text and isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            text = delta["content"]
         if isinstance(delta, dict) and (
             delta.get("content")
             or delta.get("tool_calls")
@@ -107,6 +110,7 @@ def parse_chunk(data: bytes) -> StreamChunk:
     return StreamChunk(
         data=data,
         tokens=tokens,
+        text=text,
         usage=parse_usage(event.get("usage")),
         finish_reason=finish_reason,
         usage_only=not choices and "usage" in event,

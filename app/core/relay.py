@@ -10,8 +10,6 @@ after yielding it, so a chunk lost to a disconnect is never billed.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, QuotaExceeded, UpstreamError
+from app.core.formats import StreamFormat
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
 from app.core.policy import Policy
 from app.core.providers import (
@@ -88,13 +87,6 @@ def parse_chat_request(payload: object) -> ChatRequest:
         # Always ask for the upstream's own count; the client gets it only if it asked.
         body["stream_options"] = {**(options or {}), "include_usage": True}
     return ChatRequest(body=body, model=model, stream=stream, include_usage=include_usage)
-
-
-def _sse(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 class Relay:
@@ -173,7 +165,11 @@ class Relay:
         return completion.body
 
     async def open_stream(
-        self, principal: Principal, request: ChatRequest, context: RequestContext
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        context: RequestContext,
+        fmt: StreamFormat,
     ) -> AsyncGenerator[bytes, None]:
         """The client's stream, once a provider has sent its first event."""
         chain, meter = await self._begin(principal, request, context)
@@ -190,7 +186,7 @@ class Relay:
             await self._refused(meter, UsageStatus.ERROR, _describe(exc))
             raise
         meter.answered_by(target)
-        return relay_stream(opened, meter, include_usage=request.include_usage)
+        return relay_stream(opened, meter, fmt)
 
 
 class _OpenedStream:
@@ -236,11 +232,11 @@ async def _open_stream(target: Target, body: dict[str, Any]) -> _OpenedStream:
 
 
 async def relay_stream(
-    upstream: UpstreamStream, meter: UsageMeter, *, include_usage: bool
+    upstream: UpstreamStream, meter: UsageMeter, fmt: StreamFormat
 ) -> AsyncGenerator[bytes, None]:
-    """The client's SSE bytes; finalizes the meter however the stream ends.
+    """The client's bytes in `fmt`; finalizes the meter however the stream ends.
 
-    Must be closed with `aclose()` (the streaming response does), so that a client
+    Must be closed with `aclose()` (the streaming responses do), so that a client
     that went away finalizes the row as `cancelled` and closes the upstream at once.
     """
     status, finish_reason = UsageStatus.CANCELLED, None
@@ -255,48 +251,29 @@ async def relay_stream(
                     usage = chunk.usage
                 if chunk.finish_reason:
                     finish_reason = chunk.finish_reason
-                if chunk.usage_only and not include_usage:
-                    continue
                 if chunk.tokens and meter.exhausted:
                     # More tokens than the quota holds: end here, cleanly, as a length cut.
                     status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
-                    yield _sse(_final_chunk(meta, "length"))
-                    if include_usage:
-                        yield _sse(_usage_chunk(meta, meter))
-                    yield SSE_DONE
+                    for data in fmt.cut(meta, meter.counted):
+                        yield data
                     return
-                yield _sse(chunk.data)
+                encoded = fmt.chunk(chunk)
+                if encoded is not None:
+                    yield encoded
                 # Resumed: the chunk above was handed to the client.
                 if chunk.tokens:
                     meter.deliver(chunk.tokens)
+            if finish_reason is None:
+                raise UpstreamError("provider ended the stream before finishing")
         except Exception as exc:
             status, error = UsageStatus.ERROR, _describe(exc)
             if not isinstance(exc, ApiError):
                 raise
-            yield _sse(
-                json.dumps(
-                    {"error": {"message": exc.message, "type": exc.openai_type, "code": exc.code}}
-                ).encode()
-            )
-            return
-        if finish_reason is None:
-            status, error = UsageStatus.ERROR, "provider ended the stream before finishing"
-            yield _sse(
-                json.dumps(
-                    {
-                        "error": {
-                            "message": error,
-                            "type": "upstream_error",
-                            "code": "upstream_error",
-                        }
-                    }
-                ).encode()
-            )
+            yield fmt.error(exc)
             return
         status, error = UsageStatus.COMPLETED, None
-        if include_usage and usage is None:
-            yield _sse(_usage_chunk(meta, meter))
-        yield SSE_DONE
+        for data in fmt.finish(meta, meter.counted, usage):
+            yield data
     finally:
         await _shielded(upstream.aclose)
         await _shielded(
@@ -316,31 +293,3 @@ async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
     except asyncio.CancelledError:
         await task
         raise
-
-
-def _final_chunk(meta: dict[str, Any], finish_reason: str) -> bytes:
-    event = {
-        "id": meta.get("id", ""),
-        "object": "chat.completion.chunk",
-        "created": meta.get("created", int(time.time())),
-        "model": meta.get("model", ""),
-        "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}],
-    }
-    return json.dumps(event, separators=(",", ":")).encode()
-
-
-def _usage_chunk(meta: dict[str, Any], meter: UsageMeter) -> bytes:
-    usage = Usage(meter.prompt_tokens, meter.completion_tokens)
-    event = {
-        "id": meta.get("id", ""),
-        "object": "chat.completion.chunk",
-        "created": meta.get("created", int(time.time())),
-        "model": meta.get("model", ""),
-        "choices": [],
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        },
-    }
-    return json.dumps(event, separators=(",", ":")).encode()

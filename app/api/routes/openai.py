@@ -10,6 +10,7 @@ from starlette.routing import Route
 
 from app.api.requests import read_json, request_context, require_principal, services
 from app.api.streaming import RelayStreamResponse, cancel_on_disconnect
+from app.core.formats import OpenAIFormat
 from app.core.relay import parse_chat_request
 
 
@@ -21,7 +22,7 @@ async def chat_completions(request: Request) -> Response:
     context = request_context(request)
     if chat.stream:
         return RelayStreamResponse(
-            await relay.open_stream(principal, chat, context),
+            await relay.open_stream(principal, chat, context, OpenAIFormat(chat.include_usage)),
             on_server_cancel=svc.metering.drain,
         )
     body = await cancel_on_disconnect(request.receive, relay.complete(principal, chat, context))

@@ -1,0 +1,113 @@
+"""How a relayed stream is written to a client: the OpenAI wire format, or plain text.
+
+The relay decides what happens (forward, cut at the quota, fail, finish) and counts
+what was delivered; a format only decides the bytes. `OpenAIFormat` forwards the
+upstream's own bytes untouched; `ContentFormat` writes `data: {"content": "..."}`
+events (Navi's chat).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Protocol
+
+from app.core.errors import ApiError
+from app.core.metering import Usage
+from app.core.providers import StreamChunk
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class StreamFormat(Protocol):
+    def chunk(self, chunk: StreamChunk) -> bytes | None:
+        """The bytes for one upstream chunk, or None to send nothing for it."""
+
+    def cut(self, meta: dict[str, Any], usage: Usage) -> list[bytes]:
+        """The clean end of a stream cut at the quota."""
+
+    def error(self, exc: ApiError) -> bytes:
+        """A failure after the stream started (no status code can say it any more)."""
+
+    def finish(
+        self, meta: dict[str, Any], counted: Usage, upstream_usage: Usage | None
+    ) -> list[bytes]:
+        """The end of a stream the upstream completed."""
+
+
+class OpenAIFormat:
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+
+    def chunk(self, chunk: StreamChunk) -> bytes | None:
+        if chunk.usage_only and not self.include_usage:
+            return None  # we asked for it; the client did not
+        return sse(chunk.data)
+
+    def cut(self, meta: dict[str, Any], usage: Usage) -> list[bytes]:
+        out = [
+            sse(_dumps(_chunk_event(meta, [{"index": 0, "delta": {}, "finish_reason": "length"}])))
+        ]
+        if self.include_usage:
+            out.append(sse(_dumps(_usage_event(meta, usage))))
+        out.append(SSE_DONE)
+        return out
+
+    def error(self, exc: ApiError) -> bytes:
+        return sse(
+            _dumps({"error": {"message": exc.message, "type": exc.openai_type, "code": exc.code}})
+        )
+
+    def finish(
+        self, meta: dict[str, Any], counted: Usage, upstream_usage: Usage | None
+    ) -> list[bytes]:
+        if self.include_usage and upstream_usage is None:
+            return [sse(_dumps(_usage_event(meta, counted))), SSE_DONE]
+        return [SSE_DONE]
+
+
+class ContentFormat:
+    """`data: {"content": "..."}` per delta, then `data: [DONE]`."""
+
+    def chunk(self, chunk: StreamChunk) -> bytes | None:
+        return sse(_dumps({"content": chunk.text})) if chunk.text else None
+
+    def cut(self, meta: dict[str, Any], usage: Usage) -> list[bytes]:
+        return [SSE_DONE]
+
+    def error(self, exc: ApiError) -> bytes:
+        return sse(_dumps({"error": {"code": "INTERNAL_ERROR", "message": exc.message}}))
+
+    def finish(
+        self, meta: dict[str, Any], counted: Usage, upstream_usage: Usage | None
+    ) -> list[bytes]:
+        return [SSE_DONE]
+
+
+def _chunk_event(meta: dict[str, Any], choices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": meta.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": meta.get("created", int(time.time())),
+        "model": meta.get("model", ""),
+        "choices": choices,
+    }
+
+
+def _usage_event(meta: dict[str, Any], usage: Usage) -> dict[str, Any]:
+    return {
+        **_chunk_event(meta, []),
+        "usage": {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        },
+    }
