@@ -15,8 +15,8 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
 from app.api.envelopes import error_response
-from app.api.middleware import RateLimitMiddleware, RequestIdMiddleware
-from app.api.routes import admin, api_keys, auth, openai, quota_ws, usage, users
+from app.api.middleware import CorsMiddleware, RateLimitMiddleware, RequestIdMiddleware
+from app.api.routes import admin, anki, api_keys, auth, chat, navi, openai, quota_ws, usage, users
 from app.core.config import Settings, load_settings
 from app.core.errors import ApiError, MethodNotAllowed, NotFound
 from app.core.services import open_services
@@ -60,12 +60,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *users.routes,
         *usage.routes,
         *quota_ws.routes,
+        *chat.routes,
+        *navi.routes,
+        *anki.routes,
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo"))
     return Starlette(
         routes=routes,
-        middleware=[Middleware(RequestIdMiddleware), Middleware(RateLimitMiddleware)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(CorsMiddleware, allow_origins=settings.server.cors_origins),
+            Middleware(RateLimitMiddleware),
+        ],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,

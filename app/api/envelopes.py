@@ -21,7 +21,19 @@ class Surface(enum.StrEnum):
     SOKUJI = "sokuji"  # {"error": "...", "details": {...}}
     PLAYGROUND = "playground"  # {"success": false, "error": {"message", "code", "details"}, ...}
     NAVI = "navi"  # {"success": false, "error": {"code", "message", ...}}
+    ANKI = "anki"  # {"error": "..."}
 
+
+_EXACT: dict[str, Surface] = {
+    "/api/chat": Surface.NAVI,  # the Anki passthrough renders its own errors
+    "/api/user": Surface.NAVI,
+    "/api/models": Surface.ANKI,
+    "/api/limits": Surface.ANKI,
+    "/api/generate-flashcard": Surface.ANKI,
+    "/api/increment-flashcard-count": Surface.ANKI,
+    "/api/check-connectivity": Surface.ANKI,
+    "/oauth-redirect": Surface.ANKI,
+}
 
 # (method or None for any, path prefix, surface); the first match wins.
 _ROUTES: tuple[tuple[str | None, str, Surface], ...] = (
@@ -33,12 +45,19 @@ _ROUTES: tuple[tuple[str | None, str, Surface], ...] = (
     (None, "/api/auth/webhook/", Surface.SOKUJI),
     (None, "/api/auth/", Surface.PLAYGROUND),
     (None, "/api/admin/", Surface.PLAYGROUND),
+    (None, "/api/conversations", Surface.NAVI),
+    (None, "/api/messages", Surface.NAVI),
+    (None, "/api/health", Surface.NAVI),
+    (None, "/api/subscription", Surface.NAVI),
+    (None, "/api/user-data/", Surface.ANKI),
 )
 
 
 def surface_for(method: str, path: str) -> Surface:
     if path == "/v1":
         return Surface.OPENAI
+    if path in _EXACT:
+        return _EXACT[path]
     for route_method, prefix, surface in _ROUTES:
         if (route_method is None or route_method == method) and path.startswith(prefix):
             return surface
@@ -91,14 +110,19 @@ def error_body(surface: Surface, exc: ApiError) -> dict[str, Any]:
             "timestamp": iso_millis(datetime.now(UTC)),
         }
     if surface is Surface.NAVI:
+        code = _NAVI_CODES.get(exc.status_code, "INTERNAL_ERROR")
+        if exc.code == "daily_limit_reached":
+            code = "DAILY_LIMIT_REACHED"
         return {
             "success": False,
             "error": {
-                "code": _NAVI_CODES.get(exc.status_code, "INTERNAL_ERROR"),
+                "code": code,
                 "message": exc.message,
                 **details,
             },
         }
+    if surface is Surface.ANKI:
+        return {"error": exc.message}
     body: dict[str, Any] = {"error": exc.message}
     if exc.status_code == 429 and "Retry-After" in exc.headers:
         body["retryAfter"] = int(exc.headers["Retry-After"])
@@ -107,8 +131,8 @@ def error_body(surface: Surface, exc: ApiError) -> dict[str, Any]:
 
 
 def error_response(method: str, path: str, exc: ApiError) -> JSONResponse:
-    return JSONResponse(
-        error_body(surface_for(method, path), exc),
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    return surface_error(surface_for(method, path), exc)
+
+
+def surface_error(surface: Surface, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(surface, exc), status_code=exc.status_code, headers=exc.headers)

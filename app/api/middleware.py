@@ -1,4 +1,4 @@
-"""ASGI middleware: request ids and rate limits."""
+"""ASGI middleware: request ids, rate limits and CORS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import uuid
 from datetime import UTC, datetime
 
 from starlette.datastructures import MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.envelopes import Surface, error_response, surface_for
@@ -102,7 +104,7 @@ class RateLimitMiddleware:
             caller, identifier, tier = f"user:{principal.user.id}", "user", principal.user.tier
         else:
             caller = f"ip:{client_ip(request)}"
-            identifier, tier = "ip", svc.settings.server.default_tier
+            identifier, tier = "ip", svc.settings.anonymous_tier
         surface = surface_for(scope["method"], path)
         decision = await svc.policy.check_rate(caller, tier, surface.value)
         if decision is None:
@@ -146,3 +148,77 @@ def _rate_headers(
         headers["X-RateLimit-Endpoint"] = path.removeprefix("/api/v1/").split("/", 1)[0] or "api"
         headers["X-RateLimit-Identifier"] = identifier
     return headers
+
+
+# The AnkiLingoFlash routes, which its spec opens to every origin.
+_OPEN_CORS_PATHS = frozenset(
+    {
+        "/api/chat",
+        "/api/models",
+        "/api/limits",
+        "/api/generate-flashcard",
+        "/api/increment-flashcard-count",
+        "/api/check-connectivity",
+    }
+)
+_OPEN_PREFLIGHT = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+def _open_cors(path: str) -> bool:
+    return path in _OPEN_CORS_PATHS or path.startswith("/api/user-data/")
+
+
+class CorsMiddleware:
+    """CORS by surface: AnkiLingoFlash's routes answer every origin with exactly the
+    headers its spec documents; every other route only the configured origins
+    (Starlette's `CORSMiddleware`), none by default."""
+
+    def __init__(self, app: ASGIApp, allow_origins: list[str]) -> None:
+        self.app = app
+        self.listed: ASGIApp = (
+            CORSMiddleware(
+                app,
+                allow_origins=allow_origins,
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                allow_headers=[
+                    "Authorization",
+                    "Content-Type",
+                    "X-API-Key",
+                    "X-Device-Id",
+                    "X-Platform",
+                    "X-Request-Id",
+                ],
+                expose_headers=[
+                    "X-Request-Id",
+                    "X-RateLimit-Limit",
+                    "X-RateLimit-Remaining",
+                    "X-RateLimit-Reset",
+                    "Retry-After",
+                ],
+                allow_credentials=True,
+                max_age=600,
+            )
+            if allow_origins
+            else app
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _open_cors(scope["path"]):
+            await self.listed(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":
+            response = Response(status_code=204, headers=_OPEN_PREFLIGHT)
+            await response(scope, receive, send)
+            return
+
+        async def send_open(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["Access-Control-Allow-Origin"] = "*"
+            await send(message)
+
+        await self.app(scope, receive, send_open)

@@ -165,6 +165,12 @@ def _builtin_tiers() -> dict[str, TierConfig]:
         "enterprise": TierConfig(
             surfaces={"playground": RateOverride(requests_per_minute=500)},
         ),
+        # Callers without an account, counted per client IP (Navi's anonymous chat).
+        "anonymous": TierConfig(
+            requests_per_minute=10,
+            burst=20,
+            counters={"chat_messages": CounterLimit(limit=20, per="day")},
+        ),
     }
 
 
@@ -204,6 +210,11 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # Proxies whose X-Forwarded-For is believed (CIDRs); empty: the peer is the client.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # Browser origins allowed to call the API (e.g. "chrome-extension://<id>"); the
+    # AnkiLingoFlash routes are open to every origin as their spec says.
+    cors_origins: list[str] = Field(default_factory=list)
+    # The model behind chats that name none (Navi's); None: the first configured one.
+    chat_model: str | None = None
     ws_ping_seconds: float = Field(default=25.0, gt=0)
     redis_prefix: str = Field(default="livegate", min_length=1)
     default_tier: str = "free"
@@ -218,6 +229,13 @@ class ServerConfig(_Strict):
     @property
     def trusted_proxy_networks(self) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
+
+
+class AnkiConfig(_Strict):
+    # False (the default): the caller must prove it is the `userId` it names (a token
+    # of that user, or of an external identity with that subject). True: the spec's
+    # open mode, where any caller may act for any `userId`.
+    open_mode: bool = False
 
 
 class IssuerConfig(_Strict):
@@ -248,6 +266,7 @@ class FileConfig(_Strict):
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
     actions: dict[str, ActionLimit] = Field(default_factory=dict)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    anki: AnkiConfig = Field(default_factory=AnkiConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -287,12 +306,17 @@ class Settings(BaseSettings):
     tiers: dict[str, TierConfig] = Field(default_factory=_builtin_tiers)
     actions: dict[str, ActionLimit] = Field(default_factory=_builtin_actions)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    anki: AnkiConfig = Field(default_factory=AnkiConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @property
     def data_dir(self) -> Path:
         return self.livegate_data_dir
+
+    @property
+    def anonymous_tier(self) -> str:
+        return "anonymous" if "anonymous" in self.tiers else self.server.default_tier
 
     def tier(self, name: str) -> TierConfig:
         """The named tier, or the default tier if the name is no longer configured."""
@@ -315,6 +339,7 @@ def load_settings(**overrides: object) -> Settings:
                 "tiers": tiers,
                 "actions": {**settings.actions, **file.actions},
                 "auth": file.auth,
+                "anki": file.anki,
                 "metering": file.metering,
                 "server": file.server,
             }

@@ -179,6 +179,13 @@ class Policy:
                 )
         return WindowUsage(used, limit, reset_at)
 
+    async def refund_counter(self, subject: str, tier_name: str, name: str) -> None:
+        """Give back one count (the action it paid for failed)."""
+        _, per = self._counter(tier_name, name)
+        period, _ = period_window(per, datetime.now(UTC))
+        async with self._engine.begin() as conn:
+            await increment_within(conn, subject, f"counter:{name}", period, -1, None)
+
     async def counter_usage(self, subject: str, tier_name: str, name: str) -> WindowUsage:
         limit, per = self._counter(tier_name, name)
         period, reset_at = period_window(per, datetime.now(UTC))

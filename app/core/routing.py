@@ -101,6 +101,10 @@ class ModelRouter:
     def catalogue(self) -> list[ModelInfo]:
         return list(self._catalogue)
 
+    def chat_model(self, preferred: str | None) -> str:
+        """The model for chats that name none: the configured one, else the first listed."""
+        return preferred if preferred is not None else self._catalogue[0].name
+
 
 def backoff(attempt: int, error: ApiError) -> float:
     """Seconds before retry `attempt` (1-based): exponential, or the upstream's Retry-After."""

@@ -10,6 +10,7 @@ import httpx
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.anki import Anki
 from app.core.auth import Authenticator
 from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.config import Settings
@@ -24,7 +25,7 @@ from app.core.relay import Relay
 from app.core.routing import ModelRouter
 from app.core.security import Secrets
 from app.core.sessions import Sessions, TokenDenylist
-from app.core.users import User
+from app.core.users import User, anonymous_user
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class Services:
     sessions: Sessions
     authenticator: Authenticator
     key_usage: KeyUsageRecorder
+    anki: Anki
+    anonymous: User  # whom anonymous callers' relayed requests are metered to
 
     async def token_quota(self, user: User) -> QuotaSnapshot:
         limit = self.settings.tier(user.tier).monthly_tokens
@@ -107,4 +110,6 @@ async def open_services(
             sessions=Sessions(engine, secrets, denylist),
             authenticator=Authenticator(settings, engine, secrets, denylist, key_usage, http),
             key_usage=key_usage,
+            anki=Anki(engine, policy, settings.anki.open_mode),
+            anonymous=await anonymous_user(engine, settings.anonymous_tier),
         )

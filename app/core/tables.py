@@ -206,3 +206,40 @@ webhook_events = Table(
     Column("event_id", String(255), primary_key=True),
     Column("received_at", UTCDateTime(), nullable=False),
 )
+
+# Navi's synced conversations. Ids are the client's, so they are unique per user only.
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id"), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("title", String(500), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("ix_conversations_user_id_updated_at", "user_id", "updated_at"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id"), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("conversation_id", String(128), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(
+        "ix_messages_user_id_conversation_id_created_at", "user_id", "conversation_id", "created_at"
+    ),
+)
+
+# AnkiLingoFlash's user records, keyed by the extension's own user id (Google's).
+anki_users = Table(
+    "anki_users",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("user_name", String(200), nullable=True),
+    Column("user_email", String(320), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)

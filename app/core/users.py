@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, Unauthorized
 from app.core.security import Secrets, generate_api_key, hash_password
 from app.core.tables import KeyKind, api_keys, users
@@ -134,3 +135,27 @@ async def get_or_create_relay_key(engine: AsyncEngine, secrets: Secrets, user_id
             ciphertext = (await conn.execute(select_live)).scalar_one()
         return secrets.decrypt(ciphertext)
     return issued.plaintext
+
+
+# The account anonymous callers' relayed requests are metered to; it cannot log in.
+ANONYMOUS_USER_ID = "anonymous"
+
+
+async def anonymous_user(engine: AsyncEngine, tier: str) -> User:
+    """The anonymous account, created on first use."""
+    now = datetime.now(UTC)
+    insert = dialect_insert(engine)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(users)
+            .values(
+                id=ANONYMOUS_USER_ID,
+                email="anonymous@livegate.invalid",
+                tier=tier,
+                role="user",
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[users.c.id])
+        )
+    return await get_user(engine, ANONYMOUS_USER_ID)

@@ -10,13 +10,19 @@ from starlette.routing import Route
 
 from app.api.requests import read_json, request_context, require_principal, services
 from app.api.streaming import RelayStreamResponse, cancel_on_disconnect
+from app.core.auth import Principal
 from app.core.formats import OpenAIFormat
-from app.core.relay import parse_chat_request
+from app.core.relay import ChatRequest, parse_chat_request
 
 
 async def chat_completions(request: Request) -> Response:
     principal = await require_principal(request, "ai:write")
     chat = parse_chat_request(await read_json(request))
+    return await relay_openai(request, principal, chat)
+
+
+async def relay_openai(request: Request, principal: Principal, chat: ChatRequest) -> Response:
+    """The upstream's OpenAI answer as is: streamed as SSE, or whole as JSON."""
     svc = services(request)
     relay = svc.relay
     context = request_context(request)

@@ -1,0 +1,164 @@
+"""AnkiLingoFlash's routes (its `/api/chat` passthrough lives in `chat`).
+
+The spec has no authentication. Here the caller must prove it is the `userId` it
+names, unless `[anki] open_mode = true` restores the spec's open behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from app.api.requests import read_json_object, resolve_principal, services
+from app.core import anki
+from app.core.anki import AnkiUser
+
+
+def _user_shape(user: AnkiUser) -> dict[str, Any]:
+    return {
+        "userId": user.user_id,
+        "userName": user.user_name,
+        "userEmail": user.user_email,
+        "flashcardCount": user.flashcard_count,
+        "freeGenerationLimit": user.generation_limit,
+        "regenerationLimit": user.regeneration_limit,
+    }
+
+
+async def _acting_for(request: Request, user_id: object) -> tuple[str, str]:
+    """(the Anki user id, the tier whose limits apply) after checking the caller."""
+    svc = services(request)
+    checked = anki.validate_user_id(user_id)
+    principal = await resolve_principal(request)
+    await svc.anki.authorize(principal, checked)
+    return checked, svc.anki.tier(principal, svc.settings.server.default_tier)
+
+
+async def models(request: Request) -> Response:
+    names = [m.name for m in services(request).router.catalogue()]
+    return JSONResponse({"result": names, "error": None})
+
+
+async def limits(request: Request) -> Response:
+    generation, regeneration = await services(request).anki.limits(
+        services(request).settings.server.default_tier
+    )
+    return JSONResponse({"freeGenerationLimit": generation, "regenerationLimit": regeneration})
+
+
+async def get_user_data(request: Request) -> Response:
+    user_id, tier = await _acting_for(request, request.path_params["user_id"])
+    return JSONResponse(_user_shape(await services(request).anki.user(user_id, tier)))
+
+
+async def save_user_data(request: Request) -> Response:
+    user_id, tier = await _acting_for(request, request.path_params["user_id"])
+    body = await read_json_object(request)
+    name, email = body.get("userName"), body.get("userEmail")
+    if body.get("userId", user_id) != user_id:
+        return JSONResponse({"error": "Invalid user ID"}, status_code=400)
+    if (name is not None and not isinstance(name, str)) or (
+        email is not None and not isinstance(email, str)
+    ):
+        return JSONResponse({"error": "userName and userEmail must be strings"}, status_code=400)
+    saved = await services(request).anki.save_user(
+        user_id, tier, name[:200] if name else None, email[:320] if email else None
+    )
+    return JSONResponse(_user_shape(saved))
+
+
+async def generate_flashcard(request: Request) -> Response:
+    body = await read_json_object(request)
+    user_id, tier = await _acting_for(request, body.get("userId"))
+    own_credits = body.get("isOwnCredits", False)
+    if not isinstance(own_credits, bool):
+        return JSONResponse({"error": "isOwnCredits must be a boolean"}, status_code=400)
+    if await services(request).anki.can_generate(user_id, tier, own_credits):
+        return JSONResponse({"canGenerate": True})
+    return JSONResponse({"canGenerate": False, "reason": "LIMIT_REACHED"})
+
+
+async def increment_flashcard_count(request: Request) -> Response:
+    body = await read_json_object(request)
+    user_id, tier = await _acting_for(request, body.get("userId"))
+    counted = await services(request).anki.count_generation(user_id, tier)
+    if counted is None:
+        return JSONResponse({"canGenerate": False, "reason": "LIMIT_REACHED"}, status_code=429)
+    return JSONResponse(
+        {"success": True, "newCount": counted.used, "remainingCards": counted.remaining}
+    )
+
+
+async def check_connectivity(request: Request) -> Response:
+    return JSONResponse({"status": "online"})
+
+
+# The token normally arrives in the URL fragment, which never reaches the server: the
+# page reads it in the browser. A token given as a query parameter is written into the
+# page as a JSON string literal with <, > and & escaped, so it cannot end the script.
+_OAUTH_PAGE = """<!doctype html>
+<html>
+    <body>
+        <script>
+            const params = new URLSearchParams(window.location.hash.slice(1));
+            const token = __SERVER_TOKEN__ || params.get("access_token");
+            if (!token) {
+                document.body.textContent = "Authentication failed";
+            } else if (window.opener) {
+                window.opener.postMessage({token: token}, "*");
+                window.close();
+            } else if (typeof browser !== "undefined" && browser.runtime) {
+                // For Firefox, we need to use browser.runtime.sendMessage
+                browser.runtime.sendMessage({action: "auth_success", token: token});
+                window.close();
+            } else {
+                document.body.textContent = "Authentication failed";
+            }
+        </script>
+    </body>
+</html>
+"""
+
+
+def _script_string(value: str) -> str:
+    return (
+        json.dumps(value)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+async def oauth_redirect(request: Request) -> Response:
+    if request.query_params.get("error"):
+        return Response("Authentication failed", status_code=400, media_type="text/plain")
+    token = request.query_params.get("access_token")
+    if token is not None and (not token or len(token) > 4096):
+        return Response("Authentication failed", status_code=400, media_type="text/plain")
+    page = _OAUTH_PAGE.replace("__SERVER_TOKEN__", _script_string(token) if token else "null")
+    return HTMLResponse(
+        page,
+        headers={
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+routes = [
+    Route("/api/models", models, methods=["GET"]),
+    Route("/api/limits", limits, methods=["GET"]),
+    Route("/api/user-data/{user_id}", get_user_data, methods=["GET"]),
+    Route("/api/user-data/{user_id}", save_user_data, methods=["POST"]),
+    Route("/api/generate-flashcard", generate_flashcard, methods=["POST"]),
+    Route("/api/increment-flashcard-count", increment_flashcard_count, methods=["POST"]),
+    Route("/api/check-connectivity", check_connectivity, methods=["GET"]),
+    Route("/oauth-redirect", oauth_redirect, methods=["GET"]),
+]

@@ -1,0 +1,128 @@
+"""AnkiLingoFlash: per-user records and the flashcard generation counter."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.auth import Principal
+from app.core.db import dialect_insert
+from app.core.errors import BadRequest, Forbidden, Unauthorized
+from app.core.policy import Policy, QuotaExhausted, WindowUsage
+from app.core.tables import anki_users, external_identities
+
+GENERATIONS = "flashcard_generations"
+REGENERATIONS = "flashcard_regenerations"
+_USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}$")
+
+
+@dataclass(frozen=True, slots=True)
+class AnkiUser:
+    user_id: str
+    user_name: str | None
+    user_email: str | None
+    flashcard_count: int
+    generation_limit: int | None
+    regeneration_limit: int | None
+
+
+def validate_user_id(value: object) -> str:
+    if not isinstance(value, str) or not _USER_ID.match(value):
+        raise BadRequest("Invalid user ID")
+    return value
+
+
+def subject(user_id: str) -> str:
+    """The counter subject of an Anki user id (kept apart from Livegate user ids)."""
+    return f"anki:{user_id}"
+
+
+class Anki:
+    def __init__(self, engine: AsyncEngine, policy: Policy, open_mode: bool) -> None:
+        self._engine = engine
+        self._policy = policy
+        self.open_mode = open_mode
+
+    async def authorize(self, principal: Principal | None, user_id: str) -> None:
+        """Unless in open mode, the caller must be `user_id`: as our user, or by an
+        external identity (e.g. Google) of theirs with that subject."""
+        if self.open_mode:
+            return
+        if principal is None:
+            raise Unauthorized("sign in to act for this user", code="missing_token")
+        if principal.user.id == user_id:
+            return
+        async with self._engine.connect() as conn:
+            linked = await conn.execute(
+                sa.select(external_identities.c.subject).where(
+                    external_identities.c.user_id == principal.user.id,
+                    external_identities.c.subject == user_id,
+                )
+            )
+            if linked.first() is None:
+                raise Forbidden("this token does not belong to that user ID")
+
+    def tier(self, principal: Principal | None, default: str) -> str:
+        return principal.user.tier if principal is not None else default
+
+    async def limits(self, tier: str) -> tuple[int | None, int | None]:
+        config = self._policy.tier(tier).counters
+        generations, regenerations = config.get(GENERATIONS), config.get(REGENERATIONS)
+        return (
+            generations.limit if generations else None,
+            regenerations.limit if regenerations else None,
+        )
+
+    async def user(self, user_id: str, tier: str) -> AnkiUser:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(anki_users).where(anki_users.c.id == user_id))
+            ).first()
+        usage = await self._policy.counter_usage(subject(user_id), tier, GENERATIONS)
+        generation_limit, regeneration_limit = await self.limits(tier)
+        return AnkiUser(
+            user_id=user_id,
+            user_name=row.user_name if row else None,
+            user_email=row.user_email if row else None,
+            flashcard_count=usage.used,
+            generation_limit=generation_limit,
+            regeneration_limit=regeneration_limit,
+        )
+
+    async def save_user(
+        self, user_id: str, tier: str, user_name: str | None, user_email: str | None
+    ) -> AnkiUser:
+        now = datetime.now(UTC)
+        insert = dialect_insert(self._engine)
+        stmt = insert(anki_users).values(
+            id=user_id, user_name=user_name, user_email=user_email, created_at=now, updated_at=now
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[anki_users.c.id],
+                    set_={
+                        "user_name": stmt.excluded.user_name,
+                        "user_email": stmt.excluded.user_email,
+                        "updated_at": now,
+                    },
+                )
+            )
+        return await self.user(user_id, tier)
+
+    async def can_generate(self, user_id: str, tier: str, own_credits: bool) -> bool:
+        if own_credits:
+            return True  # the user pays their provider directly: no free-tier limit
+        usage = await self._policy.counter_usage(subject(user_id), tier, GENERATIONS)
+        return usage.remaining is None or usage.remaining > 0
+
+    async def count_generation(self, user_id: str, tier: str) -> WindowUsage | None:
+        """One more generation, atomically; None when the limit is already reached."""
+        try:
+            return await self._policy.consume_counter(subject(user_id), tier, GENERATIONS)
+        except QuotaExhausted:
+            return None

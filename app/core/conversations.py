@@ -1,0 +1,197 @@
+"""Navi's conversation sync: conversations and their messages, per user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.db import dialect_insert
+from app.core.errors import BadRequest, NotFound
+from app.core.tables import conversations, messages
+
+MAX_ID = 128
+MAX_TITLE = 500
+MAX_BATCH = 500
+ROLES = ("user", "assistant", "system")
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    created_at: datetime
+
+
+def validate_id(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID:
+        raise BadRequest(f"`{field}` must be a non-empty string of at most {MAX_ID} characters")
+    return value
+
+
+def validate_page(
+    limit: str | None, offset: str | None, default: int, maximum: int
+) -> tuple[int, int]:
+    try:
+        size = default if limit in (None, "") else int(limit)
+        start = 0 if offset in (None, "") else int(offset)
+    except ValueError:
+        raise BadRequest("`limit` and `offset` must be whole numbers") from None
+    if not 1 <= size <= maximum or start < 0:
+        raise BadRequest(f"`limit` must be 1-{maximum} and `offset` at least 0")
+    return size, start
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(row.id, row.title, row.created_at, row.updated_at)
+
+
+async def list_conversations(
+    engine: AsyncEngine, user_id: str, limit: int, offset: int
+) -> tuple[list[Conversation], int]:
+    owned = conversations.c.user_id == user_id
+    async with engine.connect() as conn:
+        total = (
+            await conn.execute(sa.select(sa.func.count()).select_from(conversations).where(owned))
+        ).scalar_one()
+        rows = await conn.execute(
+            sa.select(conversations)
+            .where(owned)
+            .order_by(conversations.c.updated_at.desc(), conversations.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        return [_conversation(r) for r in rows], int(total)
+
+
+async def create_conversation(
+    engine: AsyncEngine, user_id: str, conversation_id: str, title: str
+) -> Conversation:
+    """Create, or return the existing one: a client retrying a create gets the same."""
+    now = datetime.now(UTC)
+    insert = dialect_insert(engine)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(conversations)
+            .values(
+                user_id=user_id, id=conversation_id, title=title, created_at=now, updated_at=now
+            )
+            .on_conflict_do_nothing(index_elements=[conversations.c.user_id, conversations.c.id])
+        )
+        row = (
+            await conn.execute(
+                sa.select(conversations).where(
+                    conversations.c.user_id == user_id, conversations.c.id == conversation_id
+                )
+            )
+        ).one()
+    return _conversation(row)
+
+
+async def delete_conversation(engine: AsyncEngine, user_id: str, conversation_id: str) -> None:
+    """Delete a conversation and all of its messages, in one transaction."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            conversations.delete().where(
+                conversations.c.user_id == user_id, conversations.c.id == conversation_id
+            )
+        )
+        if result.rowcount == 0:
+            raise NotFound("conversation not found")
+        await conn.execute(
+            messages.delete().where(
+                messages.c.user_id == user_id, messages.c.conversation_id == conversation_id
+            )
+        )
+
+
+async def _require_conversation(conn: Any, user_id: str, conversation_id: str) -> None:
+    found = await conn.execute(
+        sa.select(conversations.c.id).where(
+            conversations.c.user_id == user_id, conversations.c.id == conversation_id
+        )
+    )
+    if found.first() is None:
+        raise NotFound("conversation not found")
+
+
+async def list_messages(
+    engine: AsyncEngine, user_id: str, conversation_id: str, limit: int, offset: int
+) -> list[Message]:
+    async with engine.connect() as conn:
+        await _require_conversation(conn, user_id, conversation_id)
+        rows = await conn.execute(
+            sa.select(messages)
+            .where(messages.c.user_id == user_id, messages.c.conversation_id == conversation_id)
+            .order_by(messages.c.created_at, messages.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        return [Message(r.id, r.conversation_id, r.role, r.content, r.created_at) for r in rows]
+
+
+def validate_messages(value: object) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value or len(value) > MAX_BATCH:
+        raise BadRequest(f"`messages` must be an array of 1-{MAX_BATCH} messages")
+    checked = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise BadRequest(f"`messages[{i}]` must be an object")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise BadRequest(f"`messages[{i}].role` must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"`messages[{i}].content` must be a string")
+        checked.append(
+            {
+                "id": validate_id(item.get("id"), f"messages[{i}].id"),
+                "role": role,
+                "content": content,
+            }
+        )
+    return checked
+
+
+async def save_messages(
+    engine: AsyncEngine, user_id: str, conversation_id: str, batch: list[dict[str, str]]
+) -> int:
+    """Upsert by message id: saving the same messages again changes nothing."""
+    now = datetime.now(UTC)
+    insert = dialect_insert(engine)
+    async with engine.begin() as conn:
+        await _require_conversation(conn, user_id, conversation_id)
+        for i, message in enumerate(batch):
+            stmt = insert(messages).values(
+                user_id=user_id,
+                id=message["id"],
+                conversation_id=conversation_id,
+                role=message["role"],
+                content=message["content"],
+                # Distinct instants keep a batch in the order it was sent.
+                created_at=now + timedelta(microseconds=i),
+            )
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[messages.c.user_id, messages.c.id],
+                    set_={"role": stmt.excluded.role, "content": stmt.excluded.content},
+                )
+            )
+        await conn.execute(
+            conversations.update()
+            .where(conversations.c.user_id == user_id, conversations.c.id == conversation_id)
+            .values(updated_at=now)
+        )
+    return len(batch)
