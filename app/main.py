@@ -16,7 +16,19 @@ from starlette.staticfiles import StaticFiles
 
 from app.api.envelopes import error_response
 from app.api.middleware import CorsMiddleware, RateLimitMiddleware, RequestIdMiddleware
-from app.api.routes import admin, anki, api_keys, auth, chat, navi, openai, quota_ws, usage, users
+from app.api.routes import (
+    admin,
+    ai,
+    anki,
+    api_keys,
+    auth,
+    chat,
+    navi,
+    openai,
+    quota_ws,
+    usage,
+    users,
+)
 from app.core.config import Settings, load_settings
 from app.core.errors import ApiError, MethodNotAllowed, NotFound
 from app.core.services import open_services
@@ -63,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *chat.routes,
         *navi.routes,
         *anki.routes,
+        *ai.routes,
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo"))
