@@ -238,6 +238,24 @@ class AnkiConfig(_Strict):
     open_mode: bool = False
 
 
+class OAuthConfig(_Strict):
+    """The OAuth 2 / OIDC provider behind Navi's `/api/auth/login` (WorkOS, Google, ...)."""
+
+    name: str = Field(default="oauth", min_length=1, max_length=64)
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    authorize_url: str = Field(min_length=1)
+    token_url: str = Field(min_length=1)
+    userinfo_url: str = Field(min_length=1)
+    scope: str = "openid email profile"
+    # This server's `/api/auth/callback` as the provider must call it back; unset, it
+    # is derived from each login request's own URL (set it behind a proxy).
+    callback_url: str | None = None
+    # Where a finished login may send the app; the first is the default.
+    app_redirects: list[str] = Field(default_factory=lambda: ["navi://auth/callback"], min_length=1)
+    error_redirect: str = "navi://auth/error"
+
+
 class IssuerConfig(_Strict):
     """An external identity provider whose bearer JWTs are accepted (Clerk, WorkOS, OIDC)."""
 
@@ -267,6 +285,7 @@ class FileConfig(_Strict):
     actions: dict[str, ActionLimit] = Field(default_factory=dict)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     anki: AnkiConfig = Field(default_factory=AnkiConfig)
+    oauth: OAuthConfig | None = None
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -307,6 +326,7 @@ class Settings(BaseSettings):
     actions: dict[str, ActionLimit] = Field(default_factory=_builtin_actions)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     anki: AnkiConfig = Field(default_factory=AnkiConfig)
+    oauth: OAuthConfig | None = None
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -340,6 +360,7 @@ def load_settings(**overrides: object) -> Settings:
                 "actions": {**settings.actions, **file.actions},
                 "auth": file.auth,
                 "anki": file.anki,
+                "oauth": file.oauth,
                 "metering": file.metering,
                 "server": file.server,
             }

@@ -18,6 +18,7 @@ from app.core.db import create_engine, migrate
 from app.core.keys import KeyUsageRecorder
 from app.core.live import QuotaPublisher
 from app.core.metering import Metering
+from app.core.oauth import OAuthFlow
 from app.core.policy import Policy
 from app.core.quota import QuotaSnapshot, token_snapshot
 from app.core.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
@@ -46,6 +47,7 @@ class Services:
     key_usage: KeyUsageRecorder
     anki: Anki
     anonymous: User  # whom anonymous callers' relayed requests are metered to
+    oauth: OAuthFlow | None  # Navi's login, when `[oauth]` is configured
 
     async def token_quota(self, user: User) -> QuotaSnapshot:
         limit = self.settings.tier(user.tier).monthly_tokens
@@ -93,6 +95,8 @@ async def open_services(
         stack.push_async_callback(key_usage.close)
 
         denylist = TokenDenylist(engine, redis, prefix)
+        sessions = Sessions(engine, secrets, denylist)
+        authenticator = Authenticator(settings, engine, secrets, denylist, key_usage, http)
         router = ModelRouter(settings.providers, settings.models, http)
         policy = Policy(settings, engine, limiter)
         yield Services(
@@ -107,9 +111,14 @@ async def open_services(
             metering=metering,
             relay=Relay(settings, engine, router, metering, policy),
             policy=policy,
-            sessions=Sessions(engine, secrets, denylist),
-            authenticator=Authenticator(settings, engine, secrets, denylist, key_usage, http),
+            sessions=sessions,
+            authenticator=authenticator,
             key_usage=key_usage,
             anki=Anki(engine, policy, settings.anki.open_mode),
             anonymous=await anonymous_user(engine, settings.anonymous_tier),
+            oauth=(
+                OAuthFlow(settings.oauth, engine, http, sessions, authenticator)
+                if settings.oauth
+                else None
+            ),
         )

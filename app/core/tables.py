@@ -243,3 +243,14 @@ anki_users = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
+
+# OAuth logins under way: the state a callback must bring back, and its PKCE verifier.
+oauth_states = Table(
+    "oauth_states",
+    metadata,
+    Column("state", String(64), primary_key=True),
+    Column("code_verifier", String(128), nullable=False),
+    Column("app_redirect", Text, nullable=False),
+    Column("callback_url", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)

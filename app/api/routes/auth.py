@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from app.api.requests import read_body, read_json_object, require_principal, services
 from app.api.responses import iso_millis, playground_ok
 from app.core import accounts, clerk
 from app.core.auth import Principal
-from app.core.errors import BadRequest
+from app.core.errors import ApiError, BadRequest
 from app.core.keys import ApiKey, list_keys
 from app.core.users import User
 
@@ -139,6 +139,31 @@ async def refresh(request: Request) -> Response:
     )
 
 
+class LoginNotConfigured(ApiError):
+    status_code = 503
+    code = "oauth_not_configured"
+
+
+async def oauth_login(request: Request) -> Response:
+    """Navi's `GET /api/auth/login`: off to the provider's login page."""
+    flow = services(request).oauth
+    if flow is None:
+        raise LoginNotConfigured("OAuth login is not configured on this server")
+    url = await flow.start(
+        request.query_params.get("redirect"), str(request.url_for("oauth_callback"))
+    )
+    return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+
+
+async def oauth_callback(request: Request) -> Response:
+    """Back from the provider: on to the app with our tokens, or to its error URL."""
+    flow = services(request).oauth
+    if flow is None:
+        raise LoginNotConfigured("OAuth login is not configured on this server")
+    url = await flow.finish(request.query_params)
+    return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+
+
 async def clerk_webhook(request: Request) -> Response:
     body = await read_body(request)
     outcome = await clerk.handle_webhook(services(request), body, dict(request.headers))
@@ -148,6 +173,8 @@ async def clerk_webhook(request: Request) -> Response:
 routes = [
     Route("/api/auth/register", register, methods=["POST"]),
     Route("/api/auth/login", login, methods=["POST"]),
+    Route("/api/auth/login", oauth_login, methods=["GET"]),
+    Route("/api/auth/callback", oauth_callback, methods=["GET"], name="oauth_callback"),
     Route("/api/auth/me", me, methods=["GET"]),
     Route("/api/auth/profile", update_profile, methods=["PUT"]),
     Route("/api/auth/password", change_password, methods=["PUT"]),

@@ -1,0 +1,163 @@
+"""The OAuth 2 authorization-code flow with PKCE behind Navi's login.
+
+`start` remembers a random `state` with its PKCE verifier and the app URL to return
+to (only allow-listed ones), and sends the browser to the provider. `finish` takes
+the state back once (a replay finds nothing), exchanges the code with the verifier,
+reads the user from the provider's userinfo, and returns the app URL carrying our own
+session tokens, or the error URL. States live in SQL, so any instance can finish a
+login another one started.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
+
+import httpx
+from authlib.common.security import generate_token
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.auth import Authenticator
+from app.core.config import OAuthConfig
+from app.core.errors import BadRequest
+from app.core.sessions import Sessions
+from app.core.tables import oauth_states
+
+logger = logging.getLogger("livegate.oauth")
+STATE_LIFETIME = timedelta(minutes=10)
+
+
+class OAuthFlow:
+    def __init__(
+        self,
+        config: OAuthConfig,
+        engine: AsyncEngine,
+        http: httpx.AsyncClient,
+        sessions: Sessions,
+        authenticator: Authenticator,
+    ) -> None:
+        self._config = config
+        self._engine = engine
+        self._http = http
+        self._sessions = sessions
+        self._authenticator = authenticator
+
+    async def start(self, app_redirect: str | None, request_callback_url: str) -> str:
+        """The provider's authorization URL for a new login."""
+        target = app_redirect or self._config.app_redirects[0]
+        if target not in self._config.app_redirects:
+            raise BadRequest("redirect is not an allowed app URL", details={"field": "redirect"})
+        verifier, state = generate_token(64), generate_token(32)
+        callback_url = self._config.callback_url or request_callback_url
+        url = prepare_grant_uri(
+            self._config.authorize_url,
+            client_id=self._config.client_id,
+            response_type="code",
+            redirect_uri=callback_url,
+            scope=self._config.scope,
+            state=state,
+            code_challenge=create_s256_code_challenge(verifier),
+            code_challenge_method="S256",
+        )
+        now = datetime.now(UTC)
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                oauth_states.delete().where(oauth_states.c.created_at < now - STATE_LIFETIME)
+            )
+            await conn.execute(
+                oauth_states.insert().values(
+                    state=state,
+                    code_verifier=verifier,
+                    app_redirect=target,
+                    callback_url=callback_url,
+                    created_at=now,
+                )
+            )
+        return str(url)
+
+    async def finish(self, params: Mapping[str, str]) -> str:
+        """Where to send the browser back: the app with tokens, or the error URL."""
+        state = params.get("state", "")
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    oauth_states.delete()
+                    .where(oauth_states.c.state == state)
+                    .returning(
+                        oauth_states.c.code_verifier,
+                        oauth_states.c.app_redirect,
+                        oauth_states.c.callback_url,
+                        oauth_states.c.created_at,
+                    )
+                )
+            ).first()
+        if not state or row is None or row.created_at < datetime.now(UTC) - STATE_LIFETIME:
+            return self._error("invalid_state", "the login expired or was not started here")
+        if params.get("error"):
+            return self._error("auth_failed", params.get("error_description") or params["error"])
+        code = params.get("code")
+        if not code:
+            return self._error("auth_failed", "the provider sent no authorization code")
+        try:
+            access_token = await self._exchange(code, row.code_verifier, row.callback_url)
+            response = await self._http.get(
+                self._config.userinfo_url,
+                headers={"Authorization": f"Bearer {access_token}"},
+                timeout=15,
+            )
+            response.raise_for_status()
+            profile = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("oauth code exchange failed: %s", exc)
+            return self._error("auth_failed", "the provider refused the authorization code")
+        if not isinstance(profile, dict):
+            return self._error("auth_failed", "the provider did not identify the user")
+        subject = profile.get("sub") or profile.get("id")
+        if not isinstance(subject, str) or not subject:
+            return self._error("auth_failed", "the provider did not identify the user")
+        user = await self._authenticator.user_for_identity(
+            self._config.name, subject, email=profile.get("email"), profile=profile
+        )
+        tokens = await self._sessions.issue(user.id)
+        query = urlencode(
+            {
+                "access_token": tokens.access_token,
+                "refresh_token": tokens.refresh_token,
+                "user_id": user.id,
+            }
+        )
+        return f"{row.app_redirect}?{query}"
+
+    async def _exchange(self, code: str, verifier: str, callback_url: str) -> str:
+        """The access token for `code` (client_secret_basic, with the PKCE verifier)."""
+        secret = self._config.client_secret
+        response = await self._http.post(
+            self._config.token_url,
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": callback_url,
+                "code_verifier": verifier,
+                "client_id": self._config.client_id,
+            },
+            auth=(
+                httpx.BasicAuth(self._config.client_id, secret.get_secret_value())
+                if secret
+                else httpx.USE_CLIENT_DEFAULT
+            ),
+            headers={"Accept": "application/json"},
+            timeout=15,
+        )
+        response.raise_for_status()
+        token = response.json().get("access_token")
+        if not isinstance(token, str) or not token:
+            raise ValueError("token response has no access_token")
+        return token
+
+    def _error(self, error: str, description: str) -> str:
+        query = urlencode({"error": error, "description": description})
+        return f"{self._config.error_redirect}?{query}"
