@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.errors import BadRequest, NotFound
+from app.core.pagination import Page
 from app.core.security import generate_api_key
 from app.core.tables import KeyKind, api_keys
 
@@ -127,14 +128,25 @@ async def create_key(
     return CreatedKey(key=await get_key(engine, user_id, key_id), plaintext=issued.plaintext)
 
 
-async def list_keys(engine: AsyncEngine, user_id: str) -> list[ApiKey]:
+async def list_keys(
+    engine: AsyncEngine, user_id: str, page: Page | None = None
+) -> tuple[list[ApiKey], int]:
+    """The user's live keys, newest first unless `page` says otherwise; and their count."""
+    owned = (api_keys.c.user_id == user_id, *_OWNED_LIVE)
+    order = (
+        api_keys.c.created_at.asc()
+        if page and not page.descending
+        else api_keys.c.created_at.desc()
+    )
+    query = sa.select(api_keys).where(*owned).order_by(order, api_keys.c.id)
+    if page is not None:
+        query = query.limit(page.size).offset(page.offset)
     async with engine.connect() as conn:
-        rows = await conn.execute(
-            sa.select(api_keys)
-            .where(api_keys.c.user_id == user_id, *_OWNED_LIVE)
-            .order_by(api_keys.c.created_at.desc())
-        )
-        return [_key(r) for r in rows]
+        rows = [_key(r) for r in await conn.execute(query)]
+        total = (
+            await conn.execute(sa.select(sa.func.count()).select_from(api_keys).where(*owned))
+        ).scalar_one()
+    return rows, int(total)
 
 
 async def get_key(engine: AsyncEngine, user_id: str, key_id: str) -> ApiKey:

@@ -17,6 +17,7 @@ from app.core import reports
 from app.core.auth import Principal
 from app.core.errors import BadRequest
 from app.core.formats import OpenAIFormat
+from app.core.pagination import parse_page
 from app.core.relay import ChatRequest, parse_chat_request
 
 # The Playground's documented defaults.
@@ -186,7 +187,7 @@ def _usage_item(row: dict[str, Any]) -> dict[str, Any]:
 async def usage_log(request: Request) -> Response:
     principal = await require_principal(request, "usage:read")
     query = request.query_params
-    page = reports.parse_page(query.get("page"), query.get("limit"), query.get("sort"))
+    page = parse_page(query.get("page"), query.get("limit"), query.get("sort"))
     items, total = await reports.list_usage(services(request).engine, principal.user.id, page)
     return playground_ok(
         {"items": [_usage_item(r) for r in items], "pagination": page.describe(total)}

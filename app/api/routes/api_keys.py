@@ -13,6 +13,7 @@ from app.api.responses import iso_millis, playground_ok
 from app.api.routes.auth import masked_key_shape
 from app.core import keys
 from app.core.errors import BadRequest
+from app.core.pagination import parse_page
 
 
 def _detail_shape(key: keys.ApiKey) -> dict[str, Any]:
@@ -37,8 +38,12 @@ async def create(request: Request) -> Response:
 
 async def list_all(request: Request) -> Response:
     principal = await require_principal(request, "keys:read")
-    found = await keys.list_keys(services(request).engine, principal.user.id)
-    return playground_ok({"api_keys": [masked_key_shape(k) for k in found]})
+    query = request.query_params
+    page = parse_page(query.get("page"), query.get("limit"), query.get("sort"))
+    found, total = await keys.list_keys(services(request).engine, principal.user.id, page)
+    return playground_ok(
+        {"api_keys": [masked_key_shape(k) for k in found], "pagination": page.describe(total)}
+    )
 
 
 async def detail(request: Request) -> Response:

@@ -78,7 +78,7 @@ async def me(request: Request) -> Response:
     svc = services(request)
     user = principal.user
     usage = await svc.policy.ai_request_usage(user.id, user.tier)
-    keys = await list_keys(svc.engine, user.id)
+    keys, _ = await list_keys(svc.engine, user.id)
     return playground_ok(
         {
             **user_shape(user),
