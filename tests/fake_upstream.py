@@ -167,6 +167,7 @@ class LoopbackServer:
             lifespan="on",
             timeout_graceful_shutdown=2,
             ws_per_message_deflate=False,
+            proxy_headers=False,  # as `python -m app serve`: only Livegate reads X-Forwarded-For
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None

@@ -71,7 +71,8 @@ class RequestIdMiddleware:
 
 
 # Paths never rate limited: signed webhooks, health checks, the demo page.
-_UNLIMITED_PREFIXES = ("/api/auth/webhook/", "/api/subscription/webhook", "/api/health", "/demo")
+_UNLIMITED_PATHS = frozenset({"/api/subscription/webhook", "/api/health", "/demo"})
+_UNLIMITED_PREFIXES = ("/api/auth/webhook/", "/demo/")
 
 
 class RateLimitMiddleware:
@@ -90,6 +91,7 @@ class RateLimitMiddleware:
         if (
             scope["type"] != "http"
             or scope["method"] == "OPTIONS"
+            or path in _UNLIMITED_PATHS
             or path.startswith(_UNLIMITED_PREFIXES)
         ):
             await self.app(scope, receive, send)

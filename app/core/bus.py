@@ -18,11 +18,9 @@ import logging
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger("livegate.bus")
 
@@ -117,9 +115,17 @@ class LocalBus(Bus):
 
 
 class RedisBus(Bus):
-    """Redis pub/sub with one subscriber connection per process."""
+    """Redis pub/sub with one subscriber connection per process.
 
-    _CONTROL = "bus:control"  # always subscribed, so the reader always has a connection
+    Only the reader task touches that connection: subscribing asks the reader to
+    subscribe and waits until it has, so a caller that subscribes and then reads a
+    snapshot misses no later message. The reader polls briefly between reads so
+    such requests never wait on a quiet channel.
+    """
+
+    _CONTROL = "bus:control"
+    POLL_SECONDS = 0.05
+    SUBSCRIBE_WAIT = 2.0  # longer, and Redis is down: the reader resyncs when it is back
 
     def __init__(
         self, url: str, prefix: str, *, publisher: Redis, max_backoff: float = 5.0
@@ -134,7 +140,8 @@ class RedisBus(Bus):
         )
         self._max_backoff = max_backoff
         self._reader: asyncio.Task[None] | None = None
-        self._pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+        self._changed = asyncio.Event()  # the wanted channels changed
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._connected = asyncio.Event()
         self.reconnects = 0
 
@@ -147,35 +154,33 @@ class RedisBus(Bus):
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._subscriber.aclose()
 
     async def publish(self, channel: str, message: str) -> None:
         await self._publisher.publish(self._prefix + channel, message)
 
     async def _first_subscriber(self, channel: str) -> None:
-        if self._connected.is_set():
-            with contextlib.suppress(RedisError):
-                await self._pubsub.subscribe(self._prefix + channel)
-                return
-        # Not connected: the reader subscribes every channel when it reconnects.
+        ready = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(channel, []).append(ready)
+        self._changed.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.SUBSCRIBE_WAIT):
+                await asyncio.shield(ready)
 
     async def _last_unsubscriber(self, channel: str) -> None:
-        if self._connected.is_set():
-            with contextlib.suppress(RedisError):
-                await self._pubsub.unsubscribe(self._prefix + channel)
+        self._changed.set()
 
     async def _read_forever(self) -> None:
         backoff = 0.05
         first = True
         while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
             try:
-                await self._pubsub.subscribe(self._prefix + self._CONTROL)
-                channels = [self._prefix + c for c in self._subscribers]
-                if channels:
-                    await self._pubsub.subscribe(*channels)
+                await pubsub.subscribe(self._prefix + self._CONTROL)
+                active: set[str] = set()
+                await self._sync(pubsub, active)
                 self._connected.set()
                 if not first:
                     self.reconnects += 1
@@ -183,22 +188,44 @@ class RedisBus(Bus):
                     for channel in list(self._subscribers):
                         self._fan_out(channel, RESYNC)
                 first, backoff = False, 0.05
-                async for message in self._pubsub.listen():
-                    if message["type"] != "message":
+                while True:
+                    if self._changed.is_set():
+                        await self._sync(pubsub, active)
+                    message = await pubsub.get_message(timeout=self.POLL_SECONDS)
+                    if message is None or message["type"] != "message":
                         continue
                     channel = message["channel"].decode()[len(self._prefix) :]
                     data = message["data"]
                     self._fan_out(channel, data.decode() if isinstance(data, bytes) else data)
             except asyncio.CancelledError:
                 raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except Exception as exc:
+                # Whatever broke, start over on a fresh connection and resync: a reader
+                # that dies leaves every socket of this instance deaf.
                 self._connected.clear()
-                logger.warning("redis bus connection lost (%s); retrying in %.2fs", exc, backoff)
-            await self._reset_pubsub()
+                logger.warning("redis bus connection lost (%r); retrying in %.2fs", exc, backoff)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
-    async def _reset_pubsub(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        self._pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+    async def _sync(self, pubsub: PubSub, active: set[str]) -> None:
+        """Make the Redis subscriptions match the local subscribers; wake the waiters."""
+        while True:
+            self._changed.clear()
+            wanted = set(self._subscribers)
+            added, dropped = wanted - active, active - wanted
+            if added:
+                await pubsub.subscribe(*(self._prefix + c for c in added))
+            if dropped:
+                await pubsub.unsubscribe(*(self._prefix + c for c in dropped))
+            active.clear()
+            active.update(wanted)
+            for channel in list(self._waiters):
+                if channel in active or channel not in self._subscribers:
+                    for ready in self._waiters.pop(channel):
+                        if not ready.done():
+                            ready.set_result(None)
+            if not self._changed.is_set():
+                return

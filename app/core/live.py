@@ -38,18 +38,18 @@ class QuotaPublisher:
         self._cooling: dict[str, asyncio.Task[None]] = {}
 
     def push(self, user_id: str, snapshot: QuotaSnapshot) -> None:
-        if user_id in self._cooling:
-            self._pending[user_id] = newer(self._pending.get(user_id), snapshot)
-            return
-        self._cooling[user_id] = asyncio.create_task(self._publish_and_cool(user_id, snapshot))
+        # Pending until published, so a close() at any moment still sends it.
+        self._pending[user_id] = newer(self._pending.get(user_id), snapshot)
+        if user_id not in self._cooling:
+            self._cooling[user_id] = asyncio.create_task(self._publish_and_cool(user_id))
 
-    async def _publish_and_cool(self, user_id: str, snapshot: QuotaSnapshot) -> None:
+    async def _publish_and_cool(self, user_id: str) -> None:
         try:
-            current: QuotaSnapshot | None = snapshot
-            while current is not None:
-                await self._publish(user_id, current)
+            while (snapshot := self._pending.get(user_id)) is not None:
+                await self._publish(user_id, snapshot)
+                if self._pending.get(user_id) is snapshot:
+                    del self._pending[user_id]
                 await asyncio.sleep(self._interval)
-                current = self._pending.pop(user_id, None)
         finally:
             self._cooling.pop(user_id, None)
 
@@ -67,6 +67,7 @@ class QuotaPublisher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._cooling.clear()
         pending, self._pending = self._pending, {}
         for user_id, snapshot in pending.items():
             await self._publish(user_id, snapshot)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.config import MeteringConfig
+from app.core.db import dialect_insert
 from app.core.live import QuotaPublisher
 from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.tables import UsageStatus, instances, usage_logs
@@ -274,11 +275,7 @@ class Metering:
 
     async def start(self) -> None:
         """Register this instance, sweep what dead instances left, start the heartbeat."""
-        now = datetime.now(UTC)
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                instances.insert().values(id=self.instance_id, started_at=now, heartbeat_at=now)
-            )
+        await self._register()
         await self.sweep_interrupted()
         self._heartbeat = asyncio.create_task(self._beat(), name="metering-heartbeat")
 
@@ -297,15 +294,23 @@ class Metering:
         while True:
             await asyncio.sleep(self.config.heartbeat_seconds)
             try:
-                async with self.engine.begin() as conn:
-                    await conn.execute(
-                        instances.update()
-                        .where(instances.c.id == self.instance_id)
-                        .values(heartbeat_at=datetime.now(UTC))
-                    )
+                await self._register()
                 await self.sweep_interrupted()
             except Exception:
                 logger.exception("metering heartbeat failed")
+
+    async def _register(self) -> None:
+        """Insert or refresh this instance's row (another's sweep may have removed it
+        after a long pause, and an instance without a row is swept as dead)."""
+        now = datetime.now(UTC)
+        insert = dialect_insert(self.engine)
+        stmt = insert(instances).values(id=self.instance_id, started_at=now, heartbeat_at=now)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[instances.c.id], set_={"heartbeat_at": now}
+                )
+            )
 
     async def sweep_interrupted(self) -> int:
         """Finalize rows of instances that stopped beating as `interrupted`.

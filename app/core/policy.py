@@ -10,6 +10,7 @@ numbers hold across instances:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.config import Settings, TierConfig
 from app.core.errors import RateLimited
-from app.core.quota import increment_within, period_window, read_counter
+from app.core.quota import decrement_counter, increment_within, period_window, read_counter
 from app.core.ratelimit import Decision, Rate, RateLimiter
 
 REQUESTS = "requests"
@@ -41,11 +42,8 @@ class QuotaExhausted(RateLimited):
     code = "quota_exceeded"
 
     def __init__(self, message: str, *, window: str, usage: WindowUsage) -> None:
-        retry = (
-            {"Retry-After": str(max(1, int((usage.reset_at - datetime.now(UTC)).total_seconds())))}
-            if usage.reset_at
-            else {}
-        )
+        wait = (usage.reset_at - datetime.now(UTC)).total_seconds() if usage.reset_at else 0
+        retry = {"Retry-After": str(max(1, math.ceil(wait)))} if usage.reset_at else {}
         super().__init__(
             message,
             details={
@@ -97,8 +95,10 @@ class Policy:
     async def limit_action(self, action: str, scope_value: str) -> Decision:
         """Count one `action` for its scope value; raise `RateLimited` past the limit."""
         config = self._settings.actions[action]
-        rate = Rate(limit=config.limit, period=config.window_seconds, burst=config.limit)
-        decision = await self._limiter.hit(f"action:{action}:{scope_value.lower()}", rate)
+        # A sliding window, not a bucket: "3 per 10 minutes" must hold in any 10 minutes.
+        decision = await self._limiter.hit_window(
+            f"action:{action}:{scope_value.lower()}", config.limit, config.window_seconds
+        )
         if not decision.allowed:
             raise RateLimited(
                 f"Rate limit exceeded for {action}. Try again later.",
@@ -141,7 +141,7 @@ class Policy:
         async with self._engine.begin() as conn:
             for _, per in _REQUEST_WINDOWS:
                 period, _ = period_window(per, at)
-                await increment_within(conn, subject, REQUESTS, period, -1, None)
+                await decrement_counter(conn, subject, REQUESTS, period)
 
     async def ai_request_usage(self, subject: str, tier_name: str) -> dict[str, WindowUsage]:
         limits = self._request_limits(self.tier(tier_name))
@@ -179,12 +179,14 @@ class Policy:
                 )
         return WindowUsage(used, limit, reset_at)
 
-    async def refund_counter(self, subject: str, tier_name: str, name: str) -> None:
-        """Give back one count (the action it paid for failed)."""
+    async def refund_counter(
+        self, subject: str, tier_name: str, name: str, counted_at: datetime
+    ) -> None:
+        """Give back one count, in the window it was taken from (the action failed)."""
         _, per = self._counter(tier_name, name)
-        period, _ = period_window(per, datetime.now(UTC))
+        period, _ = period_window(per, counted_at)
         async with self._engine.begin() as conn:
-            await increment_within(conn, subject, f"counter:{name}", period, -1, None)
+            await decrement_counter(conn, subject, f"counter:{name}", period)
 
     async def counter_usage(self, subject: str, tier_name: str, name: str) -> WindowUsage:
         limit, per = self._counter(tier_name, name)

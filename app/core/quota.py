@@ -152,12 +152,13 @@ def period_window(per: str, now: datetime) -> tuple[str, datetime | None]:
     """The counter key of the calendar window (UTC) holding `now`, and when it resets."""
     now = now.astimezone(UTC)
     day = datetime(now.year, now.month, now.day, tzinfo=UTC)
+    # Keys fit `quota_counters.period` (16 characters).
     if per == "minute":
         start = now.replace(second=0, microsecond=0)
-        return f"min:{start:%Y-%m-%dT%H:%M}", start + timedelta(minutes=1)
+        return f"n:{start:%Y%m%d%H%M}", start + timedelta(minutes=1)
     if per == "hour":
         start = now.replace(minute=0, second=0, microsecond=0)
-        return f"h:{start:%Y-%m-%dT%H}", start + timedelta(hours=1)
+        return f"h:{start:%Y%m%d%H}", start + timedelta(hours=1)
     if per == "day":
         return f"d:{day:%Y-%m-%d}", day + timedelta(days=1)
     if per == "week":
@@ -186,6 +187,20 @@ async def increment_within(
         await conn.execute(_counter_upsert(conn, subject, metric, period, amount, where))
     ).first()
     return None if row is None else int(row.used)
+
+
+async def decrement_counter(conn: AsyncConnection, subject: str, metric: str, period: str) -> None:
+    """Give one back, never below zero (a refund for a window already gone does nothing)."""
+    await conn.execute(
+        quota_counters.update()
+        .where(
+            quota_counters.c.user_id == subject,
+            quota_counters.c.metric == metric,
+            quota_counters.c.period == period,
+            quota_counters.c.used > 0,
+        )
+        .values(used=quota_counters.c.used - 1, seq=quota_counters.c.seq + 1)
+    )
 
 
 async def read_counter(conn: AsyncConnection, subject: str, metric: str, period: str) -> int:

@@ -8,8 +8,10 @@ on the Redis server's clock, or a synchronous block on the event loop in-process
 
 from __future__ import annotations
 
+import collections
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,7 +48,11 @@ class Decision:
 
 
 class RateLimiter(Protocol):
-    async def hit(self, key: str, rate: Rate) -> Decision: ...
+    async def hit(self, key: str, rate: Rate) -> Decision:
+        """One request against a GCRA bucket."""
+
+    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
+        """One event against "at most `limit` in any `window` seconds" (a sliding log)."""
 
 
 def _decide(now_ms: float, tat_ms: float | None, rate: Rate) -> tuple[Decision, float | None]:
@@ -76,12 +82,37 @@ def _decide(now_ms: float, tat_ms: float | None, rate: Rate) -> tuple[Decision, 
     )
 
 
+def _window_decision(
+    now_ms: float, times: list[float], limit: int, window: float
+) -> tuple[Decision, bool]:
+    """Decide on a log of event times already cut to the window; (decision, record?)."""
+    if len(times) >= limit:
+        retry = (times[0] + window * 1000 - now_ms) / 1000
+        return Decision(False, limit, window, 0, retry, retry), False
+    reset = (times[0] + window * 1000 - now_ms) / 1000 if times else window
+    return Decision(True, limit, window, limit - len(times) - 1, 0.0, reset), True
+
+
 class LocalRateLimiter:
     """One process. Each decision runs without an await, so it is atomic on the loop."""
 
     def __init__(self, max_keys: int = 100_000) -> None:
         self._tats: dict[str, float] = {}
+        self._logs: dict[str, collections.deque[float]] = {}
         self._max_keys = max_keys
+
+    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
+        now = time.time() * 1000
+        log = self._logs.setdefault(key, collections.deque())
+        while log and log[0] <= now - window * 1000:
+            log.popleft()
+        decision, record = _window_decision(now, list(log), limit, window)
+        if record:
+            log.append(now)
+        if len(self._logs) > self._max_keys:
+            for stale in [k for k, v in self._logs.items() if not v]:
+                del self._logs[stale]
+        return decision
 
     async def hit(self, key: str, rate: Rate) -> Decision:
         now = time.time() * 1000
@@ -120,6 +151,26 @@ return {1, remaining, '0', tostring(new_tat - now)}
 """
 
 
+# A sorted set of event times per key, cut to the window, on the server's clock.
+_WINDOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local window = tonumber(ARGV[1]) * 1000
+local limit = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+if count >= limit then
+  return {0, 0, tostring(tonumber(oldest) + window - now)}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1)
+local reset = window
+if oldest then reset = tonumber(oldest) + window - now end
+return {1, limit - count - 1, tostring(reset)}
+"""
+
+
 class RedisRateLimiter:
     """Shared by every instance: one Lua script call per decision."""
 
@@ -127,6 +178,21 @@ class RedisRateLimiter:
         self._redis = redis
         self._prefix = f"{prefix}:rl:"
         self._script = redis.register_script(_GCRA_LUA)
+        self._window_script = redis.register_script(_WINDOW_LUA)
+
+    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
+        allowed, remaining, seconds_ms = await self._window_script(
+            keys=[f"{self._prefix}w:{key}"], args=[window, limit, uuid.uuid4().hex]
+        )
+        wait = float(seconds_ms) / 1000
+        return Decision(
+            allowed=bool(allowed),
+            limit=limit,
+            window=window,
+            remaining=int(remaining),
+            retry_after=0.0 if allowed else wait,
+            reset_after=wait,
+        )
 
     async def hit(self, key: str, rate: Rate) -> Decision:
         allowed, remaining, retry_ms, reset_ms = await self._script(

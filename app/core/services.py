@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.anki import Anki
@@ -71,7 +71,12 @@ async def open_services(
         bus: Bus
         limiter: RateLimiter
         if settings.redis_url:
-            redis = Redis.from_url(settings.redis_url)
+            # Blocking: past the pool size a request waits for a connection instead of
+            # failing, so a burst of requests slows down rather than erroring.
+            pool = BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=200, timeout=10
+            )
+            redis = Redis(connection_pool=pool)
             stack.push_async_callback(redis.aclose)
             bus = RedisBus(settings.redis_url, prefix, publisher=redis)
             limiter = RedisRateLimiter(redis, prefix)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sse_starlette import EventSourceResponse
@@ -99,6 +100,7 @@ async def _navi_chat(request: Request, payload: object) -> Response:
     else:
         subject, tier = f"ip:{client_ip(request)}", svc.settings.anonymous_tier
         principal = Principal(user=svc.anonymous)
+    counted_at = datetime.now(UTC)
     counted = await svc.policy.consume_counter(subject, tier, CHAT_MESSAGES)
     chat = parse_chat_request(
         {
@@ -112,7 +114,8 @@ async def _navi_chat(request: Request, payload: object) -> Response:
             principal, chat, request_context(request), ContentFormat()
         )
     except BaseException:
-        await svc.policy.refund_counter(subject, tier, CHAT_MESSAGES)  # no answer, no count
+        # No answer, no count.
+        await svc.policy.refund_counter(subject, tier, CHAT_MESSAGES, counted_at)
         raise
     headers = dict(SSE_HEADERS)
     if counted.limit is not None:

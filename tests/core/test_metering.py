@@ -1,0 +1,532 @@
+"""`Metering` on real SQLite and PostgreSQL (+ Redis bus): rows, counter, checkpoints,
+crash recovery, shutdown, reconciliation and concurrency.
+
+Invariant checked throughout: the user's quota counter equals the sum of
+`usage_logs.total_tokens` of the period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from redis.asyncio import Redis as AsyncRedis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.bus import Bus, LocalBus, RedisBus, Subscription
+from app.core.config import MeteringConfig
+from app.core.db import create_engine, migrate
+from app.core.live import QuotaPublisher, quota_channel
+from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
+from app.core.quota import month_period, read_tokens, reconcile_tokens
+from app.core.tables import UsageStatus, instances, quota_counters, usage_logs
+from app.core.users import create_user
+from tests.conftest import Backend
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+
+# Checkpoints by tokens only (the time trigger far away), a heartbeat that never
+# fires during a test, and quota pushes unthrottled.
+CONFIG = MeteringConfig(
+    checkpoint_tokens=5, checkpoint_ms=600_000, push_interval_ms=0, heartbeat_seconds=3600
+)
+
+
+@dataclass
+class Env:
+    engine: AsyncEngine
+    bus: Bus
+    publisher: QuotaPublisher
+    started: list[Metering] = field(default_factory=list)
+
+    def metering(self, config: MeteringConfig = CONFIG, instance_id: str | None = None) -> Metering:
+        """A metering service, not started (an instance that never registered)."""
+        return Metering(self.engine, self.publisher, config, instance_id=instance_id)
+
+    async def started_metering(self, config: MeteringConfig = CONFIG) -> Metering:
+        metering = self.metering(config)
+        await metering.start()
+        self.started.append(metering)
+        return metering
+
+    async def user(self) -> str:
+        user = await create_user(
+            self.engine, email=f"{uuid.uuid4().hex[:12]}@example.test", password=None, tier="free"
+        )
+        return user.id
+
+
+@pytest.fixture
+async def env(backend: Backend) -> AsyncIterator[Env]:
+    engine = create_engine(backend.database_url)
+    await migrate(engine)
+    redis_publisher: AsyncRedis | None = None
+    bus: Bus
+    if backend.redis_url:
+        redis_publisher = AsyncRedis.from_url(backend.redis_url)
+        bus = RedisBus(backend.redis_url, backend.redis_prefix, publisher=redis_publisher)
+    else:
+        bus = LocalBus()
+    await bus.start()
+    publisher = QuotaPublisher(bus, CONFIG.push_interval_ms / 1000)
+    env = Env(engine, bus, publisher)
+    try:
+        yield env
+    finally:
+        for metering in reversed(env.started):
+            await metering.close()
+        await publisher.close()
+        await bus.close()
+        if redis_publisher is not None:
+            await redis_publisher.aclose()
+        await engine.dispose()
+
+
+def request(user_id: str, token_limit: int | None = None) -> RequestInfo:
+    return RequestInfo(
+        request_id=uuid.uuid4().hex,
+        user_id=user_id,
+        api_key_id=None,
+        model="fake-model",
+        provider="fake",
+        stream=True,
+        token_limit=token_limit,
+    )
+
+
+async def row_of(engine: AsyncEngine, row_id: str) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(sa.select(usage_logs).where(usage_logs.c.id == row_id))).one()
+
+
+async def wait_row(engine: AsyncEngine, row_id: str, ok: Callable[[Any], bool], what: str) -> Any:
+    row = None
+    for _ in range(500):
+        row = await row_of(engine, row_id)
+        if ok(row):
+            return row
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"usage row never had {what}: {row}")
+
+
+async def counter_and_sum(engine: AsyncEngine, user_id: str) -> tuple[int, int]:
+    period = month_period(datetime.now(UTC))
+    async with engine.connect() as conn:
+        used, _ = await read_tokens(conn, user_id, period)
+        total = (
+            await conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(usage_logs.c.total_tokens), 0)).where(
+                    usage_logs.c.user_id == user_id, usage_logs.c.period == period
+                )
+            )
+        ).scalar_one()
+    return used, int(total)
+
+
+async def assert_counter(engine: AsyncEngine, user_id: str, expected: int) -> None:
+    assert await counter_and_sum(engine, user_id) == (expected, expected)
+
+
+def deliver(meter: UsageMeter, tokens: int) -> None:
+    for _ in range(tokens):
+        meter.deliver()
+
+
+async def quota_subscription(env: Env, user_id: str) -> Subscription:
+    sub = await env.bus.subscribe(quota_channel(user_id), maxlen=1000)
+    if isinstance(env.bus, RedisBus):
+        # Wait until Redis has the subscription, so that no push is missed.
+        for _ in range(10):
+            await env.bus.publish(quota_channel(user_id), json.dumps({"probe": True}))
+            if await sub.get(within=0.5) is not None:
+                break
+        else:
+            raise AssertionError("the quota channel was never subscribed on Redis")
+    return sub
+
+
+async def assert_last_push_is_the_counter(env: Env, sub: Subscription, user_id: str) -> None:
+    """The pushes converge on the counter as it now stands: its `used` and `seq`."""
+    period = month_period(datetime.now(UTC))
+    async with env.engine.connect() as conn:
+        used, seq = await read_tokens(conn, user_id, period)
+    seen = []
+    while True:
+        message = await sub.get(within=5)
+        assert isinstance(message, str), f"no push of used={used} seq={seq}; got {seen}"
+        pushed = json.loads(message)
+        seen.append((pushed.get("used"), pushed.get("seq")))
+        if seen[-1] == (used, seq):
+            break
+    # Nothing older follows it.
+    assert await sub.get(within=0.2) is None
+
+
+# (1) begin, deliver, finish ------------------------------------------------------
+
+
+async def test_finish_and_discard_keep_the_counter_equal_to_the_rows(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    pushes = await quota_subscription(env, user)
+
+    completed = await metering.begin(request(user), prompt_tokens=10)
+    row = await row_of(env.engine, completed.row_id)
+    assert (row.status, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (
+        UsageStatus.STREAMING,
+        10,
+        0,
+        10,
+    )
+    assert row.instance_id == metering.instance_id and row.finished_at is None
+    await assert_counter(env.engine, user, 10)
+
+    deliver(completed, 12)
+    # The upstream's usage is trusted on completion: its prompt count replaces the
+    # estimate and its completion count the one we made.
+    await completed.finish(UsageStatus.COMPLETED, usage=Usage(11, 12), finish_reason="stop")
+    row = await row_of(env.engine, completed.row_id)
+    assert (row.status, row.finish_reason, row.error) == ("completed", "stop", None)
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (11, 12, 23)
+    assert row.finished_at is not None
+    await assert_counter(env.engine, user, 23)
+    assert completed not in metering.active
+
+    # Finishing again, or delivering afterwards, changes nothing.
+    await completed.finish(UsageStatus.ERROR, usage=Usage(100, 100), error="late")
+    completed.deliver(50)
+    await asyncio.sleep(0.05)
+    row = await row_of(env.engine, completed.row_id)
+    assert (row.status, row.total_tokens) == ("completed", 23)
+
+    # A request ended another way bills what was delivered, not the upstream's claim.
+    cancelled = await metering.begin(request(user), prompt_tokens=7)
+    deliver(cancelled, 3)
+    await cancelled.finish(UsageStatus.CANCELLED, usage=Usage(8, 999))
+    row = await row_of(env.engine, cancelled.row_id)
+    assert (row.status, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (
+        "cancelled",
+        8,
+        3,
+        11,
+    )
+    await assert_counter(env.engine, user, 34)
+
+    # A discarded request bills nothing, and gives back its estimated prompt tokens.
+    discarded = await metering.begin(request(user), prompt_tokens=9)
+    await assert_counter(env.engine, user, 43)
+    await discarded.discard(UsageStatus.ERROR, "upstream said no")
+    row = await row_of(env.engine, discarded.row_id)
+    assert (row.status, row.error, row.total_tokens) == ("error", "upstream said no", 0)
+    await assert_counter(env.engine, user, 34)
+
+    # Every change was pushed; the last push is the counter as it now stands.
+    await assert_last_push_is_the_counter(env, pushes, user)
+
+
+async def test_discard_after_checkpoints_gives_everything_back(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    meter = await metering.begin(request(user), prompt_tokens=6)
+    deliver(meter, 12)
+    await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens >= 10, "a checkpoint")
+    await meter.discard(UsageStatus.ERROR, "nothing reached the client")
+    row = await row_of(env.engine, meter.row_id)
+    assert (row.status, row.total_tokens) == ("error", 0)
+    await assert_counter(env.engine, user, 0)
+
+
+async def test_remaining_counts_tokens_not_yet_checkpointed(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    other = await metering.begin(request(user, token_limit=100), prompt_tokens=30)
+    await other.finish(UsageStatus.COMPLETED)
+
+    meter = await metering.begin(request(user, token_limit=100), prompt_tokens=10)
+    assert meter.remaining == 60 and not meter.exhausted
+    deliver(meter, 3)  # below the checkpoint: only in memory
+    assert meter.remaining == 57
+    deliver(meter, 57)
+    assert meter.remaining == 0 and meter.exhausted
+    await meter.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 100)
+
+    unlimited = await metering.begin(request(user, token_limit=None), prompt_tokens=1)
+    assert unlimited.remaining is None and not unlimited.exhausted
+    await unlimited.finish(UsageStatus.COMPLETED)
+
+
+# (2) checkpoints -----------------------------------------------------------------
+
+
+async def test_checkpoint_after_checkpoint_tokens(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    meter = await metering.begin(request(user), prompt_tokens=4)
+
+    deliver(meter, CONFIG.checkpoint_tokens - 1)
+    await asyncio.sleep(0.1)
+    row = await row_of(env.engine, meter.row_id)
+    assert row.completion_tokens == 0, "checkpointed before checkpoint_tokens"
+
+    meter.deliver()
+    row = await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens >= 5, "5 tokens")
+    assert row.status == "streaming" and row.finished_at is None
+    assert row.total_tokens == row.prompt_tokens + row.completion_tokens
+    used, total = await counter_and_sum(env.engine, user)
+    assert used == total == 4 + row.completion_tokens
+
+    deliver(meter, 7)
+    row = await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens >= 10, "10 tokens")
+    assert row.status == "streaming"
+    used, total = await counter_and_sum(env.engine, user)
+    assert used == total == 4 + row.completion_tokens
+
+    await meter.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 16)
+
+
+async def test_checkpoint_after_checkpoint_ms(env: Env):
+    config = CONFIG.model_copy(update={"checkpoint_tokens": 1000, "checkpoint_ms": 10})
+    metering = await env.started_metering(config)
+    user = await env.user()
+    meter = await metering.begin(request(user), prompt_tokens=2)
+    meter.deliver()
+    await asyncio.sleep(0.05)  # let checkpoint_ms pass; the next token is due
+    meter.deliver()
+    row = await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens >= 2, "2 tokens")
+    assert row.status == "streaming"
+    await assert_counter(env.engine, user, 4)
+    await meter.finish(UsageStatus.COMPLETED)
+
+
+# (3) crash recovery --------------------------------------------------------------
+
+
+async def checkpointed_stream(env: Env, metering: Metering, user: str) -> UsageMeter:
+    """A stream of `metering`: 6 prompt tokens, 7 delivered, checkpointed at 5."""
+    meter = await metering.begin(request(user), prompt_tokens=6)
+    deliver(meter, 5)
+    await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens == 5, "the checkpoint")
+    deliver(meter, 2)  # not due: only in memory
+    return meter
+
+
+async def test_sweep_finalizes_rows_of_an_instance_that_never_beat(env: Env):
+    user = await env.user()
+    # An instance that wrote rows and then vanished without a trace in `instances`.
+    crashed = env.metering(instance_id=f"crashed-{uuid.uuid4().hex[:8]}")
+    done = await crashed.begin(request(user), prompt_tokens=3)
+    await done.finish(UsageStatus.COMPLETED)
+    lost = await checkpointed_stream(env, crashed, user)
+    await assert_counter(env.engine, user, 3 + 11)
+
+    # A live instance with a stream of its own, checkpointed too.
+    live = await env.started_metering()
+    running = await checkpointed_stream(env, live, user)
+
+    # A fresh instance sweeps when it starts.
+    survivor = await env.started_metering()
+    row = await row_of(env.engine, lost.row_id)
+    assert (row.status, row.error) == (
+        "interrupted",
+        "instance stopped before the request finished",
+    )
+    assert row.finished_at is not None
+    # The last checkpoint's tokens, which the counter already held.
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (6, 5, 11)
+    assert (await row_of(env.engine, done.row_id)).status == "completed"
+    # The live instance's stream is left alone, by the start sweep and by later ones.
+    assert (await row_of(env.engine, running.row_id)).status == "streaming"
+    await survivor.sweep_interrupted()
+    assert (await row_of(env.engine, running.row_id)).status == "streaming"
+    await assert_counter(env.engine, user, 3 + 11 + 11)
+
+    await running.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 3 + 11 + 13)
+
+
+async def test_sweep_finalizes_rows_of_an_instance_whose_heartbeat_is_stale(env: Env):
+    user = await env.user()
+    stale = await env.started_metering()
+    lost = await checkpointed_stream(env, stale, user)
+    live = await env.started_metering()
+    running = await checkpointed_stream(env, live, user)
+    await assert_counter(env.engine, user, 22)
+
+    # `stale` stops beating: its last heartbeat is a day old.
+    async with env.engine.begin() as conn:
+        await conn.execute(
+            instances.update()
+            .where(instances.c.id == stale.instance_id)
+            .values(heartbeat_at=datetime.now(UTC) - timedelta(days=1))
+        )
+
+    sweeper = env.metering()
+    assert await sweeper.sweep_interrupted() >= 1
+    row = await row_of(env.engine, lost.row_id)
+    assert (row.status, row.completion_tokens, row.total_tokens) == ("interrupted", 5, 11)
+    assert (await row_of(env.engine, running.row_id)).status == "streaming"
+    await assert_counter(env.engine, user, 22)
+    async with env.engine.connect() as conn:
+        ids = set((await conn.execute(sa.select(instances.c.id))).scalars())
+    assert stale.instance_id not in ids
+    assert live.instance_id in ids
+
+    # A second sweep finds nothing more of these.
+    await sweeper.sweep_interrupted()
+    assert (await row_of(env.engine, lost.row_id)).finished_at == row.finished_at
+    await running.finish(UsageStatus.COMPLETED)
+
+
+async def test_an_instance_reaped_after_a_pause_registers_again(env: Env):
+    user = await env.user()
+    fast = CONFIG.model_copy(update={"heartbeat_seconds": 0.05})
+    paused = await env.started_metering(fast)
+    # It paused (a long GC, a frozen VM) and another instance reaped it...
+    async with env.engine.begin() as conn:
+        await conn.execute(
+            instances.update()
+            .where(instances.c.id == paused.instance_id)
+            .values(heartbeat_at=datetime.now(UTC) - timedelta(days=1))
+        )
+    await env.metering().sweep_interrupted()
+    # ...then it resumed, and serves a new stream.
+    meter = await paused.begin(request(user), prompt_tokens=1)
+
+    registered = False
+    for _ in range(100):
+        async with env.engine.connect() as conn:
+            registered = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(instances)
+                    .where(instances.c.id == paused.instance_id)
+                )
+            ).scalar_one() == 1
+        if registered:
+            break
+        await asyncio.sleep(0.02)
+    status = (await row_of(env.engine, meter.row_id)).status
+    await meter.finish(UsageStatus.COMPLETED)
+    assert registered, "the resumed instance never registered again"
+    assert status == "streaming", "the resumed instance's live stream was swept"
+
+
+# (4) shutdown --------------------------------------------------------------------
+
+
+async def test_close_finalizes_active_meters_as_interrupted(env: Env):
+    user = await env.user()
+    metering = env.metering()
+    await metering.start()
+    checkpointed = await checkpointed_stream(env, metering, user)
+    fresh = await metering.begin(request(user), prompt_tokens=2)
+    completed = await metering.begin(request(user), prompt_tokens=4)
+    deliver(completed, 1)
+    await completed.finish(UsageStatus.COMPLETED)
+
+    await metering.close()
+
+    row = await row_of(env.engine, checkpointed.row_id)
+    # Shutdown bills everything delivered, the unflushed tokens too.
+    assert (row.status, row.error, row.completion_tokens, row.total_tokens) == (
+        "interrupted",
+        "server shut down",
+        7,
+        13,
+    )
+    assert row.finished_at is not None
+    row = await row_of(env.engine, fresh.row_id)
+    assert (row.status, row.total_tokens) == ("interrupted", 2)
+    assert (await row_of(env.engine, completed.row_id)).status == "completed"
+    assert not metering.active
+    await assert_counter(env.engine, user, 13 + 2 + 5)
+    async with env.engine.connect() as conn:
+        ids = set((await conn.execute(sa.select(instances.c.id))).scalars())
+    assert metering.instance_id not in ids
+
+
+# (5) reconciliation --------------------------------------------------------------
+
+
+async def test_reconcile_repairs_a_counter_edited_by_hand(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    period = month_period(datetime.now(UTC))
+    for prompt, completion in [(5, 8), (2, 0), (40, 1)]:
+        meter = await metering.begin(request(user), prompt_tokens=prompt)
+        deliver(meter, completion)
+        await meter.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 56)
+
+    where = (quota_counters.c.user_id == user, quota_counters.c.period == period)
+    async with env.engine.begin() as conn:
+        await conn.execute(quota_counters.update().where(*where).values(used=9999))
+    assert await counter_and_sum(env.engine, user) == (9999, 56)
+    assert await reconcile_tokens(env.engine, user, period) == 56
+    await assert_counter(env.engine, user, 56)
+
+    async with env.engine.begin() as conn:
+        await conn.execute(quota_counters.update().where(*where).values(used=-3))
+    assert await reconcile_tokens(env.engine, user, period) == 56
+    await assert_counter(env.engine, user, 56)
+
+    # A lost counter row is recreated.
+    async with env.engine.begin() as conn:
+        await conn.execute(quota_counters.delete().where(*where))
+    assert await reconcile_tokens(env.engine, user, period) == 56
+    await assert_counter(env.engine, user, 56)
+
+    # A consistent counter is left as it is, and metering goes on from it.
+    assert await reconcile_tokens(env.engine, user, period) == 56
+    meter = await metering.begin(request(user), prompt_tokens=4)
+    await meter.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 60)
+
+    # A user with no usage reconciles to zero.
+    assert await reconcile_tokens(env.engine, await env.user(), period) == 0
+
+
+# (6) concurrency -----------------------------------------------------------------
+
+
+async def test_concurrent_meters_of_one_user_keep_the_counter_exact(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    pushes = await quota_subscription(env, user)
+
+    async def stream(i: int) -> int:
+        meter = await metering.begin(request(user), prompt_tokens=3 + i % 4)
+        for _ in range(20 + i):
+            meter.deliver()
+            await asyncio.sleep(0)
+        if i % 5 == 4:
+            await meter.discard(UsageStatus.ERROR, "failed")
+            return 0
+        status = UsageStatus.CANCELLED if i % 3 == 0 else UsageStatus.COMPLETED
+        await meter.finish(status)
+        return meter.total_tokens
+
+    billed = await asyncio.gather(*(stream(i) for i in range(20)))
+    expected = sum(billed)
+    assert expected == sum(3 + i % 4 + 20 + i for i in range(20) if i % 5 != 4)
+    await assert_counter(env.engine, user, expected)
+    async with env.engine.connect() as conn:
+        statuses = list(
+            (
+                await conn.execute(
+                    sa.select(usage_logs.c.status).where(usage_logs.c.user_id == user)
+                )
+            ).scalars()
+        )
+    assert len(statuses) == 20 and "streaming" not in statuses
+
+    await assert_last_push_is_the_counter(env, pushes, user)
