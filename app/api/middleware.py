@@ -127,7 +127,9 @@ class RateLimitMiddleware:
             if message["type"] == "http.response.start":
                 response_headers = MutableHeaders(scope=message)
                 for name, value in headers.items():
-                    response_headers[name] = value
+                    # A route's own limit headers (Navi's daily messages) say more.
+                    if name not in response_headers:
+                        response_headers[name] = value
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

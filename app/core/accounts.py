@@ -111,18 +111,27 @@ async def update_profile(
 async def change_password(
     engine: AsyncEngine, sessions: Sessions, user_id: str, *, old: str, new: str
 ) -> None:
-    """Replace the password; every refresh token of the user stops working."""
+    """Replace the password; every session of the user, on every device, ends.
+
+    Access tokens carry whole seconds: ones issued in the second of the change
+    itself may outlive it.
+    """
     async with engine.connect() as conn:
         stored = (
             await conn.execute(sa.select(users.c.password_hash).where(users.c.id == user_id))
         ).scalar()
     if not stored or not verify_password(stored, old[:MAX_PASSWORD]):
         raise Unauthorized("current password is incorrect", code="invalid_credentials")
+    now = datetime.now(UTC)
     async with engine.begin() as conn:
         await conn.execute(
             users.update()
             .where(users.c.id == user_id)
-            .values(password_hash=hash_password(new), updated_at=datetime.now(UTC))
+            .values(
+                password_hash=hash_password(new),
+                updated_at=now,
+                tokens_valid_after=now.replace(microsecond=0),
+            )
         )
     await sessions.revoke_user_refresh_tokens(user_id)
 

@@ -35,6 +35,7 @@ from app.core.users import USER_COLUMNS, User, get_user, row_to_user
 logger = logging.getLogger("livegate.auth")
 
 DEV_PROVIDER = "dev"
+MAX_SUBJECT = 255  # external_identities.subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class Principal:
     permissions: frozenset[str] | None = None
     token_id: str | None = None
     token_expires_at: datetime | None = None
+    session_id: str | None = None
 
     @property
     def is_session(self) -> bool:
@@ -165,7 +167,14 @@ class Authenticator:
         if await self._denylist.is_revoked(claims.token_id):
             raise Unauthorized("token has been revoked", code="token_revoked")
         user = await get_user(self._engine, claims.subject)
-        return Principal(user=user, token_id=claims.token_id, token_expires_at=claims.expires_at)
+        if user.tokens_valid_after is not None and claims.issued_at < user.tokens_valid_after:
+            raise Unauthorized("token has been revoked", code="token_revoked")
+        return Principal(
+            user=user,
+            token_id=claims.token_id,
+            token_expires_at=claims.expires_at,
+            session_id=claims.session_id,
+        )
 
     async def _external_token(
         self, credential: str, header: dict[str, Any], config: IssuerConfig, jwks: JwksCache
@@ -186,14 +195,15 @@ class Authenticator:
                 },
                 leeway=5,
             )
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            # TypeError/ValueError: an `alg` that does not fit the key's type.
             raise Unauthorized(f"invalid token: {exc}", code="invalid_token") from exc
         azp = claims.get("azp")
         if config.authorized_parties and azp not in config.authorized_parties:
             raise Unauthorized("token issued for an unauthorized party", code="invalid_token")
         subject = claims["sub"]
-        if not isinstance(subject, str) or not subject:
-            raise Unauthorized("token has no subject", code="invalid_token")
+        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT:
+            raise Unauthorized("token has no usable subject", code="invalid_token")
         user = await self.user_for_identity(
             config.name, subject, email=claims.get("email"), profile=claims
         )
@@ -203,6 +213,8 @@ class Authenticator:
         """The `x-user-id` header's user; only ever called in development."""
         if self._settings.environment is not Environment.DEVELOPMENT:
             raise Unauthorized("x-user-id authentication is disabled outside development")
+        if len(user_id) > MAX_SUBJECT:
+            raise Unauthorized(f"x-user-id is longer than {MAX_SUBJECT} characters")
         return Principal(user=await self.user_for_identity(DEV_PROVIDER, user_id))
 
     async def user_for_identity(
@@ -212,8 +224,13 @@ class Authenticator:
         *,
         email: object = None,
         profile: dict[str, Any] | None = None,
+        link_by_email: bool = False,
     ) -> User:
-        """The user behind an external identity, created on first sight."""
+        """The user behind an external identity, created on first sight.
+
+        With `link_by_email` (a source that verified the address, like a signed Clerk
+        webhook), an existing account with that email is linked instead of refused.
+        """
         lookup = sa.select(external_identities.c.user_id).where(
             external_identities.c.provider == provider, external_identities.c.subject == subject
         )
@@ -248,15 +265,40 @@ class Authenticator:
                 )
         except IntegrityError:
             # A concurrent first request created it, or the email belongs to a user
-            # already: link to whichever exists.
+            # already.
             async with self._engine.connect() as conn:
                 user_id = (await conn.execute(lookup)).scalar()
+            if user_id is not None:
+                return await get_user(self._engine, user_id)
+            if link_by_email and address:
+                return await self._link(provider, subject, address.lower())
+            raise Unauthorized(
+                "this identity's email belongs to another account", code="identity_conflict"
+            ) from None
+        return await get_user(self._engine, new_id)
+
+    async def _link(self, provider: str, subject: str, email: str) -> User:
+        async with self._engine.begin() as conn:
+            user_id = (
+                await conn.execute(
+                    sa.select(users.c.id).where(
+                        users.c.email == email, users.c.deleted_at.is_(None)
+                    )
+                )
+            ).scalar()
             if user_id is None:
                 raise Unauthorized(
-                    "this identity's email belongs to another account", code="identity_conflict"
-                ) from None
-            return await get_user(self._engine, user_id)
-        return await get_user(self._engine, new_id)
+                    "identity conflicts with a deleted account", code="identity_conflict"
+                )
+            await conn.execute(
+                external_identities.insert().values(
+                    provider=provider,
+                    subject=subject,
+                    user_id=user_id,
+                    created_at=datetime.now(UTC),
+                )
+            )
+        return await get_user(self._engine, user_id)
 
 
 def _str(value: object) -> str | None:

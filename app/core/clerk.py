@@ -36,7 +36,8 @@ def verify(secret: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
     """The event, if the Svix signature and its timestamp (5 minutes) check out."""
     try:
         Webhook(secret).verify(body, headers)
-    except WebhookVerificationError as exc:
+    except (WebhookVerificationError, ValueError) as exc:
+        # ValueError: a malformed signature header or a body that is not UTF-8.
         raise BadRequest(f"invalid webhook signature: {exc}", code="invalid_signature") from exc
     event = parse_json(body)
     if not isinstance(event, dict) or not isinstance(event.get("data"), dict):
@@ -49,7 +50,8 @@ async def handle_webhook(svc: Services, body: bytes, headers: dict[str, str]) ->
     if secret is None:
         raise WebhookNotConfigured("CLERK_WEBHOOK_SIGNING_SECRET is not set")
     event = verify(secret.get_secret_value(), body, headers)
-    event_id = headers.get("svix-id", "")
+    # svix also accepts the Standard Webhooks names; the replay key must follow it.
+    event_id = headers.get("svix-id") or headers.get("webhook-id") or ""
     try:
         async with svc.engine.begin() as conn:
             await conn.execute(
@@ -85,7 +87,9 @@ async def _apply(svc: Services, event_type: str, data: dict[str, Any]) -> Outcom
     if event_type not in ("user.created", "user.updated"):
         return Outcome.IGNORED
     email = _primary_email(data)
-    user = await svc.authenticator.user_for_identity(provider, clerk_id, email=email, profile={})
+    user = await svc.authenticator.user_for_identity(
+        provider, clerk_id, email=email, profile={}, link_by_email=True
+    )
     values: dict[str, object] = {
         "first_name": _text(data.get("first_name")),
         "last_name": _text(data.get("last_name")),

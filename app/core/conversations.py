@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.db import dialect_insert
-from app.core.errors import BadRequest, NotFound
+from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.tables import conversations, messages
 
 MAX_ID = 128
@@ -183,12 +183,20 @@ async def save_messages(
                 # Distinct instants keep a batch in the order it was sent.
                 created_at=now + timedelta(microseconds=i),
             )
-            await conn.execute(
+            saved = await conn.execute(
                 stmt.on_conflict_do_update(
                     index_elements=[messages.c.user_id, messages.c.id],
                     set_={"role": stmt.excluded.role, "content": stmt.excluded.content},
-                )
+                    # A message id already used in another conversation is not moved or
+                    # overwritten: the whole batch is refused.
+                    where=messages.c.conversation_id == stmt.excluded.conversation_id,
+                ).returning(messages.c.id)
             )
+            if saved.first() is None:
+                raise Conflict(
+                    f"message {message['id']!r} belongs to another conversation",
+                    details={"field": "messages"},
+                )
         await conn.execute(
             conversations.update()
             .where(conversations.c.user_id == user_id, conversations.c.id == conversation_id)

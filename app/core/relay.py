@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.auth import Principal
@@ -286,10 +287,16 @@ def _describe(exc: Exception) -> str:
 
 
 async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
-    """Run a clean-up step to its end even if the surrounding task is being cancelled."""
+    """Run a clean-up step to its end even if the surrounding task is being cancelled.
+
+    Both kinds of cancellation: asyncio's (once; `shield` absorbs it) and anyio's
+    (sse-starlette's task groups cancel again at every await; the shielded scope
+    holds that off until the step is done).
+    """
     task = asyncio.ensure_future(step())
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+    with anyio.CancelScope(shield=True):
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise

@@ -37,6 +37,7 @@ class TokenClaims:
     token_id: str
     issued_at: datetime
     expires_at: datetime
+    session_id: str | None = None  # the refresh-token family the token belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +69,19 @@ class Secrets:
             raise RuntimeError("JWT_SECRET is required in production")
         return cls(_development_secret(settings.data_dir))
 
-    def issue_token(self, subject: str, now: datetime | None = None) -> str:
+    def issue_token(
+        self, subject: str, now: datetime | None = None, session_id: str | None = None
+    ) -> str:
         now = now or datetime.now(UTC)
-        payload = {
+        payload: dict[str, object] = {
             "sub": subject,
             "iat": int(now.timestamp()),
             "exp": int((now + JWT_LIFETIME).timestamp()),
             "jti": uuid.uuid4().hex,
             "iss": JWT_ISSUER,
         }
+        if session_id is not None:
+            payload["sid"] = session_id
         return jwt.encode(payload, self._jwt_key, algorithm=JWT_ALGORITHM)
 
     def verify_token(self, token: str) -> TokenClaims:
@@ -90,14 +95,19 @@ class Secrets:
             )
         except jwt.PyJWTError as exc:
             raise InvalidTokenError(str(exc)) from exc
-        subject, token_id = payload["sub"], payload["jti"]
-        if not isinstance(subject, str) or not isinstance(token_id, str):
+        subject, token_id, session_id = payload["sub"], payload["jti"], payload.get("sid")
+        if (
+            not isinstance(subject, str)
+            or not isinstance(token_id, str)
+            or not isinstance(session_id, str | None)
+        ):
             raise InvalidTokenError("malformed claims")
         return TokenClaims(
             subject=subject,
             token_id=token_id,
             issued_at=datetime.fromtimestamp(payload["iat"], UTC),
             expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+            session_id=session_id,
         )
 
     def encrypt(self, plaintext: str) -> str:

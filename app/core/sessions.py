@@ -6,6 +6,7 @@ import secrets as random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from redis.asyncio import Redis
@@ -74,30 +75,43 @@ class Sessions:
         self._secrets = secrets
         self.denylist = denylist
 
-    async def issue(self, user_id: str, family_id: str | None = None) -> SessionTokens:
-        """A new access token and a refresh token (of a new family unless given)."""
+    def _new_refresh(
+        self, user_id: str, family_id: str, now: datetime
+    ) -> tuple[str, dict[str, object]]:
         plaintext = REFRESH_PREFIX + random.token_urlsafe(32)
-        now = datetime.now(UTC)
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                refresh_tokens.insert().values(
-                    id=uuid.uuid4().hex,
-                    user_id=user_id,
-                    family_id=family_id or uuid.uuid4().hex,
-                    token_hash=hash_key(plaintext),
-                    created_at=now,
-                    expires_at=now + REFRESH_LIFETIME,
-                )
-            )
+        row = {
+            "id": uuid.uuid4().hex,
+            "user_id": user_id,
+            "family_id": family_id,
+            "token_hash": hash_key(plaintext),
+            "created_at": now,
+            "expires_at": now + REFRESH_LIFETIME,
+        }
+        return plaintext, row
+
+    def _tokens(self, user_id: str, family_id: str, refresh: str, now: datetime) -> SessionTokens:
         return SessionTokens(
             user_id=user_id,
-            access_token=self._secrets.issue_token(user_id, now),
-            refresh_token=plaintext,
+            access_token=self._secrets.issue_token(user_id, now, session_id=family_id),
+            refresh_token=refresh,
             expires_in=int(JWT_LIFETIME.total_seconds()),
         )
 
+    async def issue(self, user_id: str) -> SessionTokens:
+        """A new session: an access token and the first refresh token of a new family."""
+        now = datetime.now(UTC)
+        family_id = uuid.uuid4().hex
+        plaintext, row = self._new_refresh(user_id, family_id, now)
+        async with self._engine.begin() as conn:
+            await conn.execute(refresh_tokens.insert().values(**row))
+        return self._tokens(user_id, family_id, plaintext, now)
+
     async def refresh(self, refresh_token: str) -> SessionTokens:
-        """Spend a refresh token for a new pair; a spent one revokes its whole family."""
+        """Spend a refresh token for a new pair; a spent one revokes its whole family.
+
+        The spend and the next token of the family are one transaction, so a reuse
+        detected concurrently can never miss the token the winner just received.
+        """
         token_hash = hash_key(refresh_token)
         now = datetime.now(UTC)
         async with self._engine.begin() as conn:
@@ -114,7 +128,10 @@ class Sessions:
                     .returning(refresh_tokens.c.user_id, refresh_tokens.c.family_id)
                 )
             ).first()
-            if spent is None:
+            if spent is not None:
+                plaintext, row = self._new_refresh(spent.user_id, spent.family_id, now)
+                await conn.execute(refresh_tokens.insert().values(**row))
+            else:
                 known = (
                     await conn.execute(
                         sa.select(refresh_tokens.c.family_id, refresh_tokens.c.used_at).where(
@@ -124,17 +141,25 @@ class Sessions:
                 ).first()
                 if known is not None and known.used_at is not None:
                     # Reuse of a spent token: someone else holds the family. End it.
-                    await conn.execute(
-                        refresh_tokens.update()
-                        .where(
-                            refresh_tokens.c.family_id == known.family_id,
-                            refresh_tokens.c.revoked_at.is_(None),
-                        )
-                        .values(revoked_at=now)
-                    )
+                    await self._revoke_family(conn, known.family_id, now)
         if spent is None:
             raise Unauthorized("invalid, expired or reused refresh token", code="invalid_refresh")
-        return await self.issue(spent.user_id, spent.family_id)
+        return self._tokens(spent.user_id, spent.family_id, plaintext, now)
+
+    @staticmethod
+    async def _revoke_family(conn: Any, family_id: str, now: datetime) -> None:
+        await conn.execute(
+            refresh_tokens.update()
+            .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+
+    async def logout(self, token_id: str, expires_at: datetime, session_id: str | None) -> None:
+        """End a session: its access token at once, and its refresh tokens with it."""
+        await self.denylist.revoke(token_id, expires_at)
+        if session_id is not None:
+            async with self._engine.begin() as conn:
+                await self._revoke_family(conn, session_id, datetime.now(UTC))
 
     async def revoke_user_refresh_tokens(self, user_id: str) -> None:
         async with self._engine.begin() as conn:

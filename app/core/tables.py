@@ -78,6 +78,7 @@ users = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime(), nullable=True),
+    Column("tokens_valid_after", UTCDateTime(), nullable=True),
     # An index, not a constraint: SQLite adds it without rebuilding the table.
     Index("uq_users_username", "username", unique=True),
 )

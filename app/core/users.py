@@ -32,6 +32,8 @@ class User:
     image_url: str | None
     created_at: datetime
     updated_at: datetime
+    # Access tokens issued before this (a password change) are refused.
+    tokens_valid_after: datetime | None = None
 
 
 USER_COLUMNS = (
@@ -45,6 +47,7 @@ USER_COLUMNS = (
     users.c.image_url,
     users.c.created_at,
     users.c.updated_at,
+    users.c.tokens_valid_after,
 )
 
 

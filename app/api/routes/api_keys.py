@@ -12,8 +12,20 @@ from app.api.requests import read_json_object, require_principal, services
 from app.api.responses import iso_millis, playground_ok
 from app.api.routes.auth import masked_key_shape
 from app.core import keys
-from app.core.errors import BadRequest
+from app.core.auth import Principal
+from app.core.errors import BadRequest, Forbidden
 from app.core.pagination import parse_page
+
+
+def _grantable(principal: Principal, permissions: list[str]) -> list[str]:
+    """A key may only hand on permissions it holds itself (a session holds them all)."""
+    if principal.permissions is not None and not set(permissions) <= principal.permissions:
+        missing = sorted(set(permissions) - principal.permissions)
+        raise Forbidden(
+            f"an API key cannot grant permissions it lacks: {', '.join(missing)}",
+            code="missing_permission",
+        )
+    return permissions
 
 
 def _detail_shape(key: keys.ApiKey) -> dict[str, Any]:
@@ -27,8 +39,9 @@ async def create(request: Request) -> Response:
         services(request).engine,
         principal.user.id,
         name=keys.validate_name(body.get("name")),
-        permissions=keys.validate_permissions(
-            body.get("permissions", list(keys.DEFAULT_PERMISSIONS))
+        permissions=_grantable(
+            principal,
+            keys.validate_permissions(body.get("permissions", list(keys.DEFAULT_PERMISSIONS))),
         ),
         expires_in_days=keys.validate_expiry_days(body.get("expires_in")),
     )
@@ -59,13 +72,17 @@ async def update(request: Request) -> Response:
     body = await read_json_object(request)
     if "name" not in body and "permissions" not in body:
         raise BadRequest("nothing to update: give `name` and/or `permissions`")
+    # Another user's key is "not found" before anything about the request is judged.
+    await keys.get_key(services(request).engine, principal.user.id, request.path_params["key_id"])
     key = await keys.update_key(
         services(request).engine,
         principal.user.id,
         request.path_params["key_id"],
         name=keys.validate_name(body["name"]) if "name" in body else None,
         permissions=(
-            keys.validate_permissions(body["permissions"]) if "permissions" in body else None
+            _grantable(principal, keys.validate_permissions(body["permissions"]))
+            if "permissions" in body
+            else None
         ),
     )
     shape = {

@@ -122,8 +122,8 @@ async def change_password(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     principal: Principal = await require_principal(request, session_only=True)
     if principal.token_id is not None and principal.token_expires_at is not None:
-        await services(request).sessions.denylist.revoke(
-            principal.token_id, principal.token_expires_at
+        await services(request).sessions.logout(
+            principal.token_id, principal.token_expires_at, principal.session_id
         )
     return playground_ok(message="Logout successful")
 

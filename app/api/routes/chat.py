@@ -52,10 +52,18 @@ async def chat(request: Request) -> Response:
             return surface_error(Surface.ANKI, exc)
     try:
         return await _navi_chat(request, payload)
-    except QuotaExhausted as exc:
-        return _daily_limit_reached(exc)
+    except DailyLimitReached as exc:
+        return _daily_limit_reached(exc.exhausted)
     except ApiError as exc:
         return surface_error(Surface.NAVI, exc)
+
+
+class DailyLimitReached(Exception):
+    """The `chat_messages` counter is full (not any other quota of the relay)."""
+
+    def __init__(self, exhausted: QuotaExhausted) -> None:
+        super().__init__(exhausted.message)
+        self.exhausted = exhausted
 
 
 async def _anki_passthrough(request: Request, payload: dict[str, Any]) -> Response:
@@ -101,7 +109,10 @@ async def _navi_chat(request: Request, payload: object) -> Response:
         subject, tier = f"ip:{client_ip(request)}", svc.settings.anonymous_tier
         principal = Principal(user=svc.anonymous)
     counted_at = datetime.now(UTC)
-    counted = await svc.policy.consume_counter(subject, tier, CHAT_MESSAGES)
+    try:
+        counted = await svc.policy.consume_counter(subject, tier, CHAT_MESSAGES)
+    except QuotaExhausted as exc:
+        raise DailyLimitReached(exc) from exc
     chat = parse_chat_request(
         {
             "model": svc.router.chat_model(svc.settings.server.chat_model),
