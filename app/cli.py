@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP/WebSocket server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (off: it costs per request)"
+    )
 
     commands.add_parser("migrate", help="bring the database schema up to date")
 
@@ -37,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, access_log: bool = False) -> None:
     import uvicorn
 
     from app.main import create_app
@@ -51,6 +54,7 @@ def serve(settings: Settings, host: str, port: int) -> None:
         timeout_graceful_shutdown=30,
         proxy_headers=False,
         server_header=False,
+        access_log=access_log,
     )
 
 
@@ -89,10 +93,12 @@ async def _create_user(settings: Settings, args: argparse.Namespace) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every upstream request at INFO: a line per relayed call on the hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = load_settings()
         if args.command == "serve":
-            serve(settings, args.host, args.port)
+            serve(settings, args.host, args.port, args.access_log)
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
             print("database is up to date")
