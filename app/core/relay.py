@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -35,6 +35,7 @@ from app.core.routing import ModelRouter, Target, first_answer
 from app.core.tables import UsageStatus
 
 QUOTA_FINISH_REASON = "quota_exhausted"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,21 @@ class Relay:
         await meter.discard(status, error)
         await self._policy.refund_ai_request(meter.info.user_id, meter.started_at)
 
+    async def _first_answer(
+        self, chain: list[Target], meter: UsageMeter, call: Callable[[Target], Awaitable[T]]
+    ) -> T:
+        """The first target's answer; a request no target answered is not billed."""
+        try:
+            target, answer = await first_answer(chain, call)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
+            raise
+        except Exception as exc:
+            await self._refused(meter, UsageStatus.ERROR, _describe(exc))
+            raise
+        meter.answered_by(target)
+        return answer
+
     async def complete(
         self, principal: Principal, request: ChatRequest, context: RequestContext
     ) -> bytes:
@@ -149,15 +165,7 @@ class Relay:
         async def call(target: Target) -> Completion:
             return await target.provider.complete({**request.body, "model": target.model})
 
-        try:
-            target, completion = await first_answer(chain, call)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
-            raise
-        except Exception as exc:
-            await self._refused(meter, UsageStatus.ERROR, _describe(exc))
-            raise
-        meter.answered_by(target)
+        completion = await self._first_answer(chain, meter, call)
         usage = completion.usage or Usage(
             prompt_tokens=meter.prompt_tokens,
             completion_tokens=estimate_tokens(completion.completion_text),
@@ -178,15 +186,7 @@ class Relay:
         async def call(target: Target) -> _OpenedStream:
             return await _open_stream(target, {**request.body, "model": target.model})
 
-        try:
-            target, opened = await first_answer(chain, call)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._refused(meter, UsageStatus.CANCELLED, "client disconnected"))
-            raise
-        except Exception as exc:
-            await self._refused(meter, UsageStatus.ERROR, _describe(exc))
-            raise
-        meter.answered_by(target)
+        opened = await self._first_answer(chain, meter, call)
         return relay_stream(opened, meter, fmt)
 
 
