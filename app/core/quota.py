@@ -132,9 +132,12 @@ async def reconcile_tokens(engine: AsyncEngine, user_id: str, period: str) -> in
     """Reset the counter to the sum over `usage_logs`; return that sum.
 
     Counter and rows are written in one transaction, so they only drift if the
-    database was edited by hand; this is the repair for that.
+    database was edited by hand; this is the repair for that. Safe under traffic: the
+    zero increment first takes the counter row's lock (the database's write lock on
+    SQLite), so no checkpoint commits between the sum and the correction.
     """
     async with engine.begin() as conn:
+        used, _ = await add_tokens(conn, user_id, period, 0)
         total = (
             await conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(usage_logs.c.total_tokens), 0)).where(
@@ -142,7 +145,6 @@ async def reconcile_tokens(engine: AsyncEngine, user_id: str, period: str) -> in
                 )
             )
         ).scalar_one()
-        used, _ = await read_tokens(conn, user_id, period)
         if used != total:
             await add_tokens(conn, user_id, period, int(total) - used)
     return int(total)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import os
 import secrets
 import uuid
@@ -153,10 +152,6 @@ def generate_api_key() -> IssuedKey:
 
 def looks_like_api_key(credential: str) -> bool:
     return credential.startswith(API_KEY_PREFIX)
-
-
-def constant_time_equals(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 # OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
