@@ -42,19 +42,6 @@ def validate_id(value: object, field: str) -> str:
     return value
 
 
-def validate_page(
-    limit: str | None, offset: str | None, default: int, maximum: int
-) -> tuple[int, int]:
-    try:
-        size = default if limit in (None, "") else int(limit)
-        start = 0 if offset in (None, "") else int(offset)
-    except ValueError:
-        raise BadRequest("`limit` and `offset` must be whole numbers") from None
-    if not 1 <= size <= maximum or start < 0:
-        raise BadRequest(f"`limit` must be 1-{maximum} and `offset` at least 0")
-    return size, start
-
-
 def _conversation(row: Any) -> Conversation:
     return Conversation(row.id, row.title, row.created_at, row.updated_at)
 

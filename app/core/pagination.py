@@ -8,6 +8,9 @@ from typing import Any
 
 from app.core.errors import BadRequest
 
+# Past this an offset only makes the database scan: refused, as is overflowing BIGINT.
+MAX_OFFSET = 1_000_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class Page:
@@ -38,8 +41,22 @@ def parse_page(page: str | None, limit: str | None, sort: str | None) -> Page:
         size = 20 if limit in (None, "") else int(limit)
     except ValueError:
         raise BadRequest("`page` and `limit` must be whole numbers") from None
-    if number < 1 or not 1 <= size <= 100:
-        raise BadRequest("`page` must be at least 1 and `limit` 1-100")
+    if not 1 <= number <= MAX_OFFSET // 100 or not 1 <= size <= 100:
+        raise BadRequest(f"`page` must be 1-{MAX_OFFSET // 100} and `limit` 1-100")
     if sort not in (None, "", "asc", "desc"):
         raise BadRequest("`sort` must be asc or desc")
     return Page(number, size, sort != "asc")
+
+
+def parse_offset(
+    limit: str | None, offset: str | None, default: int, maximum: int
+) -> tuple[int, int]:
+    """Navi's `limit` / `offset` query parameters, checked."""
+    try:
+        size = default if limit in (None, "") else int(limit)
+        start = 0 if offset in (None, "") else int(offset)
+    except ValueError:
+        raise BadRequest("`limit` and `offset` must be whole numbers") from None
+    if not 1 <= size <= maximum or not 0 <= start <= MAX_OFFSET:
+        raise BadRequest(f"`limit` must be 1-{maximum} and `offset` 0-{MAX_OFFSET}")
+    return size, start

@@ -865,3 +865,16 @@ async def test_ai_routes_require_authentication(
             await call(livegate, method, path, credential, json=body), 401, "AUTHENTICATION_ERROR"
         )
     assert fake_upstream.requests == []
+
+
+@pytest.mark.parametrize("page", [str(10**30), str(2**62), "0", "-1"])
+async def test_huge_or_bad_page_numbers_are_400_not_500(livegate: Livegate, page: str):
+    account = await livegate.account()
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        response = await http.get(
+            "/api/v1/usage",
+            params={"page": page},
+            headers={"Authorization": f"Bearer {account.token}"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"

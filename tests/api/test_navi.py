@@ -1036,3 +1036,24 @@ async def test_invalid_conversation_create_is_400(livegate: Livegate, body: dict
     response = await post(livegate, "/api/conversations", body, account.token)
     assert_navi_error(response, 400, "BAD_REQUEST")
     assert (await list_conversations(livegate, account))["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": "10", "offset": str(10**30)},
+        {"limit": "10", "offset": str(2**63)},
+        {"limit": str(10**30)},
+    ],
+    ids=["offset-huge", "offset-past-bigint", "limit-huge"],
+)
+async def test_huge_paging_numbers_are_400_not_500(livegate: Livegate, query: dict[str, str]):
+    account = await livegate.account()
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        response = await http.get(
+            "/api/conversations",
+            params=query,
+            headers={"Authorization": f"Bearer {account.token}"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "BAD_REQUEST"

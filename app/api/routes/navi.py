@@ -11,6 +11,7 @@ from starlette.routing import Route
 from app.api.requests import read_json_object, require_principal, services
 from app.core import conversations as sync
 from app.core.errors import BadRequest
+from app.core.pagination import parse_offset
 from app.core.quota import iso_z
 
 
@@ -42,7 +43,7 @@ def _conversation_shape(c: sync.Conversation) -> dict[str, str]:
 
 async def list_conversations(request: Request) -> Response:
     principal = await require_principal(request)
-    limit, offset = sync.validate_page(
+    limit, offset = parse_offset(
         request.query_params.get("limit"), request.query_params.get("offset"), 50, 200
     )
     found, total = await sync.list_conversations(
@@ -78,7 +79,7 @@ async def delete_conversation(request: Request) -> Response:
 async def list_messages(request: Request) -> Response:
     principal = await require_principal(request)
     conversation_id = sync.validate_id(request.query_params.get("conversationId"), "conversationId")
-    limit, offset = sync.validate_page(
+    limit, offset = parse_offset(
         request.query_params.get("limit"), request.query_params.get("offset"), 100, 1000
     )
     found = await sync.list_messages(
