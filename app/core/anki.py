@@ -42,10 +42,13 @@ def subject(user_id: str) -> str:
 
 
 class Anki:
-    def __init__(self, engine: AsyncEngine, policy: Policy, open_mode: bool) -> None:
+    def __init__(
+        self, engine: AsyncEngine, policy: Policy, open_mode: bool, identity_providers: list[str]
+    ) -> None:
         self._engine = engine
         self._policy = policy
         self.open_mode = open_mode
+        self._providers = identity_providers
 
     async def authorize(self, principal: Principal | None, user_id: str) -> None:
         """Unless in open mode, the caller must be `user_id`: as our user, or by an
@@ -61,6 +64,7 @@ class Anki:
                 sa.select(external_identities.c.subject).where(
                     external_identities.c.user_id == principal.user.id,
                     external_identities.c.subject == user_id,
+                    external_identities.c.provider.in_(self._providers),
                 )
             )
             if linked.first() is None:

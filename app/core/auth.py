@@ -272,33 +272,52 @@ class Authenticator:
                 return await get_user(self._engine, user_id)
             if link_by_email and address:
                 return await self._link(provider, subject, address.lower())
-            raise Unauthorized(
+            raise IdentityConflict(
                 "this identity's email belongs to another account", code="identity_conflict"
             ) from None
         return await get_user(self._engine, new_id)
 
     async def _link(self, provider: str, subject: str, email: str) -> User:
+        """Link the identity to the account holding its email, if that is safe.
+
+        Only an account nobody can sign in to otherwise (no password, no other
+        identity) is linked: anyone may register an address they do not own, and
+        linking to such an account would hand the real owner's identity to them.
+        """
         async with self._engine.begin() as conn:
-            user_id = (
+            row = (
                 await conn.execute(
-                    sa.select(users.c.id).where(
+                    sa.select(users.c.id, users.c.password_hash).where(
                         users.c.email == email, users.c.deleted_at.is_(None)
                     )
                 )
-            ).scalar()
-            if user_id is None:
-                raise Unauthorized(
-                    "identity conflicts with a deleted account", code="identity_conflict"
+            ).first()
+            others = 0
+            if row is not None:
+                others = (
+                    await conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(external_identities)
+                        .where(external_identities.c.user_id == row.id)
+                    )
+                ).scalar_one()
+            if row is None or row.password_hash or others:
+                raise IdentityConflict(
+                    "this identity's email belongs to another account", code="identity_conflict"
                 )
             await conn.execute(
                 external_identities.insert().values(
                     provider=provider,
                     subject=subject,
-                    user_id=user_id,
+                    user_id=row.id,
                     created_at=datetime.now(UTC),
                 )
             )
-        return await get_user(self._engine, user_id)
+        return await get_user(self._engine, row.id)
+
+
+class IdentityConflict(Unauthorized):
+    """An external identity whose email already belongs to an account it may not join."""
 
 
 def _str(value: object) -> str | None:

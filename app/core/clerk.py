@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from svix.webhooks import Webhook, WebhookVerificationError
 
 from app.core.accounts import delete_user, set_tier
+from app.core.auth import IdentityConflict
 from app.core.errors import ApiError, BadRequest
 from app.core.services import Services
 from app.core.strict_json import parse_json
@@ -30,6 +31,7 @@ class Outcome(enum.StrEnum):
     PROCESSED = "processed"
     DUPLICATE = "duplicate"  # this svix-id was processed before: acknowledged, not applied
     IGNORED = "ignored"  # an event type we do not act on
+    CONFLICT = "conflict"  # the user's email belongs to an account it may not join
 
 
 def verify(secret: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -87,9 +89,15 @@ async def _apply(svc: Services, event_type: str, data: dict[str, Any]) -> Outcom
     if event_type not in ("user.created", "user.updated"):
         return Outcome.IGNORED
     email = _primary_email(data)
-    user = await svc.authenticator.user_for_identity(
-        provider, clerk_id, email=email, profile={}, link_by_email=True
-    )
+    try:
+        user = await svc.authenticator.user_for_identity(
+            provider, clerk_id, email=email, profile={}, link_by_email=True
+        )
+    except IdentityConflict:
+        # Acknowledged (Clerk would retry forever) but not applied: an administrator
+        # must decide whether this Clerk user owns the existing account.
+        logger.warning("clerk user %s: email belongs to an existing account; not linked", clerk_id)
+        return Outcome.CONFLICT
     values: dict[str, object] = {
         "first_name": _text(data.get("first_name")),
         "last_name": _text(data.get("last_name")),

@@ -236,6 +236,8 @@ class AnkiConfig(_Strict):
     # of that user, or of an external identity with that subject). True: the spec's
     # open mode, where any caller may act for any `userId`.
     open_mode: bool = False
+    # Which external identities may prove a `userId` (the extension signs in with Google).
+    identity_providers: list[str] = Field(default_factory=lambda: ["google"])
 
 
 class OAuthConfig(_Strict):

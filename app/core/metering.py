@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+import anyio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -55,6 +57,25 @@ class RequestInfo:
     token_limit: int | None
     device_id: str | None = None
     platform: str | None = None
+
+
+FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
+
+
+async def run_to_completion(step: Callable[[], Awaitable[None]]) -> None:
+    """Run a clean-up step to its end even if the surrounding task is being cancelled.
+
+    Both kinds of cancellation: asyncio's (once; `shield` absorbs it) and anyio's
+    (sse-starlette's task groups cancel again at every await; the shielded scope
+    holds that off until the step is done).
+    """
+    task = asyncio.ensure_future(step())
+    with anyio.CancelScope(shield=True):
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
 
 
 class UsageMeter:
@@ -197,6 +218,17 @@ class UsageMeter:
         self._metering.active.discard(self)
         if status is UsageStatus.CANCELLED and self._metering.draining:
             status = UsageStatus.INTERRUPTED  # cut by our shutdown, not by the client
+        # In a task of its own: a caller cancelled meanwhile (a client leaving) must
+        # not leave the row half-finalized.
+        await run_to_completion(lambda: self._finalize(status, usage, finish_reason, error))
+
+    async def _finalize(
+        self,
+        status: UsageStatus,
+        usage: Usage | None,
+        finish_reason: str | None,
+        error: str | None,
+    ) -> None:
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
@@ -204,10 +236,15 @@ class UsageMeter:
             self.prompt_tokens = usage.prompt_tokens
             if status is UsageStatus.COMPLETED:
                 self.completion_tokens = usage.completion_tokens
-        try:
-            await self._write(status, finish_reason, error)
-        except Exception:
-            logger.exception("finalizing usage row %s failed", self.row_id)
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                await self._write(status, finish_reason, error)
+                return
+            except Exception:
+                logger.exception(
+                    "finalizing usage row %s failed (attempt %d)", self.row_id, attempt + 1
+                )
+                await asyncio.sleep(0.2 * 2**attempt)
 
     async def discard(self, status: UsageStatus, error: str) -> None:
         """Finalize a request that delivered nothing: nothing is billed."""

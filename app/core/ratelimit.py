@@ -97,21 +97,28 @@ class LocalRateLimiter:
     """One process. Each decision runs without an await, so it is atomic on the loop."""
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        self._tats: dict[str, float] = {}
-        self._logs: dict[str, collections.deque[float]] = {}
+        # Past `max_keys` full buckets are forgotten (a full bucket is the same as none),
+        # at most once per doubling so the scan stays amortized O(1). Past ten times
+        # that, the least recently hit are dropped too: that can only ever admit a
+        # request, never refuse one wrongly, and it keeps memory bounded.
+        self._tats: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._purge_at = max_keys
+        self._logs: collections.OrderedDict[str, collections.deque[float]] = (
+            collections.OrderedDict()
+        )
         self._max_keys = max_keys
 
     async def hit_window(self, key: str, limit: int, window: float) -> Decision:
         now = time.time() * 1000
         log = self._logs.setdefault(key, collections.deque())
+        self._logs.move_to_end(key)
         while log and log[0] <= now - window * 1000:
             log.popleft()
         decision, record = _window_decision(now, list(log), limit, window)
         if record:
             log.append(now)
-        if len(self._logs) > self._max_keys:
-            for stale in [k for k, v in self._logs.items() if not v]:
-                del self._logs[stale]
+        while len(self._logs) > 10 * self._max_keys:
+            self._logs.popitem(last=False)
         return decision
 
     async def hit(self, key: str, rate: Rate) -> Decision:
@@ -119,14 +126,14 @@ class LocalRateLimiter:
         decision, new_tat = _decide(now, self._tats.get(key), rate)
         if new_tat is not None:
             self._tats[key] = new_tat
-            if len(self._tats) > self._max_keys:
-                self._purge(now)
+            self._tats.move_to_end(key)
+            if len(self._tats) > self._purge_at:
+                for full in [k for k, tat in self._tats.items() if tat <= now]:
+                    del self._tats[full]
+                self._purge_at = max(self._max_keys, 2 * len(self._tats))
+            while len(self._tats) > 10 * self._max_keys:
+                self._tats.popitem(last=False)
         return decision
-
-    def _purge(self, now: float) -> None:
-        # A key whose TAT has passed is a full bucket: forgetting it changes nothing.
-        for key in [k for k, tat in self._tats.items() if tat <= now]:
-            del self._tats[key]
 
 
 # Same arithmetic as `_decide`, on the Redis server's clock so instances agree.

@@ -14,14 +14,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, QuotaExceeded, UpstreamError
 from app.core.formats import StreamFormat
-from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
+from app.core.metering import Metering, RequestInfo, Usage, UsageMeter, run_to_completion
 from app.core.policy import Policy
 from app.core.providers import (
     Completion,
@@ -122,6 +121,9 @@ class Relay:
                 "The prompt alone would use up the remaining token quota",
                 details={"quota": snapshot.as_dict(), "prompt_tokens": prompt_tokens},
             )
+        if limit is not None and not request.stream:
+            # A whole answer cannot be cut mid-way: cap what it may cost instead.
+            _cap_completion(request.body, limit - snapshot.used - prompt_tokens)
         await self._policy.consume_ai_request(principal.user.id, principal.user.tier)
         info = RequestInfo(
             request_id=context.request_id,
@@ -188,6 +190,23 @@ class Relay:
 
         opened = await self._first_answer(chain, meter, call)
         return relay_stream(opened, meter, fmt)
+
+
+# Below this many tokens left, a non-streamed request's `max_tokens` is capped to them.
+CAP_BELOW = 32_768
+
+
+def _cap_completion(body: dict[str, Any], remaining: int) -> None:
+    """Keep a whole answer within the quota left (streams are cut instead).
+
+    Only near the limit: a cap set on every request would change answers for nothing.
+    The client's own field is capped if it set one, else `max_tokens`.
+    """
+    if remaining >= CAP_BELOW:
+        return
+    field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    asked = body.get(field)
+    body[field] = min(asked, remaining) if isinstance(asked, int) else remaining
 
 
 class _OpenedStream:
@@ -276,27 +295,11 @@ async def relay_stream(
         for data in fmt.finish(meta, meter.counted, usage):
             yield data
     finally:
-        await _shielded(upstream.aclose)
-        await _shielded(
+        await run_to_completion(upstream.aclose)
+        await run_to_completion(
             lambda: meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
         )
 
 
 def _describe(exc: Exception) -> str:
     return exc.message if isinstance(exc, ApiError) else f"internal error: {type(exc).__name__}"
-
-
-async def _shielded(step: Callable[[], Awaitable[None]]) -> None:
-    """Run a clean-up step to its end even if the surrounding task is being cancelled.
-
-    Both kinds of cancellation: asyncio's (once; `shield` absorbs it) and anyio's
-    (sse-starlette's task groups cancel again at every await; the shielded scope
-    holds that off until the step is done).
-    """
-    task = asyncio.ensure_future(step())
-    with anyio.CancelScope(shield=True):
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise

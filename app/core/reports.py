@@ -37,11 +37,14 @@ def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]
     """[start, end) in UTC from ISO dates or datetimes; the last 30 days by default."""
     now = datetime.now(UTC)
     end_at = _instant(end, "end_date", end_of_day=True) if end else now
-    start_at = (
-        _instant(start, "start_date", end_of_day=False)
-        if start
-        else end_at - timedelta(days=DEFAULT_RANGE_DAYS)
-    )
+    try:
+        start_at = (
+            _instant(start, "start_date", end_of_day=False)
+            if start
+            else end_at - timedelta(days=DEFAULT_RANGE_DAYS)
+        )
+    except OverflowError:
+        raise BadRequest("`end_date` is out of range") from None
     if start_at >= end_at:
         raise BadRequest("start_date must be before end_date")
     if end_at - start_at > timedelta(days=MAX_RANGE_DAYS):
@@ -56,7 +59,7 @@ def _instant(value: str, field: str, *, end_of_day: bool) -> datetime:
             at = datetime.combine(day, time(), tzinfo=UTC)
             return at + timedelta(days=1) if end_of_day else at
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadRequest(f"`{field}` must be an ISO date or datetime") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 

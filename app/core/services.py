@@ -119,7 +119,7 @@ async def open_services(
             sessions=sessions,
             authenticator=authenticator,
             key_usage=key_usage,
-            anki=Anki(engine, policy, settings.anki.open_mode),
+            anki=Anki(engine, policy, settings.anki.open_mode, settings.anki.identity_providers),
             anonymous=await anonymous_user(engine, settings.anonymous_tier),
             oauth=(
                 OAuthFlow(settings.oauth, engine, http, sessions, authenticator)

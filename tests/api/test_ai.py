@@ -878,3 +878,16 @@ async def test_huge_or_bad_page_numbers_are_400_not_500(livegate: Livegate, page
         )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize("end_date", ["9999-12-31", "0001-01-01"])
+async def test_dates_at_the_calendar_edges_are_400_not_500(livegate: Livegate, end_date: str):
+    account = await livegate.account()
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        response = await http.get(
+            "/api/v1/ai/usage",
+            params={"end_date": end_date},
+            headers={"Authorization": f"Bearer {account.token}"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"

@@ -543,3 +543,37 @@ async def test_the_webhook_is_not_rate_limited(start_livegate: StartLivegate, ba
             for _ in range(3)
         ]
     assert 429 in statuses, statuses
+
+
+async def test_an_account_registered_with_the_email_first_is_never_taken_over(
+    livegate: Livegate,
+):
+    """Anyone may register an address they do not own: the Clerk identity of the real
+    owner must not be handed to that account."""
+    email = f"victim-{uuid.uuid4().hex[:8]}@example.test"
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        squatter = await http.post(
+            "/api/auth/register",
+            json={
+                "username": f"evil{uuid.uuid4().hex[:8]}",
+                "email": email,
+                "password": "Passw0rdX",
+            },
+        )
+    assert squatter.status_code == 201
+    clerk_id = new_clerk_id()
+    response = await deliver(livegate, event("user.created", clerk_user(clerk_id, email=email)))
+    # Acknowledged, so Clerk does not retry forever, but not applied.
+    assert_processed(response, "conflict")
+    assert await linked_user(livegate, clerk_id) is None
+
+
+async def test_a_passwordless_account_with_the_email_is_linked(livegate: Livegate):
+    email = f"quiet-{uuid.uuid4().hex[:8]}@example.test"
+    existing = await livegate.account(email=email)  # no password, no identity
+    clerk_id = new_clerk_id()
+    assert_processed(
+        await deliver(livegate, event("user.created", clerk_user(clerk_id, email=email)))
+    )
+    linked = await linked_user(livegate, clerk_id)
+    assert linked is not None and linked.id == existing.user.id

@@ -472,3 +472,21 @@ async def test_prompt_larger_than_the_remaining_quota_is_402_up_front(
     assert fake_upstream.requests == []
     quota = await get_json(livegate, "/api/usage/quota", account.token)
     assert quota["used"] == 0
+
+
+async def test_whole_answer_near_the_limit_is_capped_to_the_quota_left(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    livegate = await start_livegate(tiers=tiny_tier(100))
+    account = await livegate.account(tier="tiny")
+    body = chat_body(stream=False)
+    body["max_tokens"] = 100_000
+    response = await post_chat(livegate, account, body)
+    assert response.status_code == 200
+    # The estimate for the prompt is 5 tokens: 95 may still be spent on the answer.
+    assert fake_upstream.requests[-1]["max_tokens"] == 95
+    # Far from the limit a request goes out as the client sent it.
+    roomy = await start_livegate()
+    other = await roomy.account()
+    await post_chat(roomy, other, chat_body(stream=False))
+    assert "max_tokens" not in fake_upstream.requests[-1]

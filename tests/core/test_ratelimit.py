@@ -270,9 +270,20 @@ async def test_local_purge_keeps_every_bucket_still_in_use():
     a = key()
     assert (await limiter.hit(a, rate)).allowed
     assert (await limiter.hit(a, rate)).allowed
-    for _ in range(10):  # each new key trips the purge
+    for _ in range(5):  # new keys trip the purge
         assert (await limiter.hit(key(), rate)).allowed
     assert not (await limiter.hit(a, rate)).allowed
+
+
+async def test_local_limiter_memory_stays_bounded():
+    """Keys from a flood of callers never grow past ten times `max_keys`."""
+    limiter = LocalRateLimiter(max_keys=10)
+    rate = Rate(limit=1, period=HOUR, burst=2)
+    for _ in range(1000):
+        assert (await limiter.hit(key(), rate)).allowed
+        assert (await limiter.hit_window(key(), 3, 600)).allowed
+    assert len(limiter._tats) <= 100
+    assert len(limiter._logs) <= 100
 
 
 # --- the arithmetic, on a simulated clock ---------------------------------------------
