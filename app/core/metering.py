@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import MeteringConfig
 from app.core.db import dialect_insert
@@ -59,6 +59,8 @@ class RequestInfo:
     platform: str | None = None
 
 
+# Decides, inside the starting transaction, whether a request may go ahead.
+Admission = Callable[[AsyncConnection, QuotaSnapshot], Awaitable[None]]
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
 
 
@@ -276,8 +278,15 @@ class Metering:
         """Mark requests cancelled from now on as interrupted by shutdown."""
         self.draining = True
 
-    async def begin(self, info: RequestInfo, prompt_tokens: int) -> UsageMeter:
-        """Write the row of a starting request and bill its (estimated) prompt tokens."""
+    async def begin(
+        self, info: RequestInfo, prompt_tokens: int, admit: Admission | None = None
+    ) -> UsageMeter:
+        """Write the row of a starting request and bill its (estimated) prompt tokens.
+
+        `admit` runs inside the same transaction with the quota as it now stands; if
+        it raises, nothing of the request is written (one transaction, not several,
+        on every relayed request's path).
+        """
         now = datetime.now(UTC)
         period = month_period(now)
         row_id = uuid.uuid4().hex
@@ -304,7 +313,9 @@ class Metering:
                 )
             )
             used, seq = await add_tokens(conn, info.user_id, period, prompt_tokens)
-        snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
+            snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
+            if admit is not None:
+                await admit(conn, snapshot)
         self.publisher.push(info.user_id, snapshot)
         meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, now)
         self.active.add(meter)

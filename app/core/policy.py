@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import Settings, TierConfig
 from app.core.errors import RateLimited
@@ -116,24 +116,31 @@ class Policy:
             "monthly": tier.monthly_requests,
         }
 
-    async def consume_ai_request(self, subject: str, tier_name: str) -> dict[str, WindowUsage]:
-        """Count one AI request in every window, all or none; raise if any is full."""
+    async def consume_ai_request(
+        self, subject: str, tier_name: str, conn: AsyncConnection | None = None
+    ) -> dict[str, WindowUsage]:
+        """Count one AI request in every window, all or none; raise if any is full.
+
+        In the caller's transaction when given one (raising then rolls it all back).
+        """
+        if conn is None:
+            async with self._engine.begin() as own:
+                return await self.consume_ai_request(subject, tier_name, own)
         limits = self._request_limits(self.tier(tier_name))
         now = datetime.now(UTC)
         usage: dict[str, WindowUsage] = {}
-        async with self._engine.begin() as conn:
-            for window, per in _REQUEST_WINDOWS:
-                period, reset_at = period_window(per, now)
-                used = await increment_within(conn, subject, REQUESTS, period, 1, limits[window])
-                if used is None:
-                    # Raising rolls back the windows already counted: all or none.
-                    current = await read_counter(conn, subject, REQUESTS, period)
-                    raise QuotaExhausted(
-                        f"{window.capitalize()} request limit reached",
-                        window=window,
-                        usage=WindowUsage(current, limits[window], reset_at),
-                    )
-                usage[window] = WindowUsage(used, limits[window], reset_at)
+        for window, per in _REQUEST_WINDOWS:
+            period, reset_at = period_window(per, now)
+            used = await increment_within(conn, subject, REQUESTS, period, 1, limits[window])
+            if used is None:
+                # Raising rolls back the windows already counted: all or none.
+                current = await read_counter(conn, subject, REQUESTS, period)
+                raise QuotaExhausted(
+                    f"{window.capitalize()} request limit reached",
+                    window=window,
+                    usage=WindowUsage(current, limits[window], reset_at),
+                )
+            usage[window] = WindowUsage(used, limits[window], reset_at)
         return usage
 
     async def refund_ai_request(self, subject: str, at: datetime) -> None:

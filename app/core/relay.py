@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.auth import Principal
 from app.core.config import Settings
@@ -29,7 +29,7 @@ from app.core.providers import (
     estimate_prompt_tokens,
     estimate_tokens,
 )
-from app.core.quota import token_snapshot
+from app.core.quota import QuotaSnapshot
 from app.core.routing import ModelRouter, Target, first_answer
 from app.core.tables import UsageStatus
 
@@ -94,13 +94,11 @@ class Relay:
     def __init__(
         self,
         settings: Settings,
-        engine: AsyncEngine,
         router: ModelRouter,
         metering: Metering,
         policy: Policy,
     ) -> None:
         self._settings = settings
-        self._engine = engine
         self._router = router
         self._metering = metering
         self._policy = policy
@@ -109,25 +107,29 @@ class Relay:
         self, principal: Principal, request: ChatRequest, context: RequestContext
     ) -> tuple[list[Target], UsageMeter]:
         chain = self._router.chain(request.model)
-        limit = self._settings.tier(principal.user.tier).monthly_tokens
-        snapshot = await token_snapshot(self._engine, principal.user.id, limit)
+        user = principal.user
+        limit = self._settings.tier(user.tier).monthly_tokens
         prompt_tokens = estimate_prompt_tokens(request.body["messages"])
-        if snapshot.exhausted:
-            raise QuotaExceeded(
-                "Token quota exhausted for this period", details={"quota": snapshot.as_dict()}
-            )
-        if limit is not None and snapshot.used + prompt_tokens >= limit:
-            raise QuotaExceeded(
-                "The prompt alone would use up the remaining token quota",
-                details={"quota": snapshot.as_dict(), "prompt_tokens": prompt_tokens},
-            )
-        if limit is not None and not request.stream:
-            # A whole answer cannot be cut mid-way: cap what it may cost instead.
-            _cap_completion(request.body, limit - snapshot.used - prompt_tokens)
-        await self._policy.consume_ai_request(principal.user.id, principal.user.tier)
+
+        async def admit(conn: AsyncConnection, quota: QuotaSnapshot) -> None:
+            """With the prompt already counted: refuse over the quota, count the request."""
+            if limit is not None:
+                before = QuotaSnapshot(limit, quota.used - prompt_tokens, quota.period, quota.seq)
+                if before.exhausted:
+                    raise QuotaExceeded(
+                        "Token quota exhausted for this period",
+                        details={"quota": before.as_dict()},
+                    )
+                if quota.used >= limit:
+                    raise QuotaExceeded(
+                        "The prompt alone would use up the remaining token quota",
+                        details={"quota": before.as_dict(), "prompt_tokens": prompt_tokens},
+                    )
+            await self._policy.consume_ai_request(user.id, user.tier, conn)
+
         info = RequestInfo(
             request_id=context.request_id,
-            user_id=principal.user.id,
+            user_id=user.id,
             api_key_id=principal.api_key_id,
             model=request.model,
             provider=chain[0].provider.name,
@@ -136,7 +138,11 @@ class Relay:
             device_id=context.device_id,
             platform=context.platform,
         )
-        meter = await self._metering.begin(info, prompt_tokens)
+        meter = await self._metering.begin(info, prompt_tokens, admit)
+        remaining = meter.remaining
+        if remaining is not None and not request.stream:
+            # A whole answer cannot be cut mid-way: cap what it may cost instead.
+            _cap_completion(request.body, remaining)
         return chain, meter
 
     async def _refused(self, meter: UsageMeter, status: UsageStatus, error: str) -> None:

@@ -114,7 +114,7 @@ async def open_services(
             router=router,
             publisher=publisher,
             metering=metering,
-            relay=Relay(settings, engine, router, metering, policy),
+            relay=Relay(settings, router, metering, policy),
             policy=policy,
             sessions=sessions,
             authenticator=authenticator,
