@@ -106,12 +106,15 @@ async def add_tokens(
     return int(row.used), int(row.seq)
 
 
-async def read_tokens(conn: AsyncConnection, user_id: str, period: str) -> tuple[int, int]:
+async def read_counter_state(
+    conn: AsyncConnection, subject: str, metric: str, period: str
+) -> tuple[int, int]:
+    """A counter's (used, seq); (0, 0) before its first increment."""
     row = (
         await conn.execute(
             sa.select(quota_counters.c.used, quota_counters.c.seq).where(
-                quota_counters.c.user_id == user_id,
-                quota_counters.c.metric == TOKENS,
+                quota_counters.c.user_id == subject,
+                quota_counters.c.metric == metric,
                 quota_counters.c.period == period,
             )
         )
@@ -124,7 +127,7 @@ async def token_snapshot(
 ) -> QuotaSnapshot:
     period = month_period(now or datetime.now(UTC))
     async with engine.connect() as conn:
-        used, seq = await read_tokens(conn, user_id, period)
+        used, seq = await read_counter_state(conn, user_id, TOKENS, period)
     return QuotaSnapshot(limit=limit, used=used, period=period, seq=seq)
 
 
@@ -206,13 +209,5 @@ async def decrement_counter(conn: AsyncConnection, subject: str, metric: str, pe
 
 
 async def read_counter(conn: AsyncConnection, subject: str, metric: str, period: str) -> int:
-    used = (
-        await conn.execute(
-            sa.select(quota_counters.c.used).where(
-                quota_counters.c.user_id == subject,
-                quota_counters.c.metric == metric,
-                quota_counters.c.period == period,
-            )
-        )
-    ).scalar()
-    return int(used or 0)
+    used, _ = await read_counter_state(conn, subject, metric, period)
+    return used

@@ -25,7 +25,7 @@ from app.core.config import MeteringConfig
 from app.core.db import create_engine, migrate
 from app.core.live import QuotaPublisher, quota_channel
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
-from app.core.quota import month_period, read_tokens, reconcile_tokens
+from app.core.quota import TOKENS, month_period, read_counter_state, reconcile_tokens
 from app.core.tables import UsageStatus, instances, quota_counters, usage_logs
 from app.core.users import create_user
 from tests.conftest import Backend
@@ -119,7 +119,7 @@ async def wait_row(engine: AsyncEngine, row_id: str, ok: Callable[[Any], bool], 
 async def counter_and_sum(engine: AsyncEngine, user_id: str) -> tuple[int, int]:
     period = month_period(datetime.now(UTC))
     async with engine.connect() as conn:
-        used, _ = await read_tokens(conn, user_id, period)
+        used, _ = await read_counter_state(conn, user_id, TOKENS, period)
         total = (
             await conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(usage_logs.c.total_tokens), 0)).where(
@@ -156,7 +156,7 @@ async def assert_last_push_is_the_counter(env: Env, sub: Subscription, user_id: 
     """The pushes converge on the counter as it now stands: its `used` and `seq`."""
     period = month_period(datetime.now(UTC))
     async with env.engine.connect() as conn:
-        used, seq = await read_tokens(conn, user_id, period)
+        used, seq = await read_counter_state(conn, user_id, TOKENS, period)
     seen = []
     while True:
         message = await sub.get(within=5)
