@@ -258,6 +258,42 @@ class OAuthConfig(_Strict):
     error_redirect: str = "navi://auth/error"
 
 
+class StripeConfig(_Strict):
+    """Navi's Pro subscription through Stripe Checkout and the billing portal.
+
+    The keys come from the environment (`STRIPE_SECRET_KEY`, `STRIPE_WEBHOOK_SECRET`).
+    """
+
+    # The recurring price a checkout subscribes to, and the tier it grants.
+    price_id: str = Field(min_length=1)
+    tier: str = Field(default="pro", min_length=1)
+    success_url: str = Field(min_length=1)
+    cancel_url: str = Field(min_length=1)
+    portal_return_url: str = Field(min_length=1)
+    # Another Stripe-compatible API (stripe-mock, a test double); unset: Stripe's own.
+    api_base: str | None = None
+
+
+class WebhooksConfig(_Strict):
+    """The Playground's outbound webhooks."""
+
+    # False (the default): deliveries to loopback, private, link-local and other
+    # non-public addresses are refused, so a webhook cannot probe the server's network.
+    allow_private_networks: bool = False
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    # Wait before each retry of a failed delivery; after the last, it is given up.
+    retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 7200.0, 18000.0, 36000.0],
+        max_length=20,
+    )
+    # `quota.warning` fires when a request quota's use first reaches each percentage.
+    quota_warning_percents: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=lambda: [90, 100]
+    )
+    max_per_user: int = Field(default=20, ge=1)
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
 class IssuerConfig(_Strict):
     """An external identity provider whose bearer JWTs are accepted (Clerk, WorkOS, OIDC)."""
 
@@ -288,6 +324,8 @@ class FileConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     anki: AnkiConfig = Field(default_factory=AnkiConfig)
     oauth: OAuthConfig | None = None
+    stripe: StripeConfig | None = None
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -321,6 +359,8 @@ class Settings(BaseSettings):
     livegate_config: Path | None = None
     livegate_data_dir: Path = Path("data")
     clerk_webhook_signing_secret: SecretStr | None = None
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
 
     providers: list[ProviderConfig] = Field(default_factory=list)
     models: list[ModelRoute] = Field(default_factory=list)
@@ -329,6 +369,8 @@ class Settings(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     anki: AnkiConfig = Field(default_factory=AnkiConfig)
     oauth: OAuthConfig | None = None
+    stripe: StripeConfig | None = None
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -363,6 +405,8 @@ def load_settings(**overrides: object) -> Settings:
                 "auth": file.auth,
                 "anki": file.anki,
                 "oauth": file.oauth,
+                "stripe": file.stripe,
+                "webhooks": file.webhooks,
                 "metering": file.metering,
                 "server": file.server,
             }

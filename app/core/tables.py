@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Float,
@@ -254,4 +255,67 @@ oauth_states = Table(
     Column("app_redirect", Text, nullable=False),
     Column("callback_url", Text, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# Navi's Stripe subscription, one per user; `event_at` is the `created` time of the
+# last Stripe event applied, so an older event delivered late never rolls state back.
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id"), primary_key=True),
+    Column("stripe_customer_id", String(255), nullable=True, unique=True),
+    Column("stripe_subscription_id", String(255), nullable=True),
+    Column("status", String(32), nullable=True),
+    Column("tier", String(64), nullable=True),
+    Column("period_end", UTCDateTime(), nullable=True),
+    Column("event_at", BigInteger, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# The Playground's outbound webhooks. The secret signs deliveries, so it is kept
+# encrypted under the server secret rather than hashed.
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("user_id", String(64), ForeignKey("users.id"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("secret_ciphertext", Text, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("last_delivery_at", UTCDateTime(), nullable=True),
+    Index("ix_webhooks_user_id", "user_id"),
+)
+
+# Which events each webhook wants, one row each, so enqueuing an event for a user is
+# a single INSERT ... SELECT.
+webhook_subscriptions = Table(
+    "webhook_subscriptions",
+    metadata,
+    Column("webhook_id", String(64), ForeignKey("webhooks.id"), primary_key=True),
+    Column("event", String(64), primary_key=True),
+)
+
+# The outbox: one row per event and webhook, written in the transaction that caused
+# the event, sent (and retried) by whichever instance claims it first.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("webhook_id", String(64), ForeignKey("webhooks.id"), primary_key=True),
+    Column("event", String(64), nullable=False),
+    # The exact body sent, fixed at enqueue so every retry carries the same bytes.
+    Column("payload", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("last_status_code", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_webhook_id", "webhook_id"),
 )
