@@ -28,6 +28,7 @@ from app.api.routes import (
     quota_ws,
     usage,
     users,
+    webhooks,
 )
 from app.core.config import Settings, load_settings
 from app.core.errors import ApiError, MethodNotAllowed, NotFound
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *navi.routes,
         *anki.routes,
         *ai.routes,
+        *webhooks.routes,
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/demo", StaticFiles(directory=STATIC_DIR, html=True), name="demo"))

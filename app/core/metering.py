@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import sqlalchemy as sa
@@ -27,6 +28,7 @@ from app.core.db import dialect_insert
 from app.core.live import QuotaPublisher
 from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.tables import UsageStatus, instances, usage_logs
+from app.core.webhooks import Event, QuotaWarnings, enqueue
 
 if TYPE_CHECKING:
     from app.core.routing import Target
@@ -111,6 +113,8 @@ class UsageMeter:
         self.provider = info.provider
         self.upstream_model: str | None = None
         self._target: Target | None = None
+        # A non-streamed request's whole answer, for the `ai.task.completed` webhook.
+        self.answer: bytes | None = None
 
     def answered_by(self, target: Target) -> None:
         """Record the provider that answered (the fallback chain may have moved on)."""
@@ -190,16 +194,48 @@ class UsageMeter:
         }
         if status is not UsageStatus.STREAMING:
             values.update(status=status, finish_reason=finish_reason, error=error, finished_at=now)
+        user_id, limit = self.info.user_id, self.info.token_limit
         async with self._metering.engine.begin() as conn:
             await conn.execute(
                 usage_logs.update().where(usage_logs.c.id == self.row_id).values(**values)
             )
-            if delta == 0:
-                return
-            used, seq = await add_tokens(conn, self.info.user_id, self.period, delta)
+            if delta:
+                used, seq = await add_tokens(conn, user_id, self.period, delta)
+                await self._metering.warnings.check(
+                    conn, user_id, "monthly_tokens", used - delta, used, limit
+                )
+            if status is not UsageStatus.STREAMING:
+                # In the finalizing transaction: the event exists exactly if the row does.
+                event = (
+                    Event.TASK_COMPLETED if status is UsageStatus.COMPLETED else Event.TASK_FAILED
+                )
+                await enqueue(
+                    conn, user_id, event, lambda: self._task_event(status, finish_reason, error)
+                )
+        if delta == 0:
+            return
         self._flushed_total = total
         self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
         self._metering.publisher.push(self.info.user_id, self._snapshot)
+
+    def _task_event(
+        self, status: UsageStatus, finish_reason: str | None, error: str | None
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = {"task_id": self.row_id, "model": self.info.model}
+        if status is not UsageStatus.COMPLETED:
+            return {**data, "status": "failed", "error": error or status.value}
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        # A stream's text already reached the client; its event carries the outcome.
+        result = (
+            json.loads(self.answer)
+            if self.answer is not None
+            else {"choices": [{"index": 0, "finish_reason": finish_reason}], "usage": usage}
+        )
+        return {**data, "status": "completed", "result": result}
 
     async def finish(
         self,
@@ -264,10 +300,12 @@ class Metering:
         publisher: QuotaPublisher,
         config: MeteringConfig,
         instance_id: str | None = None,
+        warnings: QuotaWarnings | None = None,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.config = config
+        self.warnings = warnings or QuotaWarnings(())
         self.instance_id = instance_id or uuid.uuid4().hex
         self.active: set[UsageMeter] = set()
         # Set once the server starts cancelling requests to shut down.
@@ -313,6 +351,9 @@ class Metering:
                 )
             )
             used, seq = await add_tokens(conn, info.user_id, period, prompt_tokens)
+            await self.warnings.check(
+                conn, info.user_id, "monthly_tokens", used - prompt_tokens, used, info.token_limit
+            )
             snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
             if admit is not None:
                 await admit(conn, snapshot)

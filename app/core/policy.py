@@ -20,6 +20,7 @@ from app.core.config import Settings, TierConfig
 from app.core.errors import RateLimited
 from app.core.quota import decrement_counter, increment_within, period_window, read_counter
 from app.core.ratelimit import Decision, Rate, RateLimiter
+from app.core.webhooks import QuotaWarnings
 
 REQUESTS = "requests"
 _REQUEST_WINDOWS = (("daily", "day"), ("weekly", "week"), ("monthly", "month"))
@@ -63,6 +64,7 @@ class Policy:
         self._settings = settings
         self._engine = engine
         self._limiter = limiter
+        self._warnings = QuotaWarnings(settings.webhooks.quota_warning_percents)
 
     def tier(self, name: str) -> TierConfig:
         return self._settings.tier(name)
@@ -141,6 +143,7 @@ class Policy:
                     usage=WindowUsage(current, limits[window], reset_at),
                 )
             usage[window] = WindowUsage(used, limits[window], reset_at)
+            await self._warnings.check(conn, subject, window, used - 1, used, limits[window])
         return usage
 
     async def refund_ai_request(self, subject: str, at: datetime) -> None:

@@ -178,6 +178,7 @@ class Relay:
             prompt_tokens=meter.prompt_tokens,
             completion_tokens=estimate_tokens(completion.completion_text),
         )
+        meter.answer = completion.body
         await meter.finish(UsageStatus.COMPLETED, usage=usage, finish_reason="stop")
         return completion.body
 

@@ -27,6 +27,7 @@ from app.core.routing import ModelRouter
 from app.core.security import Secrets
 from app.core.sessions import Sessions, TokenDenylist
 from app.core.users import User, anonymous_user
+from app.core.webhooks import QuotaWarnings, WebhookDispatcher
 
 
 @dataclass(slots=True)
@@ -48,6 +49,7 @@ class Services:
     anki: Anki
     anonymous: User  # whom anonymous callers' relayed requests are metered to
     oauth: OAuthFlow | None  # Navi's login, when `[oauth]` is configured
+    webhooks: WebhookDispatcher
 
     async def token_quota(self, user: User) -> QuotaSnapshot:
         limit = self.settings.tier(user.tier).monthly_tokens
@@ -92,12 +94,21 @@ async def open_services(
         stack.push_async_callback(http.aclose)
         publisher = QuotaPublisher(bus, settings.metering.push_interval_ms / 1000)
         stack.push_async_callback(publisher.close)
-        metering = Metering(engine, publisher, settings.metering)
+        metering = Metering(
+            engine,
+            publisher,
+            settings.metering,
+            warnings=QuotaWarnings(settings.webhooks.quota_warning_percents),
+        )
         await metering.start()
         stack.push_async_callback(metering.close)
         key_usage = KeyUsageRecorder(engine)
         await key_usage.start()
         stack.push_async_callback(key_usage.close)
+        dispatcher = WebhookDispatcher(engine, secrets, settings.webhooks)
+        await dispatcher.start()
+        stack.push_async_callback(dispatcher.close)
+
 
         denylist = TokenDenylist(engine, redis, prefix)
         sessions = Sessions(engine, secrets, denylist)
@@ -126,4 +137,5 @@ async def open_services(
                 if settings.oauth
                 else None
             ),
+            webhooks=dispatcher,
         )

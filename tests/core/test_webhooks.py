@@ -1,0 +1,58 @@
+"""Webhook pieces that need no server: quota-warning thresholds and the address guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.core.errors import BadRequest
+from app.core.webhooks import DeliveryRefused, QuotaWarnings, _resolve, validate_url
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "limit", "expected"),
+    [
+        (8, 9, 10, True),  # reaches 90 %
+        (9, 10, 10, True),  # reaches 100 %
+        (7, 8, 10, False),
+        (10, 11, 10, False),  # already past every threshold
+        (0, 950, 1000, True),  # one big jump over 90 %
+        (900, 950, 1000, False),  # 90 % was reached before
+        (5, 5, 10, False),
+    ],
+)
+def test_a_warning_fires_once_when_use_reaches_a_threshold(
+    before: int, after: int, limit: int, expected: bool
+) -> None:
+    assert QuotaWarnings([90, 100]).crossed(before, after, limit) is expected
+
+
+def test_no_thresholds_or_no_limit_means_no_warning() -> None:
+    assert not QuotaWarnings([]).crossed(0, 10, 10)
+    assert not QuotaWarnings([90]).crossed(0, 10, None)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1"])
+async def test_deliveries_to_private_addresses_are_refused(host: str) -> None:
+    with pytest.raises(DeliveryRefused):
+        await _resolve(host, 80, allow_private=False)
+    assert await _resolve(host, 80, allow_private=True) in ("127.0.0.1", "::1")
+
+
+async def test_an_unresolvable_name_is_refused_not_raised() -> None:
+    with pytest.raises(DeliveryRefused):
+        await _resolve("no-such-host.invalid", 80, allow_private=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::ffff:127.0.0.1]/",
+        "http://0.0.0.0/",
+        "http://printer.local/",
+        "http://x.internal/",
+    ],
+)
+def test_urls_naming_private_hosts_are_refused(url: str) -> None:
+    with pytest.raises(BadRequest):
+        validate_url(url, allow_private=False)
+    assert validate_url(url, allow_private=True) == url
