@@ -36,9 +36,18 @@ def validate_user_id(value: object) -> str:
     return value
 
 
-def subject(user_id: str) -> str:
-    """The counter subject of an Anki user id (kept apart from Livegate user ids)."""
-    return f"anki:{user_id}"
+@dataclass(frozen=True, slots=True)
+class AnkiCaller:
+    """Whom a request acts for, checked: the Anki user id, its tier, and who is counted.
+
+    Secured, generations are counted for the signed-in person, so one person with a
+    Google id and a Livegate id has one allowance, not one per id. In open mode the
+    only identity is the claimed id itself.
+    """
+
+    user_id: str
+    tier: str
+    counter_subject: str
 
 
 class Anki:
@@ -50,15 +59,20 @@ class Anki:
         self.open_mode = open_mode
         self._providers = identity_providers
 
-    async def authorize(self, principal: Principal | None, user_id: str) -> None:
+    async def authorize(
+        self, principal: Principal | None, user_id: str, default_tier: str
+    ) -> AnkiCaller:
         """Unless in open mode, the caller must be `user_id`: as our user, or by an
         external identity (e.g. Google) of theirs with that subject."""
         if self.open_mode:
-            return
+            tier = principal.user.tier if principal is not None else default_tier
+            # Kept apart from Livegate user ids: anyone may claim any id here.
+            return AnkiCaller(user_id, tier, f"anki:{user_id}")
         if principal is None:
             raise Unauthorized("sign in to act for this user", code="missing_token")
+        caller = AnkiCaller(user_id, principal.user.tier, principal.user.id)
         if principal.user.id == user_id:
-            return
+            return caller
         async with self._engine.connect() as conn:
             linked = await conn.execute(
                 sa.select(external_identities.c.subject).where(
@@ -69,9 +83,7 @@ class Anki:
             )
             if linked.first() is None:
                 raise Forbidden("this token does not belong to that user ID")
-
-    def tier(self, principal: Principal | None, default: str) -> str:
-        return principal.user.tier if principal is not None else default
+        return caller
 
     async def limits(self, tier: str) -> tuple[int | None, int | None]:
         config = self._policy.tier(tier).counters
@@ -81,15 +93,15 @@ class Anki:
             regenerations.limit if regenerations else None,
         )
 
-    async def user(self, user_id: str, tier: str) -> AnkiUser:
+    async def user(self, caller: AnkiCaller) -> AnkiUser:
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(sa.select(anki_users).where(anki_users.c.id == user_id))
+                await conn.execute(sa.select(anki_users).where(anki_users.c.id == caller.user_id))
             ).first()
-        usage = await self._policy.counter_usage(subject(user_id), tier, GENERATIONS)
-        generation_limit, regeneration_limit = await self.limits(tier)
+        usage = await self._policy.counter_usage(caller.counter_subject, caller.tier, GENERATIONS)
+        generation_limit, regeneration_limit = await self.limits(caller.tier)
         return AnkiUser(
-            user_id=user_id,
+            user_id=caller.user_id,
             user_name=row.user_name if row else None,
             user_email=row.user_email if row else None,
             flashcard_count=usage.used,
@@ -98,12 +110,16 @@ class Anki:
         )
 
     async def save_user(
-        self, user_id: str, tier: str, user_name: str | None, user_email: str | None
+        self, caller: AnkiCaller, user_name: str | None, user_email: str | None
     ) -> AnkiUser:
         now = datetime.now(UTC)
         insert = dialect_insert(self._engine)
         stmt = insert(anki_users).values(
-            id=user_id, user_name=user_name, user_email=user_email, created_at=now, updated_at=now
+            id=caller.user_id,
+            user_name=user_name,
+            user_email=user_email,
+            created_at=now,
+            updated_at=now,
         )
         async with self._engine.begin() as conn:
             await conn.execute(
@@ -116,17 +132,19 @@ class Anki:
                     },
                 )
             )
-        return await self.user(user_id, tier)
+        return await self.user(caller)
 
-    async def can_generate(self, user_id: str, tier: str, own_credits: bool) -> bool:
+    async def can_generate(self, caller: AnkiCaller, own_credits: bool) -> bool:
         if own_credits:
             return True  # the user pays their provider directly: no free-tier limit
-        usage = await self._policy.counter_usage(subject(user_id), tier, GENERATIONS)
+        usage = await self._policy.counter_usage(caller.counter_subject, caller.tier, GENERATIONS)
         return usage.remaining is None or usage.remaining > 0
 
-    async def count_generation(self, user_id: str, tier: str) -> WindowUsage | None:
+    async def count_generation(self, caller: AnkiCaller) -> WindowUsage | None:
         """One more generation, atomically; None when the limit is already reached."""
         try:
-            return await self._policy.consume_counter(subject(user_id), tier, GENERATIONS)
+            return await self._policy.consume_counter(
+                caller.counter_subject, caller.tier, GENERATIONS
+            )
         except QuotaExhausted:
             return None

@@ -94,11 +94,12 @@ async def wait_final_row(livegate: Livegate, **where: str) -> sa.Row[Any]:
     raise AssertionError(f"no single final usage row: {rows}")
 
 
-async def set_generations(livegate: Livegate, anki_user_id: str, used: int) -> None:
+async def set_generations(livegate: Livegate, counted_as: str, used: int) -> None:
+    """Secured, generations are counted for the Livegate user (open mode: `anki:<id>`)."""
     async with livegate.services.engine.begin() as conn:
         await conn.execute(
             quota_counters.insert().values(
-                user_id=f"anki:{anki_user_id}",
+                user_id=counted_as,
                 metric=GENERATIONS_METRIC,
                 period="all",
                 used=used,
@@ -413,6 +414,29 @@ async def test_user_data_through_a_linked_external_identity(livegate: Livegate):
     anki_error(await call(livegate, "GET", path, stranger.token), 403)
 
 
+async def test_one_person_has_one_allowance_under_all_their_ids(livegate: Livegate):
+    account = await livegate.account()
+    subject = f"g-{uuid.uuid4().hex[:12]}"
+    await link_identity(livegate, account, subject)
+    await set_generations(livegate, account.user.id, 99)
+    last = await call(
+        livegate, "POST", "/api/increment-flashcard-count", account.token, json={"userId": subject}
+    )
+    assert last.json() == {"success": True, "newCount": 100, "remainingCards": 0}
+    # The same person under their Livegate id has nothing left either.
+    again = await call(
+        livegate,
+        "POST",
+        "/api/increment-flashcard-count",
+        account.token,
+        json={"userId": account.user.id},
+    )
+    assert again.status_code == 429
+    for user_id in (subject, account.user.id):
+        data = await call(livegate, "GET", f"/api/user-data/{user_id}", account.token)
+        assert data.json()["flashcardCount"] == 100
+
+
 @pytest.mark.parametrize(
     "user_id",
     ["bad id!", "x" * 300, "semi;colon", "quote'd"],
@@ -581,7 +605,7 @@ async def test_100_concurrent_increments_at_95_admit_exactly_5(livegate: Livegat
         used = (
             await conn.execute(
                 sa.select(quota_counters.c.used).where(
-                    quota_counters.c.user_id == f"anki:{uid}",
+                    quota_counters.c.user_id == uid,
                     quota_counters.c.metric == GENERATIONS_METRIC,
                 )
             )

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from app.api.requests import read_json_object, resolve_principal, services
 from app.core import anki
-from app.core.anki import AnkiUser
+from app.core.anki import AnkiCaller, AnkiUser
 
 
 def _user_shape(user: AnkiUser) -> dict[str, Any]:
@@ -29,13 +29,11 @@ def _user_shape(user: AnkiUser) -> dict[str, Any]:
     }
 
 
-async def _acting_for(request: Request, user_id: object) -> tuple[str, str]:
-    """(the Anki user id, the tier whose limits apply) after checking the caller."""
+async def _acting_for(request: Request, user_id: object) -> AnkiCaller:
     svc = services(request)
     checked = anki.validate_user_id(user_id)
     principal = await resolve_principal(request)
-    await svc.anki.authorize(principal, checked)
-    return checked, svc.anki.tier(principal, svc.settings.server.default_tier)
+    return await svc.anki.authorize(principal, checked, svc.settings.server.default_tier)
 
 
 async def models(request: Request) -> Response:
@@ -51,41 +49,41 @@ async def limits(request: Request) -> Response:
 
 
 async def get_user_data(request: Request) -> Response:
-    user_id, tier = await _acting_for(request, request.path_params["user_id"])
-    return JSONResponse(_user_shape(await services(request).anki.user(user_id, tier)))
+    caller = await _acting_for(request, request.path_params["user_id"])
+    return JSONResponse(_user_shape(await services(request).anki.user(caller)))
 
 
 async def save_user_data(request: Request) -> Response:
-    user_id, tier = await _acting_for(request, request.path_params["user_id"])
+    caller = await _acting_for(request, request.path_params["user_id"])
     body = await read_json_object(request)
     name, email = body.get("userName"), body.get("userEmail")
-    if body.get("userId", user_id) != user_id:
+    if body.get("userId", caller.user_id) != caller.user_id:
         return JSONResponse({"error": "Invalid user ID"}, status_code=400)
     if (name is not None and not isinstance(name, str)) or (
         email is not None and not isinstance(email, str)
     ):
         return JSONResponse({"error": "userName and userEmail must be strings"}, status_code=400)
     saved = await services(request).anki.save_user(
-        user_id, tier, name[:200] if name else None, email[:320] if email else None
+        caller, name[:200] if name else None, email[:320] if email else None
     )
     return JSONResponse(_user_shape(saved))
 
 
 async def generate_flashcard(request: Request) -> Response:
     body = await read_json_object(request)
-    user_id, tier = await _acting_for(request, body.get("userId"))
+    caller = await _acting_for(request, body.get("userId"))
     own_credits = body.get("isOwnCredits", False)
     if not isinstance(own_credits, bool):
         return JSONResponse({"error": "isOwnCredits must be a boolean"}, status_code=400)
-    if await services(request).anki.can_generate(user_id, tier, own_credits):
+    if await services(request).anki.can_generate(caller, own_credits):
         return JSONResponse({"canGenerate": True})
     return JSONResponse({"canGenerate": False, "reason": "LIMIT_REACHED"})
 
 
 async def increment_flashcard_count(request: Request) -> Response:
     body = await read_json_object(request)
-    user_id, tier = await _acting_for(request, body.get("userId"))
-    counted = await services(request).anki.count_generation(user_id, tier)
+    caller = await _acting_for(request, body.get("userId"))
+    counted = await services(request).anki.count_generation(caller)
     if counted is None:
         return JSONResponse({"canGenerate": False, "reason": "LIMIT_REACHED"}, status_code=429)
     return JSONResponse(
