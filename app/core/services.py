@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.anki import Anki
 from app.core.auth import Authenticator
+from app.core.billing import Billing, open_billing
 from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.config import Settings
 from app.core.db import create_engine, migrate
@@ -49,6 +50,7 @@ class Services:
     anki: Anki
     anonymous: User  # whom anonymous callers' relayed requests are metered to
     oauth: OAuthFlow | None  # Navi's login, when `[oauth]` is configured
+    billing: Billing | None  # Navi's Stripe subscription, when Stripe is configured
     webhooks: WebhookDispatcher
 
     async def token_quota(self, user: User) -> QuotaSnapshot:
@@ -109,6 +111,9 @@ async def open_services(
         await dispatcher.start()
         stack.push_async_callback(dispatcher.close)
 
+        billing = open_billing(settings, engine, publisher)
+        if billing is not None:
+            stack.push_async_callback(billing.close)
 
         denylist = TokenDenylist(engine, redis, prefix)
         sessions = Sessions(engine, secrets, denylist)
@@ -137,5 +142,6 @@ async def open_services(
                 if settings.oauth
                 else None
             ),
+            billing=billing,
             webhooks=dispatcher,
         )
