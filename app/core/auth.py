@@ -36,6 +36,17 @@ logger = logging.getLogger("livegate.auth")
 
 DEV_PROVIDER = "dev"
 MAX_SUBJECT = 255  # external_identities.subject
+# Built once: every request with an API key runs it.
+_KEY_HOLDER = (
+    sa.select(api_keys.c.id.label("key_id"), api_keys.c.permissions, *USER_COLUMNS)
+    .join(users, users.c.id == api_keys.c.user_id)
+    .where(
+        api_keys.c.key_hash == sa.bindparam("key_hash"),
+        api_keys.c.revoked_at.is_(None),
+        sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > sa.bindparam("now")),
+        users.c.deleted_at.is_(None),
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,18 +151,9 @@ class Authenticator:
 
     async def _api_key(self, credential: str) -> Principal:
         now = datetime.now(UTC)
-        query = (
-            sa.select(api_keys.c.id.label("key_id"), api_keys.c.permissions, *USER_COLUMNS)
-            .join(users, users.c.id == api_keys.c.user_id)
-            .where(
-                api_keys.c.key_hash == hash_key(credential),
-                api_keys.c.revoked_at.is_(None),
-                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > now),
-                users.c.deleted_at.is_(None),
-            )
-        )
         async with self._engine.connect() as conn:
-            row = (await conn.execute(query)).first()
+            found = await conn.execute(_KEY_HOLDER, {"key_hash": hash_key(credential), "now": now})
+            row = found.first()
         if row is None:
             raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
         self._key_usage.record(row.key_id, now)

@@ -61,6 +61,10 @@ class RequestInfo:
     platform: str | None = None
 
 
+# Built once: statements are reused with new parameters on every request.
+_START_ROW = usage_logs.insert()
+_UPDATE_ROW = usage_logs.update().where(usage_logs.c.id == sa.bindparam("row_id"))
+
 # Decides, inside the starting transaction, whether a request may go ahead.
 Admission = Callable[[AsyncConnection, QuotaSnapshot], Awaitable[None]]
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
@@ -184,6 +188,7 @@ class UsageMeter:
         delta = total - self._flushed_total
         now = datetime.now(UTC)
         values: dict[str, object] = {
+            "row_id": self.row_id,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": total,
@@ -196,9 +201,7 @@ class UsageMeter:
             values.update(status=status, finish_reason=finish_reason, error=error, finished_at=now)
         user_id, limit = self.info.user_id, self.info.token_limit
         async with self._metering.engine.begin() as conn:
-            await conn.execute(
-                usage_logs.update().where(usage_logs.c.id == self.row_id).values(**values)
-            )
+            await conn.execute(_UPDATE_ROW, values)
             if delta:
                 used, seq = await add_tokens(conn, user_id, self.period, delta)
                 await self._metering.warnings.check(
@@ -330,25 +333,26 @@ class Metering:
         row_id = uuid.uuid4().hex
         async with self.engine.begin() as conn:
             await conn.execute(
-                usage_logs.insert().values(
-                    id=row_id,
-                    request_id=info.request_id,
-                    user_id=info.user_id,
-                    api_key_id=info.api_key_id,
-                    instance_id=self.instance_id,
-                    model=info.model,
-                    provider=info.provider,
-                    device_id=info.device_id,
-                    platform=info.platform,
-                    stream=int(info.stream),
-                    status=UsageStatus.STREAMING,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=0,
-                    total_tokens=prompt_tokens,
-                    period=period,
-                    started_at=now,
-                    updated_at=now,
-                )
+                _START_ROW,
+                {
+                    "id": row_id,
+                    "request_id": info.request_id,
+                    "user_id": info.user_id,
+                    "api_key_id": info.api_key_id,
+                    "instance_id": self.instance_id,
+                    "model": info.model,
+                    "provider": info.provider,
+                    "device_id": info.device_id,
+                    "platform": info.platform,
+                    "stream": int(info.stream),
+                    "status": UsageStatus.STREAMING,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": 0,
+                    "total_tokens": prompt_tokens,
+                    "period": period,
+                    "started_at": now,
+                    "updated_at": now,
+                },
             )
             used, seq = await add_tokens(conn, info.user_id, period, prompt_tokens)
             await self.warnings.check(

@@ -18,7 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import Settings, TierConfig
 from app.core.errors import RateLimited
-from app.core.quota import decrement_counter, increment_within, period_window, read_counter
+from app.core.quota import (
+    Increment,
+    decrement_counter,
+    increment_counters,
+    increment_within,
+    period_window,
+    read_counter,
+)
 from app.core.ratelimit import Decision, Rate, RateLimiter
 from app.core.webhooks import QuotaWarnings
 
@@ -130,11 +137,15 @@ class Policy:
                 return await self.consume_ai_request(subject, tier_name, own)
         limits = self._request_limits(self.tier(tier_name))
         now = datetime.now(UTC)
+        windows = [(window, *period_window(per, now)) for window, per in _REQUEST_WINDOWS]
+        counted = await increment_counters(
+            conn,
+            subject,
+            [Increment(REQUESTS, period, 1, limits[window]) for window, period, _ in windows],
+        )
         usage: dict[str, WindowUsage] = {}
-        for window, per in _REQUEST_WINDOWS:
-            period, reset_at = period_window(per, now)
-            used = await increment_within(conn, subject, REQUESTS, period, 1, limits[window])
-            if used is None:
+        for (window, period, reset_at), after in zip(windows, counted, strict=True):
+            if after is None:
                 # Raising rolls back the windows already counted: all or none.
                 current = await read_counter(conn, subject, REQUESTS, period)
                 raise QuotaExhausted(
@@ -142,6 +153,7 @@ class Policy:
                     window=window,
                     usage=WindowUsage(current, limits[window], reset_at),
                 )
+            used = after[0]
             usage[window] = WindowUsage(used, limits[window], reset_at)
             await self._warnings.check(conn, subject, window, used - 1, used, limits[window])
         return usage

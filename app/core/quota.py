@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.db import dialect_insert
 from app.core.tables import quota_counters, usage_logs
 
 TOKENS = "tokens"
@@ -72,38 +72,74 @@ class QuotaSnapshot:
         )
 
 
-def _counter_upsert(
-    conn: AsyncConnection,
-    subject: str,
-    metric: str,
-    period: str,
-    amount: int,
-    where: sa.ColumnElement[bool] | None = None,
-) -> Any:
-    """Add `amount` to a counter row, creating it; with `where`, only if it holds."""
-    insert = dialect_insert(conn)
-    return (
-        insert(quota_counters)
-        .values(user_id=subject, metric=metric, period=period, used=amount, seq=1)
-        .on_conflict_do_update(
-            index_elements=[
-                quota_counters.c.user_id,
-                quota_counters.c.metric,
-                quota_counters.c.period,
-            ],
-            set_={"used": quota_counters.c.used + amount, "seq": quota_counters.c.seq + 1},
-            where=where,
-        )
-        .returning(quota_counters.c.used, quota_counters.c.seq)
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """Add `amount` to the counter (`metric`, `period`) unless that would pass `limit`."""
+
+    metric: str
+    period: str
+    amount: int
+    limit: int | None = None
+
+
+@functools.cache
+def _counters_upsert(rows: int) -> sa.TextClause:
+    """One statement adding to `rows` counters of one subject, each only within its limit.
+
+    Written out (the same SQL on PostgreSQL and SQLite) rather than built per call: a
+    multi-row upsert is not cached by SQLAlchemy, and building one costs several times
+    more than running it. A row whose limit would be passed is left alone and is
+    missing from what the statement returns.
+    """
+    values = ", ".join(f"(:subject, :metric_{i}, :period_{i}, :amount_{i}, 1)" for i in range(rows))
+    limits = " ".join(
+        f"WHEN quota_counters.metric = :metric_{i} AND quota_counters.period = :period_{i} "
+        f"THEN CAST(:limit_{i} AS BIGINT)"
+        for i in range(rows)
     )
+    return sa.text(
+        f"INSERT INTO quota_counters (user_id, metric, period, used, seq) VALUES {values} "
+        "ON CONFLICT (user_id, metric, period) DO UPDATE "
+        "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + 1 "
+        f"WHERE quota_counters.used + excluded.used <= CASE {limits} ELSE {UNLIMITED} END "
+        "RETURNING metric, period, used, seq"
+    ).bindparams(
+        *(sa.bindparam(f"amount_{i}", type_=sa.BigInteger) for i in range(rows)),
+        *(sa.bindparam(f"limit_{i}", type_=sa.BigInteger) for i in range(rows)),
+    )
+
+
+async def increment_counters(
+    conn: AsyncConnection, subject: str, increments: Sequence[Increment]
+) -> list[tuple[int, int] | None]:
+    """Apply each increment within its limit, in one statement; per increment the
+    counter's (used, seq) after it, or None where the limit refused it.
+
+    Concurrent callers serialize on the rows, so limits hold exactly whatever the
+    concurrency. The others are applied even where one is refused: a caller that
+    wants all or none raises to roll its transaction back.
+    """
+    wanted = [i for i in increments if i.limit is None or i.amount <= i.limit]
+    found: dict[tuple[str, str], tuple[int, int]] = {}
+    if wanted:
+        params: dict[str, object] = {"subject": subject}
+        for n, inc in enumerate(wanted):
+            params[f"metric_{n}"] = inc.metric
+            params[f"period_{n}"] = inc.period
+            params[f"amount_{n}"] = inc.amount
+            params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
+        for row in await conn.execute(_counters_upsert(len(wanted)), params):
+            found[(row.metric, row.period)] = (int(row.used), int(row.seq))
+    return [found.get((i.metric, i.period)) for i in increments]
 
 
 async def add_tokens(
     conn: AsyncConnection, user_id: str, period: str, delta: int
 ) -> tuple[int, int]:
     """Add `delta` to the user's counter for `period`; return (used, seq) after it."""
-    row = (await conn.execute(_counter_upsert(conn, user_id, TOKENS, period, delta))).one()
-    return int(row.used), int(row.seq)
+    [counted] = await increment_counters(conn, user_id, [Increment(TOKENS, period, delta)])
+    assert counted is not None  # no limit: always applied
+    return counted
 
 
 async def read_counter_state(
@@ -180,18 +216,9 @@ def period_window(per: str, now: datetime) -> tuple[str, datetime | None]:
 async def increment_within(
     conn: AsyncConnection, subject: str, metric: str, period: str, amount: int, limit: int | None
 ) -> int | None:
-    """Add `amount` unless that would pass `limit`; the new value, or None if refused.
-
-    One conditional upsert: concurrent callers serialize on the row, so the limit
-    holds exactly whatever the concurrency.
-    """
-    if limit is not None and amount > limit:
-        return None
-    where = None if limit is None else quota_counters.c.used + amount <= limit
-    row = (
-        await conn.execute(_counter_upsert(conn, subject, metric, period, amount, where))
-    ).first()
-    return None if row is None else int(row.used)
+    """Add `amount` unless that would pass `limit`; the new value, or None if refused."""
+    [counted] = await increment_counters(conn, subject, [Increment(metric, period, amount, limit)])
+    return None if counted is None else counted[0]
 
 
 async def decrement_counter(conn: AsyncConnection, subject: str, metric: str, period: str) -> None:

@@ -323,6 +323,18 @@ def _timestamp(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Built once: it runs as every relayed request finishes.
+_SUBSCRIBED = (
+    sa.select(webhooks.c.id)
+    .join(webhook_subscriptions, webhook_subscriptions.c.webhook_id == webhooks.c.id)
+    .where(
+        webhooks.c.user_id == sa.bindparam("user_id"),
+        webhooks.c.active.is_(True),
+        webhook_subscriptions.c.event == sa.bindparam("event"),
+    )
+)
+
+
 async def enqueue(
     conn: AsyncConnection, user_id: str, event: Event, data: Callable[[], dict[str, Any]]
 ) -> int:
@@ -331,21 +343,8 @@ async def enqueue(
 
     `data` builds the event's data only when someone will receive it.
     """
-    targets = (
-        (
-            await conn.execute(
-                sa.select(webhooks.c.id)
-                .join(webhook_subscriptions, webhook_subscriptions.c.webhook_id == webhooks.c.id)
-                .where(
-                    webhooks.c.user_id == user_id,
-                    webhooks.c.active.is_(True),
-                    webhook_subscriptions.c.event == event.value,
-                )
-            )
-        )
-        .scalars()
-        .all()
-    )
+    found = await conn.execute(_SUBSCRIBED, {"user_id": user_id, "event": event.value})
+    targets = found.scalars().all()
     if not targets:
         return 0
     now = datetime.now(UTC)
