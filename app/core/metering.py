@@ -59,6 +59,9 @@ class RequestInfo:
     token_limit: int | None
     device_id: str | None = None
     platform: str | None = None
+    # False: the user had no active webhook when the request started, so its end
+    # queues no event and skips looking for subscribers.
+    has_webhooks: bool = True
 
 
 # Built once: statements are reused with new parameters on every request.
@@ -207,7 +210,7 @@ class UsageMeter:
                 await self._metering.warnings.check(
                     conn, user_id, "monthly_tokens", used - delta, used, limit
                 )
-            if status is not UsageStatus.STREAMING:
+            if status is not UsageStatus.STREAMING and self.info.has_webhooks:
                 # In the finalizing transaction: the event exists exactly if the row does.
                 event = (
                     Event.TASK_COMPLETED if status is UsageStatus.COMPLETED else Event.TASK_FAILED

@@ -137,6 +137,7 @@ class Relay:
             token_limit=limit,
             device_id=context.device_id,
             platform=context.platform,
+            has_webhooks=user.has_webhooks,
         )
         meter = await self._metering.begin(info, prompt_tokens, admit)
         remaining = meter.remaining

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, Unauthorized
 from app.core.security import Secrets, generate_api_key, hash_password
-from app.core.tables import KeyKind, api_keys, users
+from app.core.tables import KeyKind, api_keys, users, webhooks
 
 ROLES = ("user", "admin", "super_admin")
 RELAY_KEY_PERMISSIONS = ["ai:read", "ai:write", "usage:read"]
@@ -34,6 +34,9 @@ class User:
     updated_at: datetime
     # Access tokens issued before this (a password change) are refused.
     tokens_valid_after: datetime | None = None
+    # Whether any active outbound webhook may want this user's events: read with the
+    # user, so requests of the many users without one skip looking for subscribers.
+    has_webhooks: bool = False
 
 
 USER_COLUMNS = (
@@ -48,6 +51,9 @@ USER_COLUMNS = (
     users.c.created_at,
     users.c.updated_at,
     users.c.tokens_valid_after,
+    sa.exists()
+    .where(webhooks.c.user_id == users.c.id, webhooks.c.active.is_(True))
+    .label("has_webhooks"),
 )
 
 
