@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.envelopes import Surface, error_response, surface_for
 from app.api.requests import client_ip, resolve_principal, services
 from app.api.responses import iso_millis
-from app.core.errors import ApiError, RateLimited
+from app.core.errors import ApiError, BadRequest, RateLimited
 from app.core.ratelimit import Decision
 
 logger = logging.getLogger("livegate")
@@ -59,6 +59,14 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
+        url_has_nul = "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
+        if url_has_nul and scope["type"] == "http":
+            # No id, name or filter holds a NUL; PostgreSQL would refuse it as a 500.
+            refusal = BadRequest("the URL contains a NUL character")
+            await error_response(scope["method"], scope["path"], refusal)(
+                scope, receive, send_with_id
+            )
+            return
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:

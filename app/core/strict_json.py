@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from app.core.errors import BadRequest
@@ -26,7 +27,7 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates.
+    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates, no NUL.
 
     Each of those parses in Python but cannot be encoded again (to the upstream, or
     into a database), so it is refused here as the client's error.
@@ -39,19 +40,29 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("request body is nested too deeply") from exc
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
+    if _SURROGATE_ESCAPE.search(body) and _any_string(value, _lone_surrogate):
         raise BadRequest("request body contains an unpaired UTF-16 surrogate escape")
+    # Valid JSON, but no text column of PostgreSQL can hold it.
+    if b"\\u0000" in body and _any_string(value, lambda text: "\x00" in text):
+        raise BadRequest("request body contains a NUL character (\\u0000)")
     return value
 
 
-def _has_lone_surrogate(value: Any) -> bool:
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _any_string(value: Any, test: Callable[[str], bool]) -> bool:
+    """Whether any string in `value`, keys included, passes `test`."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
+            if test(item):
                 return True
         elif isinstance(item, dict):
             stack.extend(item.keys())

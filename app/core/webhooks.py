@@ -83,9 +83,24 @@ class CreatedEndpoint:
 # -- validation ----------------------------------------------------------------------
 
 
+# NAT64 prefixes: an address in them reaches the IPv4 address it embeds.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Globally routable, and so is any IPv4 address an IPv6 one carries inside it
+    (mapped, 6to4, Teredo, NAT64, IPv4-compatible), which would be where it leads."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return False
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address.teredo is not None:
+            embedded = address.teredo[1]
+        if embedded is None and (address in _NAT64 or int(address) >> 32 == 0):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not _is_public(embedded):
+            return False
     return address.is_global and not address.is_multicast
 
 
@@ -453,6 +468,9 @@ class WebhookDispatcher:
             follow_redirects=False,
             trust_env=False,
             headers={"user-agent": USER_AGENT},
+            # Connections are made by address and pooled by address: a kept-alive one
+            # verified for one name must not carry another name's delivery.
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -515,8 +533,9 @@ class WebhookDispatcher:
                         webhooks.c.secret_ciphertext,
                     )
                     .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)
-                    .where(due)
-                    .order_by(webhook_deliveries.c.next_attempt_at)
+                    # A deactivated webhook's deliveries wait until it is active again.
+                    .where(due, webhooks.c.active.is_(True))
+                    .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.event_id)
                     .limit(CLAIM_BATCH)
                 )
             ).all()
@@ -548,20 +567,30 @@ class WebhookDispatcher:
         status_code: int | None = None
         error: str | None = None
         try:
-            status_code = await self._send(delivery)
+            # One deadline for all of it (a read timeout alone lets a target that
+            # trickles bytes hold the delivery past its claim).
+            async with asyncio.timeout(self._config.timeout_seconds):
+                status_code = await self._send(delivery)
             if not 200 <= status_code < 300:
                 error = f"answered HTTP {status_code}"
         except DeliveryRefused as exc:
             error = str(exc)
+        except TimeoutError:
+            error = f"no answer within {self._config.timeout_seconds:g} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:
+            # Recorded like any failure, so the row follows its retry schedule.
+            logger.exception("webhook delivery %s failed unexpectedly", delivery.event_id)
+            error = f"internal error: {type(exc).__name__}"
         await self._record(delivery, status_code, error)
 
     async def _send(self, delivery: _Claimed) -> int:
         url = httpx.URL(delivery.url)
         port = url.port or (443 if url.scheme == "https" else 80)
-        assert url.host
-        address = await _resolve(url.host, port, self._config.allow_private_networks)
+        # The name as DNS, TLS and the Host header all see it (IDNA-encoded).
+        host = url.raw_host.decode("ascii")
+        address = await _resolve(host, port, self._config.allow_private_networks)
         now = datetime.now(UTC)
         signer = _signer(self._secrets.decrypt(delivery.secret_ciphertext))
         headers = {
@@ -571,7 +600,7 @@ class WebhookDispatcher:
             "webhook-timestamp": str(int(now.timestamp())),
             "webhook-signature": signer.sign(delivery.event_id, now, delivery.payload),
         }
-        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         async with self._http.stream(
             "POST",
             url.copy_with(host=address),

@@ -590,3 +590,40 @@ async def test_internal_failure_response_carries_the_request_id(livegate: Livega
         )
     assert response.status_code == 500
     assert response.headers.get("x-request-id") == "trace-500"
+
+
+# --- NUL characters -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_nul_characters_are_400_in_the_surfaces_envelope(start_livegate: StartLivegate):
+    """PostgreSQL refuses NUL in text: caught as the client's error on every backend."""
+    livegate = await start_livegate()
+    account = await livegate.account()
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=30) as http:
+        in_path = await http.get("/api/v1/webhooks/wh-%00x", headers=auth(account.token))
+        in_query = await http.get(
+            "/api/conversations", params={"limit": "5\x00"}, headers=auth(account.token)
+        )
+        in_body = await http.post(
+            "/api/conversations",
+            json={"id": "c1", "title": "a\x00b"},
+            headers=auth(account.token),
+        )
+        in_key = await http.post(
+            "/api/conversations",
+            json={"id": "c2", "title": "t", "x\x00": 1},
+            headers=auth(account.token),
+        )
+        # A literal backslash-u text is no NUL and is kept as given.
+        literal = await http.post(
+            "/api/conversations",
+            json={"id": "c3", "title": "\\u0000"},
+            headers=auth(account.token),
+        )
+    assert in_path.status_code == 400, in_path.text
+    assert in_path.json()["error"]["code"] == "VALIDATION_ERROR"  # the Playground's
+    for response in (in_query, in_body, in_key):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "BAD_REQUEST"  # Navi's
+    assert literal.status_code in (200, 201), literal.text

@@ -58,6 +58,7 @@ class Receiver:
     """Records deliveries; answers each with the next scripted status (then 200)."""
 
     statuses: list[int] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)  # seconds before answering each
     received: list[Delivery] = field(default_factory=list)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     port: int = 0
@@ -71,6 +72,8 @@ class Receiver:
         async with self.arrived:
             self.received.append(Delivery(dict(request.headers), body))
             self.arrived.notify_all()
+        if self.delays:
+            await asyncio.sleep(self.delays.pop(0))
         return Response(status_code=self.statuses.pop(0) if self.statuses else 200)
 
     async def wait_for(self, count: int) -> list[Delivery]:
@@ -490,3 +493,56 @@ async def test_deleting_a_webhook_drops_what_it_had_not_received(
     assert await waiting() == 1  # its retry is a minute away
     await call(livegate, "DELETE", f"/api/v1/webhooks/{webhook['id']}", account.token)
     assert await waiting() == 0
+
+
+async def deliveries_of(livegate: Livegate, webhook_id: str) -> list[Any]:
+    async with livegate.services.engine.connect() as conn:
+        result = await conn.execute(
+            sa.select(webhook_deliveries).where(webhook_deliveries.c.webhook_id == webhook_id)
+        )
+        return list(result)
+
+
+async def test_a_target_too_slow_to_answer_is_a_failed_attempt(
+    start_livegate: StartLivegate, receiver: Receiver
+) -> None:
+    config = WebhooksConfig(
+        allow_private_networks=True,
+        poll_seconds=0.05,
+        timeout_seconds=0.3,
+        retry_schedule_seconds=[0.2],
+    )
+    livegate = await start_livegate(webhooks=config)
+    account = await livegate.account()
+    webhook = await create_webhook(livegate, account.token, receiver.url, ["ai.task.completed"])
+    receiver.delays = [5.0]  # far past the deadline; the retry is answered at once
+    await chat(livegate, account.token)
+    first, retry = await receiver.wait_for(2)
+    assert first.body == retry.body
+    for _ in range(100):
+        [row] = await deliveries_of(livegate, webhook["id"])
+        if row.status == "delivered":
+            break
+        await asyncio.sleep(0.05)
+    assert (row.status, row.attempts) == ("delivered", 2)
+
+
+async def test_a_deactivated_webhook_gets_no_retries_until_active_again(
+    start_livegate: StartLivegate, receiver: Receiver
+) -> None:
+    config = WebhooksConfig(
+        allow_private_networks=True, poll_seconds=0.05, retry_schedule_seconds=[0.2, 0.2]
+    )
+    livegate = await start_livegate(webhooks=config)
+    account = await livegate.account()
+    webhook = await create_webhook(livegate, account.token, receiver.url, ["ai.task.completed"])
+    path = f"/api/v1/webhooks/{webhook['id']}"
+    receiver.statuses = [500]
+    await chat(livegate, account.token)
+    await receiver.wait_for(1)
+    await call(livegate, "PUT", path, account.token, json={"active": False})
+    await asyncio.sleep(0.8)  # the retry was due after 0.2 s
+    assert len(receiver.received) == 1
+    await call(livegate, "PUT", path, account.token, json={"active": True})
+    deliveries = await receiver.wait_for(2)
+    assert deliveries[0].body == deliveries[1].body

@@ -56,3 +56,25 @@ def test_urls_naming_private_hosts_are_refused(url: str) -> None:
     with pytest.raises(BadRequest):
         validate_url(url, allow_private=False)
     assert validate_url(url, allow_private=True) == url
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b:1::1",  # local-use NAT64
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "::7f00:1",  # IPv4-compatible 127.0.0.1
+        "::ffff:10.0.0.1",  # IPv4-mapped
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo whose client is 10.0.0.1
+    ],
+)
+def test_ipv6_addresses_leading_to_private_ipv4_are_not_public(address: str) -> None:
+    with pytest.raises(BadRequest):
+        validate_url(f"http://[{address}]/", allow_private=False)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111"])
+def test_ipv6_addresses_leading_to_public_ones_are_allowed(address: str) -> None:
+    assert validate_url(f"http://[{address}]/", allow_private=False)
