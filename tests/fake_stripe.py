@@ -2,8 +2,8 @@
 
 It reads form-encoded bodies as Stripe's API does (`line_items[0][price]=...`), checks
 the secret key, honours `Idempotency-Key` (the same key answers the same object), and
-records every call so tests can assert what Livegate sent. `status` makes every call
-fail with Stripe's error shape instead.
+records every call, and every object it made, so tests can assert what Livegate sent
+and what it caused. `status` makes every call fail with Stripe's error shape instead.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class StripeCall:
 class FakeStripe:
     secret_key: str
     calls: list[StripeCall] = field(default_factory=list)
+    made: list[dict[str, Any]] = field(default_factory=list)  # a replayed key makes none
     status: int = 200  # anything else: every call fails with this status
     port: int = 0
     _replies: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -43,6 +44,10 @@ class FakeStripe:
 
     def calls_to(self, path: str) -> list[StripeCall]:
         return [c for c in self.calls if c.path == path]
+
+    def made_of(self, kind: str) -> list[dict[str, Any]]:
+        """The objects of one kind ("customer", "checkout.session", ...) made so far."""
+        return [o for o in self.made if o["object"] == kind]
 
     async def customers(self, request: Request) -> Response:
         return await self._answer(
@@ -100,6 +105,7 @@ class FakeStripe:
         if key and key in self._replies:
             return JSONResponse(self._replies[key], headers={"Idempotent-Replayed": "true"})
         reply: dict[str, Any] = make(form)
+        self.made.append(reply)
         if key:
             self._replies[key] = reply
         return JSONResponse(reply, headers={"Request-Id": f"req_{uuid.uuid4().hex[:14]}"})

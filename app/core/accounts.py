@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 from app.core.keys import revoke_all_keys
@@ -140,20 +140,39 @@ async def set_tier(
     engine: AsyncEngine, publisher: QuotaPublisher, user_id: str, tier: str, limit: int | None
 ) -> User:
     """Move a user to `tier` and push the quota it implies to their devices at once."""
+    async with engine.begin() as conn:
+        snapshot = await move_tier(conn, user_id, tier, limit)
+        if snapshot is None:
+            raise NotFound("user not found")
+    publisher.push(user_id, snapshot)
+    return await get_user(engine, user_id)
+
+
+async def move_tier(
+    conn: AsyncConnection,
+    user_id: str,
+    tier: str,
+    limit: int | None,
+    *,
+    expected: str | None = None,
+) -> QuotaSnapshot | None:
+    """Move a live user to `tier` within the caller's transaction (only from `expected`,
+    if given); the quota snapshot to push once it commits, None if no user moved.
+
+    The caller pushes the snapshot only after its commit: devices must never hear of a
+    tier a rollback took back.
+    """
     now = datetime.now(UTC)
     period = month_period(now)
-    async with engine.begin() as conn:
-        result = await conn.execute(
-            users.update()
-            .where(users.c.id == user_id, users.c.deleted_at.is_(None))
-            .values(tier=tier, updated_at=now)
-        )
-        if result.rowcount == 0:
-            raise NotFound("user not found")
-        # A zero increment still advances `seq`, so devices accept the new limit.
-        used, seq = await add_tokens(conn, user_id, period, 0)
-    publisher.push(user_id, QuotaSnapshot(limit, used, period, seq))
-    return await get_user(engine, user_id)
+    moving = users.update().where(users.c.id == user_id, users.c.deleted_at.is_(None))
+    if expected is not None:
+        moving = moving.where(users.c.tier == expected)
+    result = await conn.execute(moving.values(tier=tier, updated_at=now))
+    if result.rowcount == 0:
+        return None
+    # A zero increment still advances `seq`, so devices accept the new limit.
+    used, seq = await add_tokens(conn, user_id, period, 0)
+    return QuotaSnapshot(limit, used, period, seq)
 
 
 async def update_user_admin(

@@ -2,10 +2,12 @@
 
 One row of `subscriptions` per user keeps the Stripe customer, the current subscription,
 its status and period end. Stripe's webhooks are the only source of that state; each
-event is applied at most once (by its id, in `webhook_events`), and an event older than
-the last one applied (`event_at`) never rolls the state back. The subscription moves the
-user between the default tier and `[stripe] tier`, never away from any other tier (one
-an administrator chose), and every move pushes the new quota to the user's devices.
+event is applied at most once (by its id, in `webhook_events`) and wholly or not at all,
+and an event older than the last one applied (`event_at`) never rolls the state back;
+nor, in that event's second, does one saying less than it did. An ended subscription
+(canceled, incomplete_expired) stays ended. The subscription moves the user between the
+default tier and `[stripe] tier`, never away from any other tier (one an administrator
+chose), and every move pushes the new quota to the user's devices.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from typing import Any
 import sqlalchemy as sa
 import stripe
 from pydantic import SecretStr
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.accounts import set_tier
+from app.core.accounts import move_tier
 from app.core.config import ConfigError, Settings, StripeConfig
 from app.core.db import dialect_insert
 from app.core.errors import ApiError, BadRequest, Conflict, NotFound, UpstreamError
 from app.core.live import QuotaPublisher
+from app.core.quota import QuotaSnapshot
 from app.core.strict_json import parse_json
 from app.core.tables import subscriptions, users, webhook_events
 from app.core.users import User
@@ -42,6 +44,14 @@ SOURCE = "stripe"
 # (`incomplete`: the first payment is pending) leaves the tier as it is.
 GRANTING = frozenset({"active", "trialing", "past_due"})
 REVOKING = frozenset({"canceled", "unpaid", "incomplete_expired", "paused"})
+# Ends: Stripe never brings such a subscription back (a new checkout makes a new one).
+TERMINAL = frozenset({"canceled", "incomplete_expired"})
+# How far along its life a subscription is. Stripe stamps events in whole seconds and
+# sends them in any order, so within one second a status of an earlier stage is older
+# news (`created` saying incomplete, after `updated` said active). The other live
+# statuses (active, past_due, unpaid, paused) move back and forth: one stage.
+_STAGES = {"incomplete": 0, "trialing": 1}
+_LIVE_STAGE = 2
 # The statuses the spec names; the others are shown as the nearest of them.
 _SHOWN_AS = {
     "active": "active",
@@ -91,8 +101,11 @@ class InvalidEvent(BillingError, BadRequest):
 class Outcome(enum.StrEnum):
     PROCESSED = "processed"
     DUPLICATE = "duplicate"  # this event id was processed before: acknowledged, not applied
-    IGNORED = "ignored"  # a type we do not act on, or news of a subscription no longer ours
-    STALE = "stale"  # older than the last event applied to the user's subscription
+    # A type we do not act on, or news of a subscription no longer ours or ended.
+    IGNORED = "ignored"
+    # Older than the last event applied to the user's subscription, or of its second
+    # and a step back from what that said.
+    STALE = "stale"
     UNKNOWN_CUSTOMER = "unknown_customer"  # no user of ours is this Stripe customer
 
 
@@ -175,6 +188,10 @@ class _Change:
     user_hint: str | None  # our user id, from the metadata we gave Stripe
     status: str | None = None
     period_end: datetime | None = None
+
+
+# A user and the quota their new tier gives, pushed to their devices once committed.
+_Push = tuple[str, QuotaSnapshot]
 
 
 class Billing:
@@ -288,28 +305,22 @@ class Billing:
     # --- webhooks --------------------------------------------------------------------
 
     async def handle_webhook(self, body: bytes, signature: str | None) -> Outcome:
+        """Apply one of Stripe's events: all of it, or (on any failure) none of it.
+
+        The event's id, the subscription's row and the user's tier are written in one
+        transaction, so an error or a cancellation anywhere leaves none of them and
+        Stripe's retry is applied in full, never taken for a replay. The user's devices
+        hear of a new tier only once it is committed.
+        """
         event = self._verify(body, signature)
         change = _change(event)  # a malformed event is refused before it is remembered
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    webhook_events.insert().values(
-                        source=SOURCE, event_id=event.id, received_at=datetime.now(UTC)
-                    )
-                )
-        except IntegrityError:
-            return Outcome.DUPLICATE
-        try:
-            return await self._apply(event, change)
-        except Exception:
-            # Forget the delivery so Stripe's retry is processed, not taken for a replay.
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    webhook_events.delete().where(
-                        webhook_events.c.source == SOURCE, webhook_events.c.event_id == event.id
-                    )
-                )
-            raise
+        async with self._engine.begin() as conn:
+            if not await _remember(conn, event.id):
+                return Outcome.DUPLICATE
+            outcome, push = await self._apply(conn, event, change)
+        if push is not None:
+            self._publisher.push(*push)
+        return outcome
 
     def _verify(self, body: bytes, signature: str | None) -> _Event:
         """The event, if its `Stripe-Signature` (and its 5-minute timestamp) check out."""
@@ -344,10 +355,12 @@ class Billing:
             raise InvalidEvent("webhook event needs a `created` time")
         return _Event(event_id, event_type, created, obj)
 
-    async def _apply(self, event: _Event, change: _Change | None) -> Outcome:
+    async def _apply(
+        self, conn: AsyncConnection, event: _Event, change: _Change | None
+    ) -> tuple[Outcome, _Push | None]:
         if change is None:
-            return Outcome.IGNORED
-        user_id = await self._user_for(change)
+            return Outcome.IGNORED, None
+        user_id = await _user_for(conn, change)
         if user_id is None:
             logger.warning(
                 "stripe event %s (%s): customer %s is none of our users",
@@ -355,88 +368,87 @@ class Billing:
                 event.type,
                 change.customer,
             )
-            return Outcome.UNKNOWN_CUSTOMER
-        outcome, new_tier = await self._record(user_id, event.created, change)
-        if new_tier is not None:
-            await set_tier(
-                self._engine,
-                self._publisher,
-                user_id,
-                new_tier,
-                self._settings.tier(new_tier).monthly_tokens,
-            )
-        return outcome
-
-    async def _user_for(self, change: _Change) -> str | None:
-        """Our user: the one the customer is stored for, else the one Stripe's metadata names."""
-        async with self._engine.connect() as conn:
-            if change.customer is not None:
-                owner = (
-                    await conn.execute(
-                        sa.select(subscriptions.c.user_id).where(
-                            subscriptions.c.stripe_customer_id == change.customer
-                        )
-                    )
-                ).scalar()
-                if owner is not None:
-                    return await _live_user(conn, owner)
-            if change.user_hint is not None:
-                return await _live_user(conn, change.user_hint)
-        return None
+            return Outcome.UNKNOWN_CUSTOMER, None
+        return await self._record(conn, user_id, event.created, change)
 
     async def _record(
-        self, user_id: str, created: int, change: _Change
-    ) -> tuple[Outcome, str | None]:
-        """Apply `change` to the user's row; the outcome and the tier to move the user to."""
+        self, conn: AsyncConnection, user_id: str, created: int, change: _Change
+    ) -> tuple[Outcome, _Push | None]:
+        """Apply `change` to the user's row and tier; the outcome and the quota to push."""
         now = datetime.now(UTC)
-        default = self._settings.server.default_tier
-        async with self._engine.begin() as conn:
-            # The insert comes first: on SQLite it takes the write lock, so two events
-            # for one user never both read the old row; on PostgreSQL FOR UPDATE does.
-            await _ensure_row(conn, user_id, now)
-            row = (
-                await conn.execute(
-                    sa.select(subscriptions)
-                    .where(subscriptions.c.user_id == user_id)
-                    .with_for_update()
-                )
-            ).one()
-            if row.event_at is not None and created < row.event_at:
-                return Outcome.STALE, None
-            values = _transition(row, change)
-            if values is None:
-                return Outcome.IGNORED, None
-            # A checkout only infers the status; it must not hide the subscription's
-            # own events (sent around the same second, in any order) as older news.
-            if change.kind is not _Kind.CHECKOUT:
-                values["event_at"] = max(created, row.event_at or 0)
-            if change.customer is not None and row.stripe_customer_id is None:
-                values["stripe_customer_id"] = change.customer
-            status = values.get("status", row.status)
-            user_tier = (
-                await conn.execute(sa.select(users.c.tier).where(users.c.id == user_id))
-            ).scalar_one()
-            # `tier` is the tier this subscription moved the user to, if it did: only
-            # that move is ever undone, so a tier an administrator set stays.
-            new_tier: str | None = None
-            if status in GRANTING:
-                if user_tier == default and self._config.tier != default:
-                    new_tier = values["tier"] = self._config.tier
-            elif status in REVOKING:
-                if row.tier is not None and user_tier == row.tier and row.tier != default:
-                    new_tier = default
-                values["tier"] = None
+        # Two events for one user never both read the old row: on SQLite the write lock
+        # is held since the event id's insert, on PostgreSQL FOR UPDATE takes the row
+        # (which the insert before it makes sure exists).
+        await _ensure_row(conn, user_id, now)
+        row = (
             await conn.execute(
-                subscriptions.update()
-                .where(subscriptions.c.user_id == user_id)
-                .values(**values, updated_at=now)
+                sa.select(subscriptions).where(subscriptions.c.user_id == user_id).with_for_update()
             )
-        return Outcome.PROCESSED, new_tier
+        ).one()
+        if row.event_at is not None and created < row.event_at:
+            return Outcome.STALE, None
+        values = _transition(row, change)
+        if values is None:
+            return Outcome.IGNORED, None
+        if _steps_back(row, created, change):
+            return Outcome.STALE, None
+        # A checkout only infers the status; it must not hide the subscription's
+        # own events (sent around the same second, in any order) as older news.
+        if change.kind is not _Kind.CHECKOUT:
+            values["event_at"] = max(created, row.event_at or 0)
+        if change.customer is not None and row.stripe_customer_id is None:
+            values["stripe_customer_id"] = change.customer
+        push = await self._move_tier(conn, row, values.get("status", row.status), values)
+        await conn.execute(
+            subscriptions.update()
+            .where(subscriptions.c.user_id == user_id)
+            .values(**values, updated_at=now)
+        )
+        return Outcome.PROCESSED, push
+
+    async def _move_tier(
+        self, conn: AsyncConnection, row: Any, status: str | None, values: dict[str, Any]
+    ) -> _Push | None:
+        """Move the user's tier as `status` implies; `values` gets the row's new `tier`.
+
+        The row's `tier` is the tier this subscription moved the user to, if it did:
+        only that move is ever undone, so a tier an administrator set stays.
+        """
+        default = self._settings.server.default_tier
+        user_tier: str = (
+            await conn.execute(sa.select(users.c.tier).where(users.c.id == row.user_id))
+        ).scalar_one()
+        target: str | None = None
+        if status in GRANTING:
+            if user_tier == default and self._config.tier != default:
+                target = self._config.tier
+        elif status in REVOKING:
+            if row.tier is not None and user_tier == row.tier and row.tier != default:
+                target = default
+            values["tier"] = None  # the subscription no longer holds any tier it gave
+        if target is None:
+            return None
+        # Only from the tier read above: an administrator's change since then wins.
+        quota = await move_tier(
+            conn,
+            row.user_id,
+            target,
+            self._settings.tier(target).monthly_tokens,
+            expected=user_tier,
+        )
+        if quota is None:
+            return None
+        if status in GRANTING:
+            values["tier"] = target
+        return row.user_id, quota
 
 
 def _transition(row: Any, change: _Change) -> dict[str, Any] | None:
-    """The columns `change` sets; None if it is about a subscription the user is not on."""
+    """The columns `change` sets; None if it is about a subscription the user is not on,
+    or about one that has ended."""
     current = row.stripe_subscription_id
+    if change.subscription == current and row.status in TERMINAL:
+        return None
     other = current is not None and change.subscription != current
     if change.kind is _Kind.SUBSCRIPTION:
         # A new subscription that grants replaces the current one; news of any other
@@ -478,6 +490,25 @@ def _transition(row: Any, change: _Change) -> dict[str, Any] | None:
     if row.status is None:
         return {"stripe_subscription_id": change.subscription, "status": "incomplete"}
     return {}
+
+
+def _steps_back(row: Any, created: int, change: _Change) -> bool:
+    """Whether `change`, of the second of the last event applied, would take the user's
+    subscription back to an earlier stage of its life (see `_STAGES`)."""
+    return (
+        change.kind is _Kind.SUBSCRIPTION
+        and created == row.event_at
+        and change.subscription == row.stripe_subscription_id
+        and _stage(change.status) < _stage(row.status)
+    )
+
+
+def _stage(status: str | None) -> int:
+    if status is None:
+        return -1
+    if status in TERMINAL:
+        return _LIVE_STAGE + 1
+    return _STAGES.get(status, _LIVE_STAGE)
 
 
 def _change(event: _Event) -> _Change | None:
@@ -572,6 +603,38 @@ def _text(value: object) -> str | None:
 def _secret(value: SecretStr | None) -> str | None:
     secret = value.get_secret_value() if value is not None else ""
     return secret if secret.strip() else None
+
+
+async def _remember(conn: AsyncConnection, event_id: str) -> bool:
+    """Record the event's id in the caller's transaction; False if it was seen before.
+
+    A concurrent copy of the event waits here for the first one's transaction: it is
+    a duplicate if that commits, and applied if that rolls back.
+    """
+    insert = dialect_insert(conn)
+    result = await conn.execute(
+        insert(webhook_events)
+        .values(source=SOURCE, event_id=event_id, received_at=datetime.now(UTC))
+        .on_conflict_do_nothing(index_elements=[webhook_events.c.source, webhook_events.c.event_id])
+    )
+    return result.rowcount == 1
+
+
+async def _user_for(conn: AsyncConnection, change: _Change) -> str | None:
+    """Our user: the one the customer is stored for, else the one Stripe's metadata names."""
+    if change.customer is not None:
+        owner = (
+            await conn.execute(
+                sa.select(subscriptions.c.user_id).where(
+                    subscriptions.c.stripe_customer_id == change.customer
+                )
+            )
+        ).scalar()
+        if owner is not None:
+            return await _live_user(conn, owner)
+    if change.user_hint is not None:
+        return await _live_user(conn, change.user_hint)
+    return None
 
 
 async def _ensure_row(conn: AsyncConnection, user_id: str, now: datetime) -> None:

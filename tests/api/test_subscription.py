@@ -294,6 +294,52 @@ def iso(at: int) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@asynccontextmanager
+async def refused_tier_changes(livegate: Livegate, user_id: str) -> AsyncIterator[None]:
+    """A real failure inside the database: a trigger refuses any change of this user's tier."""
+    assert user_id.replace("-", "").isalnum()  # inlined below: DDL takes no parameters
+    name = f"refuse_tier_{uuid.uuid4().hex[:12]}"
+    if livegate.services.engine.dialect.name == "sqlite":
+        create = [
+            f"CREATE TRIGGER {name} BEFORE UPDATE OF tier ON users WHEN OLD.id = '{user_id}' "
+            "BEGIN SELECT RAISE(ABORT, 'tier changes are refused'); END"
+        ]
+        drop = [f"DROP TRIGGER {name}"]
+    else:
+        create = [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'tier changes are refused'; END $$",
+            f"CREATE TRIGGER {name} BEFORE UPDATE OF tier ON users FOR EACH ROW "
+            f"WHEN (OLD.id = '{user_id}') EXECUTE FUNCTION {name}()",
+        ]
+        drop = [f"DROP TRIGGER {name} ON users", f"DROP FUNCTION {name}()"]
+    async with livegate.services.engine.begin() as conn:
+        for statement in create:
+            await conn.execute(sa.text(statement))
+    try:
+        yield
+    finally:
+        async with livegate.services.engine.begin() as conn:
+            for statement in drop:
+                await conn.execute(sa.text(statement))
+
+
+async def wait_for_lock_wait(livegate: Livegate, statement: str, task: asyncio.Task[Any]) -> None:
+    """Until a PostgreSQL session waits on a lock in a statement starting `statement`."""
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query LIKE :statement"
+    )
+    async with asyncio.timeout(WAIT):
+        while True:
+            async with livegate.services.engine.connect() as conn:
+                waiting = (await conn.execute(query, {"statement": f"{statement}%"})).scalar_one()
+            if waiting:
+                return
+            assert not task.done(), "the delivery ended without waiting on the lock"
+            await asyncio.sleep(0.02)
+
+
 # --- GET /api/subscription, authentication, configuration -----------------------
 
 
@@ -426,6 +472,10 @@ async def test_concurrent_checkouts_keep_one_customer(livegate: Livegate, fake_s
     row = await stored(livegate, account.user.id)
     customers = {s.form["customer"] for s in fake_stripe.calls_to("/v1/checkout/sessions")}
     assert customers == {row.stripe_customer_id}
+    # Every request to create one carried the same key, so Stripe made one customer.
+    keys = {c.headers.get("idempotency-key") for c in fake_stripe.calls_to("/v1/customers")}
+    assert len(keys) == 1 and None not in keys, keys
+    assert [c["id"] for c in fake_stripe.made_of("customer")] == [row.stripe_customer_id]
 
 
 @pytest.mark.parametrize("status", ["active", "trialing", "past_due"])
@@ -774,6 +824,80 @@ async def test_tier_changes_push_the_new_quota_at_once(livegate: Livegate):
         assert downgraded["seq"] > upgraded["seq"]
 
 
+# --- webhook: all of an event or none of it -------------------------------------------
+
+
+@pytest.mark.parametrize("move", ["upgrade", "downgrade"])
+async def test_a_tier_change_that_fails_leaves_nothing_and_the_retry_applies_all(
+    livegate: Livegate, move: str
+):
+    account = await livegate.account()
+    if move == "upgrade":
+        assert (await checkout(livegate, account)).status_code == 200
+        customer, sub_id = (
+            (await stored(livegate, account.user.id)).stripe_customer_id,
+            new_sub_id(),
+        )
+        obj = checkout_obj(account.user.id, customer, sub_id)
+        body = event("checkout.session.completed", obj, event_id=f"evt_{uuid.uuid4().hex[:24]}")
+        before, after = (None, None, "free"), ("active", "pro", "pro")
+    else:
+        customer, sub_id = await subscribe(livegate, account)
+        obj = subscription_obj(sub_id, customer, "canceled")
+        body = event("customer.subscription.deleted", obj, event_id=f"evt_{uuid.uuid4().hex[:24]}")
+        before, after = ("active", "pro", "pro"), ("canceled", None, "free")
+    event_id = json.loads(body)["id"]
+
+    async def state() -> tuple[str | None, str | None, str]:
+        row = await stored(livegate, account.user.id)
+        return row.status, row.tier, await tier_of(livegate, account.user.id)
+
+    async with refused_tier_changes(livegate, account.user.id):
+        response = await deliver(livegate, body)
+    assert response.status_code == 500, response.text
+    # Neither the event id nor the subscription's row: Stripe's retry must see it all anew.
+    assert not await remembered(livegate, event_id)
+    assert await state() == before
+    assert_outcome(await deliver(livegate, body), "processed")
+    assert await state() == after
+    assert_outcome(await deliver(livegate, body), "duplicate")
+
+
+async def test_a_delivery_cancelled_midway_leaves_nothing_and_the_retry_applies_all(
+    livegate: Livegate,
+):
+    svc = livegate.services
+    if svc.engine.dialect.name != "postgresql":
+        pytest.skip("holding one row's lock needs PostgreSQL; SQLite locks the whole database")
+    assert svc.billing is not None
+    account = await livegate.account()
+    customer, sub_id = await subscribe(livegate, account)
+    event_id = f"evt_{uuid.uuid4().hex[:24]}"
+    body = event(
+        "customer.subscription.deleted",
+        subscription_obj(sub_id, customer, "canceled"),
+        event_id=event_id,
+    )
+    # Another transaction holds the user's row, so the delivery stops at its tier change;
+    # it is cancelled there, as a client disconnect or a shutdown would.
+    async with svc.engine.connect() as holder:
+        await holder.execute(
+            sa.text("SELECT 1 FROM users WHERE id = :id FOR NO KEY UPDATE"),
+            {"id": account.user.id},
+        )
+        task = asyncio.create_task(svc.billing.handle_webhook(body.encode(), sign(body)))
+        await wait_for_lock_wait(livegate, "UPDATE users", task)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await holder.rollback()
+    assert not await remembered(livegate, event_id)
+    assert (await stored(livegate, account.user.id)).status == "active"
+    assert await tier_of(livegate, account.user.id) == "pro"
+    assert_outcome(await deliver(livegate, body), "processed")
+    assert await tier_of(livegate, account.user.id) == "free"
+
+
 # --- webhook: replays, order, strangers ----------------------------------------------
 
 
@@ -850,6 +974,103 @@ async def test_the_subscriptions_own_status_wins_over_the_checkouts(
         "status": "trialing",
         "periodEnd": None,
     }
+
+
+@pytest.mark.parametrize("later", [0, 5], ids=["same-second", "later"])
+@pytest.mark.parametrize("end", ["deleted", "incomplete_expired"])
+async def test_an_ended_subscription_is_never_revived(livegate: Livegate, end: str, later: int):
+    account = await livegate.account()
+    customer, sub_id = await subscribe(livegate, account)
+    now = int(time.time())
+    if end == "deleted":
+        obj = subscription_obj(sub_id, customer, "canceled")
+        ended = event("customer.subscription.deleted", obj, created=now)
+    else:
+        obj = subscription_obj(sub_id, customer, "incomplete_expired")
+        ended = event("customer.subscription.updated", obj, created=now)
+    assert_outcome(await deliver(livegate, ended), "processed")
+    status = (await stored(livegate, account.user.id)).status
+    for body in (
+        event(
+            "customer.subscription.updated",
+            subscription_obj(sub_id, customer, "active"),
+            created=now + later,
+        ),
+        event("invoice.payment_succeeded", invoice_obj(customer, sub_id), created=now + later),
+    ):
+        assert_outcome(await deliver(livegate, body), "ignored")
+    row = await stored(livegate, account.user.id)
+    assert (row.stripe_subscription_id, row.status, row.tier) == (sub_id, status, None)
+    assert await tier_of(livegate, account.user.id) == "free"
+    assert (await get_subscription(livegate, account))["status"] == "canceled"
+
+
+async def test_a_new_subscription_in_the_second_of_a_cancellation_still_grants(
+    livegate: Livegate,
+):
+    account = await livegate.account()
+    customer, old_sub = await subscribe(livegate, account)
+    now = int(time.time())
+    ended = event(
+        "customer.subscription.deleted",
+        subscription_obj(old_sub, customer, "canceled"),
+        created=now,
+    )
+    assert_outcome(await deliver(livegate, ended), "processed")
+    assert await tier_of(livegate, account.user.id) == "free"
+    new_sub = new_sub_id()
+    created = event(
+        "customer.subscription.created",
+        subscription_obj(new_sub, customer, "active"),
+        created=now,
+    )
+    assert_outcome(await deliver(livegate, created), "processed")
+    row = await stored(livegate, account.user.id)
+    assert (row.stripe_subscription_id, row.status, row.tier) == (new_sub, "active", "pro")
+    assert await tier_of(livegate, account.user.id) == "pro"
+
+
+@pytest.mark.parametrize(
+    ("ahead", "behind"),
+    [("active", "incomplete"), ("trialing", "incomplete"), ("active", "trialing")],
+)
+async def test_within_one_second_a_status_never_steps_back(
+    livegate: Livegate, ahead: str, behind: str
+):
+    # Stripe stamps a subscription's first events with one second and sends them in
+    # any order: `created` (incomplete) may come after `updated` (active).
+    account = await livegate.account()
+    assert (await checkout(livegate, account)).status_code == 200
+    customer = (await stored(livegate, account.user.id)).stripe_customer_id
+    sub_id, now = new_sub_id(), int(time.time())
+    updated = event(
+        "customer.subscription.updated", subscription_obj(sub_id, customer, ahead), created=now
+    )
+    created = event(
+        "customer.subscription.created", subscription_obj(sub_id, customer, behind), created=now
+    )
+    assert_outcome(await deliver(livegate, updated), "processed")
+    assert_outcome(await deliver(livegate, created), "stale")
+    row = await stored(livegate, account.user.id)
+    assert (row.stripe_subscription_id, row.status, row.tier) == (sub_id, ahead, "pro")
+    assert await tier_of(livegate, account.user.id) == "pro"
+
+
+async def test_within_one_second_a_paid_invoice_is_not_undone_by_incomplete(livegate: Livegate):
+    account = await livegate.account()
+    assert (await checkout(livegate, account)).status_code == 200
+    customer = (await stored(livegate, account.user.id)).stripe_customer_id
+    sub_id, now = new_sub_id(), int(time.time())
+    paid = event("invoice.payment_succeeded", invoice_obj(customer, sub_id), created=now)
+    created = event(
+        "customer.subscription.created",
+        subscription_obj(sub_id, customer, "incomplete"),
+        created=now,
+    )
+    assert_outcome(await deliver(livegate, paid), "processed")
+    assert_outcome(await deliver(livegate, created), "stale")
+    assert (await stored(livegate, account.user.id)).status == "active"
+    assert await tier_of(livegate, account.user.id) == "pro"
 
 
 async def test_news_of_an_old_subscription_leaves_the_new_one_alone(livegate: Livegate):
