@@ -25,7 +25,7 @@ from app.core.providers import (
     StreamChunk,
     UpstreamStream,
     content_text,
-    iter_sse_data,
+    iter_sse_batches,
     parse_chunk,
     transport_error,
 )
@@ -143,6 +143,7 @@ class _AnthropicStream:
             "created": int(time.time()),
             "model": model,
         }
+        self._prompt_tokens = self._completion_tokens = 0
 
     def _chunk(self, payload: dict[str, Any]) -> StreamChunk:
         return parse_chunk(json.dumps({**self._meta, **payload}, separators=(",", ":")).encode())
@@ -152,40 +153,54 @@ class _AnthropicStream:
             {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
         )
 
-    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        prompt_tokens = completion_tokens = 0
+    async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
+        self._prompt_tokens = self._completion_tokens = 0
         try:
-            async for data in iter_sse_data(self._response.aiter_bytes()):
-                try:
-                    event = json.loads(data)
-                except ValueError as exc:
-                    raise UpstreamError("provider sent a malformed stream event") from exc
-                kind = event.get("type")
-                if kind == "message_start":
-                    message = event.get("message") or {}
-                    if message.get("model"):
-                        self._meta["model"] = message["model"]
-                    prompt_tokens = int((message.get("usage") or {}).get("input_tokens") or 0)
-                    yield self._delta({"role": "assistant", "content": ""})
-                elif kind == "content_block_delta":
-                    delta = event.get("delta") or {}
-                    if delta.get("type") == "text_delta" and delta.get("text"):
-                        yield self._delta({"content": delta["text"]})
-                elif kind == "message_delta":
-                    usage = event.get("usage") or {}
-                    completion_tokens = int(usage.get("output_tokens") or completion_tokens)
-                    reason = (event.get("delta") or {}).get("stop_reason")
-                    if reason:
-                        yield self._delta({}, FINISH_REASONS.get(reason, "stop"))
-                elif kind == "message_stop":
-                    usage = Usage(prompt_tokens, completion_tokens)
-                    yield self._chunk({"choices": [], "usage": _openai_usage(usage)})
+            async for batch in iter_sse_batches(self._response.aiter_bytes()):
+                chunks: list[StreamChunk] = []
+                done = False
+                for data in batch:
+                    done = self._translate(data, chunks)
+                    if done:
+                        break
+                if chunks:
+                    yield chunks
+                if done:
                     return
-                elif kind == "error":
-                    error = event.get("error") or {}
-                    raise UpstreamError(f"provider error mid-stream: {error.get('message')}")
         except httpx.HTTPError as exc:
             raise transport_error(self._provider, exc) from exc
+
+    def _translate(self, data: bytes, out: list[StreamChunk]) -> bool:
+        """Append the OpenAI chunks one Anthropic event makes; True at `message_stop`."""
+        try:
+            event = json.loads(data)
+        except ValueError as exc:
+            raise UpstreamError("provider sent a malformed stream event") from exc
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            if message.get("model"):
+                self._meta["model"] = message["model"]
+            self._prompt_tokens = int((message.get("usage") or {}).get("input_tokens") or 0)
+            out.append(self._delta({"role": "assistant", "content": ""}))
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                out.append(self._delta({"content": delta["text"]}))
+        elif kind == "message_delta":
+            usage = event.get("usage") or {}
+            self._completion_tokens = int(usage.get("output_tokens") or self._completion_tokens)
+            reason = (event.get("delta") or {}).get("stop_reason")
+            if reason:
+                out.append(self._delta({}, FINISH_REASONS.get(reason, "stop")))
+        elif kind == "message_stop":
+            usage = Usage(self._prompt_tokens, self._completion_tokens)
+            out.append(self._chunk({"choices": [], "usage": _openai_usage(usage)}))
+            return True
+        elif kind == "error":
+            error = event.get("error") or {}
+            raise UpstreamError(f"provider error mid-stream: {error.get('message')}")
+        return False
 
     async def aclose(self) -> None:
         await self._response.aclose()

@@ -146,10 +146,10 @@ class UsageMeter:
         unflushed = self.total_tokens - self._flushed_total
         return self._snapshot.limit - self._snapshot.used - unflushed
 
-    @property
-    def exhausted(self) -> bool:
+    def exhausted_after(self, pending: int) -> bool:
+        """Whether the quota is used up once `pending` more tokens are delivered."""
         remaining = self.remaining
-        return remaining is not None and remaining <= 0
+        return remaining is not None and remaining - pending <= 0
 
     def deliver(self, tokens: int = 1) -> None:
         """Count tokens that reached the client; schedule a checkpoint when one is due."""

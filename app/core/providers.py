@@ -55,7 +55,13 @@ class Completion:
 
 
 class UpstreamStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[StreamChunk]: ...
+    def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
+        """The upstream's chunks in batches: each, what one network read brought.
+
+        An unpaced upstream packs many events in a read; handling them together lets
+        the relay send and count them with one write instead of one per token.
+        """
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -118,12 +124,14 @@ def parse_chunk(data: bytes) -> StreamChunk:
     )
 
 
-async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` payloads of an SSE byte stream (multi-line data joined by newlines)."""
+async def iter_sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The `data` payloads of an SSE byte stream (multi-line data joined by newlines),
+    as a list per network read that completed any."""
     buffer = b""
     data_lines: list[bytes] = []
     async for chunk in chunks:
         buffer += chunk
+        batch: list[bytes] = []
         while True:
             newline = buffer.find(b"\n")
             if newline < 0:
@@ -131,13 +139,15 @@ async def iter_sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             line, buffer = buffer[:newline].rstrip(b"\r"), buffer[newline + 1 :]
             if not line:
                 if data_lines:
-                    yield b"\n".join(data_lines)
+                    batch.append(b"\n".join(data_lines))
                     data_lines = []
             elif line.startswith(b"data:"):
                 value = line[5:]
                 data_lines.append(value[1:] if value.startswith(b" ") else value)
+        if batch:
+            yield batch
     if data_lines:
-        yield b"\n".join(data_lines)
+        yield [b"\n".join(data_lines)]
 
 
 def upstream_error(provider: str, response: httpx.Response, body: bytes) -> ApiError:
@@ -174,12 +184,18 @@ class _OpenAIStream:
         self._provider = provider
         self._response = response
 
-    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
+    async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
         try:
-            async for data in iter_sse_data(self._response.aiter_bytes()):
-                if data == DONE:
-                    return
-                yield parse_chunk(data)
+            async for batch in iter_sse_batches(self._response.aiter_bytes()):
+                chunks: list[StreamChunk] = []
+                for data in batch:
+                    if data == DONE:
+                        break
+                    chunks.append(parse_chunk(data))
+                if chunks:
+                    yield chunks
+                if len(chunks) < len(batch):
+                    return  # [DONE]
         except httpx.HTTPError as exc:
             raise transport_error(self._provider, exc) from exc
 
@@ -328,18 +344,20 @@ class _EchoStream:
         }
         return parse_chunk(json.dumps(event, separators=(",", ":")).encode())
 
-    async def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        yield self._chunk({"role": "assistant", "content": ""}, None)
+    async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
+        yield [self._chunk({"role": "assistant", "content": ""}, None)]
         for token in self._tokens:
             await asyncio.sleep(self._delay)
-            yield self._chunk({"content": token}, None)
-        yield self._chunk({}, "stop")
+            yield [self._chunk({"content": token}, None)]
         usage = {
             "prompt_tokens": self._prompt_tokens,
             "completion_tokens": len(self._tokens),
             "total_tokens": self._prompt_tokens + len(self._tokens),
         }
-        yield parse_chunk(json.dumps({**self._meta, "choices": [], "usage": usage}).encode())
+        yield [
+            self._chunk({}, "stop"),
+            parse_chunk(json.dumps({**self._meta, "choices": [], "usage": usage}).encode()),
+        ]
 
     async def aclose(self) -> None:
         pass

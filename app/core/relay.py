@@ -221,16 +221,19 @@ class _OpenedStream:
     """An upstream stream whose first event has been read (so it is known to work)."""
 
     def __init__(
-        self, upstream: UpstreamStream, events: AsyncIterator[StreamChunk], first: StreamChunk
+        self,
+        upstream: UpstreamStream,
+        events: AsyncIterator[list[StreamChunk]],
+        first: list[StreamChunk],
     ) -> None:
         self._upstream = upstream
         self._events = events
-        self._first: StreamChunk | None = first
+        self._first: list[StreamChunk] | None = first
 
     def __aiter__(self) -> _OpenedStream:
         return self
 
-    async def __anext__(self) -> StreamChunk:
+    async def __anext__(self) -> list[StreamChunk]:
         if self._first is not None:
             first, self._first = self._first, None
             return first
@@ -273,24 +276,37 @@ async def relay_stream(
     meta: dict[str, Any] = {}
     try:
         try:
-            async for chunk in upstream:
-                meta = chunk.meta or meta
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if chunk.finish_reason:
-                    finish_reason = chunk.finish_reason
-                if chunk.tokens and meter.exhausted:
-                    # More tokens than the quota holds: end here, cleanly, as a length cut.
-                    status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
-                    for data in fmt.cut(meta, meter.counted):
-                        yield data
-                    return
-                encoded = fmt.chunk(chunk)
-                if encoded is not None:
-                    yield encoded
-                # Resumed: the chunk above was handed to the client.
-                if chunk.tokens:
-                    meter.deliver(chunk.tokens)
+            async for batch in upstream:
+                out: list[bytes] = []
+                pending = 0  # tokens in `out`: counted once the client has them
+                for chunk in batch:
+                    meta = chunk.meta or meta
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.finish_reason:
+                        finish_reason = chunk.finish_reason
+                    if chunk.tokens and meter.exhausted_after(pending):
+                        # More tokens than the quota holds: end here, cleanly, as a length cut.
+                        if out:
+                            yield b"".join(out)
+                            meter.deliver(pending)
+                        status, finish_reason, error = (
+                            UsageStatus.COMPLETED,
+                            QUOTA_FINISH_REASON,
+                            None,
+                        )
+                        yield b"".join(fmt.cut(meta, meter.counted))
+                        return
+                    encoded = fmt.chunk(chunk)
+                    if encoded is not None:
+                        out.append(encoded)
+                    pending += chunk.tokens
+                # One write for what one upstream read brought.
+                if out:
+                    yield b"".join(out)
+                # Resumed: everything above was handed to the client.
+                if pending:
+                    meter.deliver(pending)
             if finish_reason is None:
                 raise UpstreamError("provider ended the stream before finishing")
         except Exception as exc:
@@ -300,8 +316,7 @@ async def relay_stream(
             yield fmt.error(exc)
             return
         status, error = UsageStatus.COMPLETED, None
-        for data in fmt.finish(meta, meter.counted, usage):
-            yield data
+        yield b"".join(fmt.finish(meta, meter.counted, usage))
     finally:
         await run_to_completion(upstream.aclose)
         await run_to_completion(

@@ -250,16 +250,16 @@ async def test_remaining_counts_tokens_not_yet_checkpointed(env: Env):
     await other.finish(UsageStatus.COMPLETED)
 
     meter = await metering.begin(request(user, token_limit=100), prompt_tokens=10)
-    assert meter.remaining == 60 and not meter.exhausted
+    assert meter.remaining == 60 and not meter.exhausted_after(0) and meter.exhausted_after(60)
     deliver(meter, 3)  # below the checkpoint: only in memory
     assert meter.remaining == 57
     deliver(meter, 57)
-    assert meter.remaining == 0 and meter.exhausted
+    assert meter.remaining == 0 and meter.exhausted_after(0)
     await meter.finish(UsageStatus.COMPLETED)
     await assert_counter(env.engine, user, 100)
 
     unlimited = await metering.begin(request(user, token_limit=None), prompt_tokens=1)
-    assert unlimited.remaining is None and not unlimited.exhausted
+    assert unlimited.remaining is None and not unlimited.exhausted_after(10**9)
     await unlimited.finish(UsageStatus.COMPLETED)
 
 
