@@ -145,6 +145,7 @@ def render(res: R, plots: dict[str, str]) -> str:
         d.add("")
     _machine(d, meta)
     _targets_summary(d)
+    _history(d)
     _s1(d, plots)
     _s2(d, plots)
     _s3(d, plots)
@@ -747,6 +748,13 @@ def _profile(d: Doc) -> None:
     d.table(["self %", "function"], [[f"{p:.1f}", f"`{f}`"] for f, p in prof.get("self", [])])
     if prof.get("flamegraph"):
         d.add(f"Flame graph: `{prof['flamegraph']}` (not committed).", "")
+
+
+def _history(d: Doc) -> None:
+    """The optimisation log: kept by hand in bench/HISTORY.md, included as it is."""
+    path = ROOT / "bench" / "HISTORY.md"
+    if path.is_file():
+        d.add(path.read_text().strip(), "")
 
 
 def _method(d: Doc, meta: R) -> None:
