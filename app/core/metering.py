@@ -411,27 +411,35 @@ class Metering:
     async def sweep_interrupted(self) -> int:
         """Finalize rows of instances that stopped beating as `interrupted`.
 
-        Their tokens stay as of the last checkpoint, which the counter already holds.
+        Their tokens stay as of the last checkpoint, which the counter already holds;
+        each ends as a failed task for the user's webhooks, in the same transaction.
         Returns the number of rows finalized.
         """
         now = datetime.now(UTC)
         cutoff = now - timedelta(seconds=3 * self.config.heartbeat_seconds)
         live = sa.select(instances.c.id).where(instances.c.heartbeat_at >= cutoff)
+        error = "instance stopped before the request finished"
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                usage_logs.update()
-                .where(
-                    usage_logs.c.status == UsageStatus.STREAMING,
-                    usage_logs.c.instance_id.not_in(live),
+            swept = (
+                await conn.execute(
+                    usage_logs.update()
+                    .where(
+                        usage_logs.c.status == UsageStatus.STREAMING,
+                        usage_logs.c.instance_id.not_in(live),
+                    )
+                    .values(
+                        status=UsageStatus.INTERRUPTED,
+                        error=error,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                    .returning(usage_logs.c.id, usage_logs.c.user_id, usage_logs.c.model)
                 )
-                .values(
-                    status=UsageStatus.INTERRUPTED,
-                    error="instance stopped before the request finished",
-                    finished_at=now,
-                    updated_at=now,
-                )
-            )
+            ).all()
+            for row in swept:
+                data = {"task_id": row.id, "model": row.model, "status": "failed", "error": error}
+                await enqueue(conn, row.user_id, Event.TASK_FAILED, data.copy)
             await conn.execute(instances.delete().where(instances.c.heartbeat_at < cutoff))
-        if result.rowcount:
-            logger.warning("finalized %d usage rows left by stopped instances", result.rowcount)
-        return int(result.rowcount)
+        if swept:
+            logger.warning("finalized %d usage rows left by stopped instances", len(swept))
+        return len(swept)

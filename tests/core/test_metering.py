@@ -26,8 +26,17 @@ from app.core.db import create_engine, migrate
 from app.core.live import QuotaPublisher, quota_channel
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
 from app.core.quota import TOKENS, month_period, read_counter_state, reconcile_tokens
-from app.core.tables import UsageStatus, instances, quota_counters, usage_logs
+from app.core.security import Secrets
+from app.core.tables import (
+    UsageStatus,
+    instances,
+    quota_counters,
+    usage_logs,
+    webhook_deliveries,
+    webhooks,
+)
 from app.core.users import create_user
+from app.core.webhooks import create_endpoint, validate_secret
 from tests.conftest import Backend
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -351,6 +360,34 @@ async def test_sweep_finalizes_rows_of_an_instance_that_never_beat(env: Env):
 
     await running.finish(UsageStatus.COMPLETED)
     await assert_counter(env.engine, user, 3 + 11 + 13)
+
+
+async def test_a_swept_request_is_a_failed_task_for_the_users_webhooks(env: Env):
+    user = await env.user()
+    await create_endpoint(
+        env.engine,
+        Secrets("s" * 40),
+        user,
+        url="https://hooks.example.com/",
+        events=["ai.task.failed"],
+        secret=validate_secret(None),
+        active=True,
+        max_per_user=5,
+    )
+    crashed = env.metering(instance_id=f"crashed-{uuid.uuid4().hex[:8]}")
+    lost = await checkpointed_stream(env, crashed, user)
+    await env.started_metering()  # sweeps at start
+    async with env.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.event, webhook_deliveries.c.payload)
+                .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)
+                .where(webhooks.c.user_id == user)
+            )
+        ).all()
+    assert [r.event for r in rows] == ["ai.task.failed"]
+    data = json.loads(rows[0].payload)["data"]
+    assert (data["task_id"], data["status"], data["user_id"]) == (lost.row_id, "failed", user)
 
 
 async def test_sweep_finalizes_rows_of_an_instance_whose_heartbeat_is_stale(env: Env):
