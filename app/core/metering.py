@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.core.config import MeteringConfig
 from app.core.db import dialect_insert
 from app.core.live import QuotaPublisher
-from app.core.quota import QuotaSnapshot, add_tokens, month_period
+from app.core.quota import (
+    TOKENS,
+    Increment,
+    QuotaSnapshot,
+    add_tokens,
+    increment_counters,
+    month_period,
+)
 from app.core.tables import UsageStatus, instances, usage_logs
 from app.core.webhooks import Event, QuotaWarnings, enqueue
 
@@ -69,7 +76,10 @@ _START_ROW = usage_logs.insert()
 _UPDATE_ROW = usage_logs.update().where(usage_logs.c.id == sa.bindparam("row_id"))
 
 # Decides, inside the starting transaction, whether a request may go ahead.
-Admission = Callable[[AsyncConnection, QuotaSnapshot], Awaitable[None]]
+# It gets the quota with the prompt counted, and what became of `also` (see `begin`).
+Admission = Callable[
+    [AsyncConnection, QuotaSnapshot, list[tuple[int, int] | None]], Awaitable[None]
+]
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
 
 
@@ -323,13 +333,19 @@ class Metering:
         self.draining = True
 
     async def begin(
-        self, info: RequestInfo, prompt_tokens: int, admit: Admission | None = None
+        self,
+        info: RequestInfo,
+        prompt_tokens: int,
+        admit: Admission | None = None,
+        also: Sequence[Increment] = (),
     ) -> UsageMeter:
         """Write the row of a starting request and bill its (estimated) prompt tokens.
 
-        `admit` runs inside the same transaction with the quota as it now stands; if
-        it raises, nothing of the request is written (one transaction, not several,
-        on every relayed request's path).
+        `also` are the request's other counters (its request quotas), added in the same
+        statement as the tokens, each within its limit. `admit` runs inside the same
+        transaction with the quota as it now stands and what became of `also` (None
+        where a limit refused); if it raises, nothing of the request is written (one
+        transaction of two statements on every relayed request's path).
         """
         now = datetime.now(UTC)
         period = month_period(now)
@@ -357,13 +373,17 @@ class Metering:
                     "updated_at": now,
                 },
             )
-            used, seq = await add_tokens(conn, info.user_id, period, prompt_tokens)
+            tokens, *counted = await increment_counters(
+                conn, info.user_id, [Increment(TOKENS, period, prompt_tokens), *also]
+            )
+            assert tokens is not None  # no limit: always applied
+            used, seq = tokens
             await self.warnings.check(
                 conn, info.user_id, "monthly_tokens", used - prompt_tokens, used, info.token_limit
             )
             snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
             if admit is not None:
-                await admit(conn, snapshot)
+                await admit(conn, snapshot, counted)
         self.publisher.push(info.user_id, snapshot)
         meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, now)
         self.active.add(meter)

@@ -135,27 +135,43 @@ class Policy:
         if conn is None:
             async with self._engine.begin() as own:
                 return await self.consume_ai_request(subject, tier_name, own)
+        increments = self.ai_request_increments(tier_name)
+        counted = await increment_counters(conn, subject, increments)
+        return await self.judge_ai_request(conn, subject, increments, counted)
+
+    def ai_request_increments(self, tier_name: str) -> list[Increment]:
+        """One AI request for each window, within the tier's limits (daily, weekly,
+        monthly); for `increment_counters`, alone or beside other counters."""
         limits = self._request_limits(self.tier(tier_name))
         now = datetime.now(UTC)
-        windows = [(window, *period_window(per, now)) for window, per in _REQUEST_WINDOWS]
-        counted = await increment_counters(
-            conn,
-            subject,
-            [Increment(REQUESTS, period, 1, limits[window]) for window, period, _ in windows],
-        )
+        return [
+            Increment(REQUESTS, period_window(per, now)[0], 1, limits[window])
+            for window, per in _REQUEST_WINDOWS
+        ]
+
+    async def judge_ai_request(
+        self,
+        conn: AsyncConnection,
+        subject: str,
+        increments: list[Increment],
+        counted: list[tuple[int, int] | None],
+    ) -> dict[str, WindowUsage]:
+        """Raise if a window refused the request (the caller's transaction then rolls
+        every window back: all or none); else each window's use, warnings queued."""
         usage: dict[str, WindowUsage] = {}
-        for (window, period, reset_at), after in zip(windows, counted, strict=True):
+        now = datetime.now(UTC)
+        for (window, per), inc, after in zip(_REQUEST_WINDOWS, increments, counted, strict=True):
+            reset_at = period_window(per, now)[1]
             if after is None:
-                # Raising rolls back the windows already counted: all or none.
-                current = await read_counter(conn, subject, REQUESTS, period)
+                current = await read_counter(conn, subject, REQUESTS, inc.period)
                 raise QuotaExhausted(
                     f"{window.capitalize()} request limit reached",
                     window=window,
-                    usage=WindowUsage(current, limits[window], reset_at),
+                    usage=WindowUsage(current, inc.limit, reset_at),
                 )
             used = after[0]
-            usage[window] = WindowUsage(used, limits[window], reset_at)
-            await self._warnings.check(conn, subject, window, used - 1, used, limits[window])
+            usage[window] = WindowUsage(used, inc.limit, reset_at)
+            await self._warnings.check(conn, subject, window, used - 1, used, inc.limit)
         return usage
 
     async def refund_ai_request(self, subject: str, at: datetime) -> None:

@@ -111,7 +111,11 @@ class Relay:
         limit = self._settings.tier(user.tier).monthly_tokens
         prompt_tokens = estimate_prompt_tokens(request.body["messages"])
 
-        async def admit(conn: AsyncConnection, quota: QuotaSnapshot) -> None:
+        requests = self._policy.ai_request_increments(user.tier)
+
+        async def admit(
+            conn: AsyncConnection, quota: QuotaSnapshot, counted: list[tuple[int, int] | None]
+        ) -> None:
             """With the prompt already counted: refuse over the quota, count the request."""
             if limit is not None:
                 before = QuotaSnapshot(limit, quota.used - prompt_tokens, quota.period, quota.seq)
@@ -125,7 +129,7 @@ class Relay:
                         "The prompt alone would use up the remaining token quota",
                         details={"quota": before.as_dict(), "prompt_tokens": prompt_tokens},
                     )
-            await self._policy.consume_ai_request(user.id, user.tier, conn)
+            await self._policy.judge_ai_request(conn, user.id, requests, counted)
 
         info = RequestInfo(
             request_id=context.request_id,
@@ -139,7 +143,7 @@ class Relay:
             platform=context.platform,
             has_webhooks=user.has_webhooks,
         )
-        meter = await self._metering.begin(info, prompt_tokens, admit)
+        meter = await self._metering.begin(info, prompt_tokens, admit, also=requests)
         remaining = meter.remaining
         if remaining is not None and not request.stream:
             # A whole answer cannot be cut mid-way: cap what it may cost instead.
