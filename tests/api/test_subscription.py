@@ -22,12 +22,12 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from websockets.asyncio.client import ClientConnection, connect
 
 from app.core.billing import open_billing
 from app.core.config import ConfigError, StripeConfig
 from app.core.tables import subscriptions, users, webhook_events
 from app.core.users import create_user
+from tests.api.test_clerk_webhook import quota_socket, recv_json
 from tests.conftest import Account, Livegate, StartLivegate
 from tests.fake_stripe import FakeStripe, start_fake_stripe
 
@@ -270,24 +270,6 @@ async def subscribe(
     )
     assert_outcome(await deliver(livegate, body), "processed")
     return customer, sub_id
-
-
-@asynccontextmanager
-async def quota_socket(livegate: Livegate, token: str) -> AsyncIterator[ClientConnection]:
-    async with connect(
-        f"{livegate.ws_url}/ws/quota?deviceId=d1",
-        additional_headers={"Authorization": f"Bearer {token}"},
-        open_timeout=WAIT,
-    ) as ws:
-        yield ws
-
-
-async def recv_json(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(WAIT):
-        message = await ws.recv()
-    decoded = json.loads(message)
-    assert isinstance(decoded, dict)
-    return decoded
 
 
 def iso(at: int) -> str:
