@@ -323,7 +323,7 @@ async def update_endpoint(
 
 
 async def delete_endpoint(engine: AsyncEngine, user_id: str, webhook_id: str) -> None:
-    """Delete the webhook with its subscriptions and every delivery not yet sent."""
+    """Delete the webhook with its subscriptions and deliveries (pending ones are dropped)."""
     async with engine.begin() as conn:
         await _owned(conn, user_id, webhook_id)
         for table in (webhook_deliveries, webhook_subscriptions):
