@@ -537,6 +537,9 @@ class WebhookDispatcher:
                     .where(due, webhooks.c.active.is_(True))
                     .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.event_id)
                     .limit(CLAIM_BATCH)
+                    # PostgreSQL: rows another instance is claiming are passed over, not
+                    # waited for (SQLite has one writer and no row locks to skip).
+                    .with_for_update(skip_locked=True, of=webhook_deliveries)
                 )
             ).all()
             for row in rows:
