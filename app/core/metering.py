@@ -3,14 +3,16 @@
 A request's row is written when it starts, checkpointed while tokens flow (every
 `checkpoint_tokens` tokens or `checkpoint_ms`, whichever comes first) and finalized
 once with a status. Each write updates the row and the user's counter in one
-transaction, so the counter always equals the sum of the rows, and pushes the new
-quota. Checkpoints run beside the stream, never in front of the next token.
+transaction (shared with other requests' writes, see `usage_writer`), so the counter
+always equals the sum of the rows, and pushes the new quota. Checkpoints run beside
+the stream, never in front of the next token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -30,11 +32,10 @@ from app.core.quota import (
     TOKENS,
     Increment,
     QuotaSnapshot,
-    add_tokens,
-    increment_counters,
     month_period,
 )
 from app.core.tables import UsageStatus, instances, usage_logs
+from app.core.usage_writer import RequestStart, UsageWrite, UsageWriter
 from app.core.webhooks import Event, QuotaWarnings, enqueue
 
 if TYPE_CHECKING:
@@ -70,10 +71,6 @@ class RequestInfo:
     # queues no event and skips looking for subscribers.
     has_webhooks: bool = True
 
-
-# Built once: statements are reused with new parameters on every request.
-_START_ROW = usage_logs.insert()
-_UPDATE_ROW = usage_logs.update().where(usage_logs.c.id == sa.bindparam("row_id"))
 
 # Decides, inside the starting transaction, whether a request may go ahead.
 # It gets the quota with the prompt counted, and what became of `also` (see `begin`).
@@ -212,24 +209,22 @@ class UsageMeter:
         }
         if status is not UsageStatus.STREAMING:
             values.update(status=status, finish_reason=finish_reason, error=error, finished_at=now)
-        user_id, limit = self.info.user_id, self.info.token_limit
-        async with self._metering.engine.begin() as conn:
-            await conn.execute(_UPDATE_ROW, values)
-            if delta:
-                used, seq = await add_tokens(conn, user_id, self.period, delta)
-                await self._metering.warnings.check(
-                    conn, user_id, "monthly_tokens", used - delta, used, limit
-                )
-            if status is not UsageStatus.STREAMING and self.info.has_webhooks:
-                # In the finalizing transaction: the event exists exactly if the row does.
-                event = (
-                    Event.TASK_COMPLETED if status is UsageStatus.COMPLETED else Event.TASK_FAILED
-                )
-                await enqueue(
-                    conn, user_id, event, lambda: self._task_event(status, finish_reason, error)
-                )
-        if delta == 0:
+        then: Callable[[AsyncConnection], Awaitable[object]] | None = None
+        if status is not UsageStatus.STREAMING and self.info.has_webhooks:
+            # In the finalizing transaction: the event exists exactly if the row does.
+            completed = status is UsageStatus.COMPLETED
+            then = functools.partial(
+                enqueue,
+                user_id=self.info.user_id,
+                event=Event.TASK_COMPLETED if completed else Event.TASK_FAILED,
+                data=lambda: self._task_event(status, finish_reason, error),
+            )
+        counter = await self._metering.writer.write(
+            UsageWrite(values, self.info.user_id, self.period, delta, self.info.token_limit, then)
+        )
+        if counter is None:
             return
+        used, seq = counter
         self._flushed_total = total
         self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
         self._metering.publisher.push(self.info.user_id, self._snapshot)
@@ -322,6 +317,7 @@ class Metering:
         self.publisher = publisher
         self.config = config
         self.warnings = warnings or QuotaWarnings(())
+        self.writer = UsageWriter(engine, self.warnings)
         self.instance_id = instance_id or uuid.uuid4().hex
         self.active: set[UsageMeter] = set()
         # Set once the server starts cancelling requests to shut down.
@@ -344,46 +340,47 @@ class Metering:
         `also` are the request's other counters (its request quotas), added in the same
         statement as the tokens, each within its limit. `admit` runs inside the same
         transaction with the quota as it now stands and what became of `also` (None
-        where a limit refused); if it raises, nothing of the request is written (one
-        transaction of two statements on every relayed request's path).
+        where a limit refused); if it raises, nothing of the request is written. The
+        transaction is shared with other requests starting at the same moment.
         """
         now = datetime.now(UTC)
         period = month_period(now)
         row_id = uuid.uuid4().hex
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                _START_ROW,
-                {
-                    "id": row_id,
-                    "request_id": info.request_id,
-                    "user_id": info.user_id,
-                    "api_key_id": info.api_key_id,
-                    "instance_id": self.instance_id,
-                    "model": info.model,
-                    "provider": info.provider,
-                    "device_id": info.device_id,
-                    "platform": info.platform,
-                    "stream": int(info.stream),
-                    "status": UsageStatus.STREAMING,
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": 0,
-                    "total_tokens": prompt_tokens,
-                    "period": period,
-                    "started_at": now,
-                    "updated_at": now,
-                },
-            )
-            tokens, *counted = await increment_counters(
-                conn, info.user_id, [Increment(TOKENS, period, prompt_tokens), *also]
-            )
-            assert tokens is not None  # no limit: always applied
-            used, seq = tokens
+        row: dict[str, object] = {
+            "id": row_id,
+            "request_id": info.request_id,
+            "user_id": info.user_id,
+            "api_key_id": info.api_key_id,
+            "instance_id": self.instance_id,
+            "model": info.model,
+            "provider": info.provider,
+            "device_id": info.device_id,
+            "platform": info.platform,
+            "stream": int(info.stream),
+            "status": UsageStatus.STREAMING,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": 0,
+            "total_tokens": prompt_tokens,
+            "period": period,
+            "started_at": now,
+            "updated_at": now,
+        }
+
+        async def check(conn: AsyncConnection, counted: list[tuple[int, int] | None]) -> None:
+            used, seq = counted[0] or (0, 0)  # no limit on tokens: always applied
             await self.warnings.check(
                 conn, info.user_id, "monthly_tokens", used - prompt_tokens, used, info.token_limit
             )
-            snapshot = QuotaSnapshot(info.token_limit, used, period, seq)
             if admit is not None:
-                await admit(conn, snapshot, counted)
+                await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
+
+        tokens, *_ = await self.writer.start(
+            RequestStart(
+                row, info.user_id, [Increment(TOKENS, period, prompt_tokens), *also], check
+            )
+        )
+        assert tokens is not None
+        snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
         self.publisher.push(info.user_id, snapshot)
         meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, now)
         self.active.add(meter)

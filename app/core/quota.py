@@ -133,6 +133,43 @@ async def increment_counters(
     return [found.get((i.metric, i.period)) for i in increments]
 
 
+@functools.cache
+def _tokens_upsert(rows: int) -> sa.TextClause:
+    """One statement adding to the token counters of `rows` (user, period) pairs."""
+    values = ", ".join(f"(:user_{i}, '{TOKENS}', :period_{i}, :amount_{i}, 1)" for i in range(rows))
+    return sa.text(
+        f"INSERT INTO quota_counters (user_id, metric, period, used, seq) VALUES {values} "
+        "ON CONFLICT (user_id, metric, period) DO UPDATE "
+        "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + 1 "
+        "RETURNING user_id, period, used, seq"
+    ).bindparams(*(sa.bindparam(f"amount_{i}", type_=sa.BigInteger) for i in range(rows)))
+
+
+async def add_tokens_many(
+    conn: AsyncConnection, deltas: dict[tuple[str, str], int]
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """Add to many users' token counters; each (user_id, period)'s (used, seq) after it.
+
+    Counters are locked in sorted order, so two instances' batches cannot deadlock.
+    Statements hold 64, 32, ... 1 counters (the binary digits of the count), so a few
+    statement shapes serve every batch size and stay in the prepared-statement cache.
+    """
+    keys = sorted(deltas)
+    found: dict[tuple[str, str], tuple[int, int]] = {}
+    start = 0
+    while start < len(keys):
+        size = min(64, 1 << ((len(keys) - start).bit_length() - 1))
+        params: dict[str, object] = {}
+        for n, (user_id, period) in enumerate(keys[start : start + size]):
+            params[f"user_{n}"] = user_id
+            params[f"period_{n}"] = period
+            params[f"amount_{n}"] = deltas[(user_id, period)]
+        for row in await conn.execute(_tokens_upsert(size), params):
+            found[(row.user_id, row.period)] = (int(row.used), int(row.seq))
+        start += size
+    return found
+
+
 async def add_tokens(
     conn: AsyncConnection, user_id: str, period: str, delta: int
 ) -> tuple[int, int]:

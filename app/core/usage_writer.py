@@ -1,0 +1,201 @@
+"""Group commit of usage rows: many requests' starts, checkpoints and ends per transaction.
+
+A request start, a checkpoint or a finalize queues its write and waits until it is
+committed. Whatever was queued while the previous transaction ran goes into the next
+one. When idle, a write goes alone and at once (no timer to wait for); under load one
+transaction carries many writes, so each costs a fraction of a round trip and a
+commit, and a user's counter rows are locked once per transaction instead of once
+per request (requests of one user otherwise queue behind each other's commits).
+
+Counter rows are locked in the order of their user ids, in starts and updates alike,
+so the transactions of two instances cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.core.quota import Increment, add_tokens_many, increment_counters
+from app.core.tables import usage_logs
+from app.core.webhooks import QuotaWarnings
+
+logger = logging.getLogger("livegate.metering")
+
+# Built once: run with many parameter sets (executemany) per transaction.
+_START_ROW = usage_logs.insert()
+_UPDATE_ROW = usage_logs.update().where(usage_logs.c.id == sa.bindparam("row_id"))
+MAX_BATCH = 256
+
+Counted = list[tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStart:
+    """A starting request's row and counters, and the check that may still refuse it."""
+
+    row: dict[str, object]  # `usage_logs` values
+    user_id: str
+    increments: list[Increment]
+    # Runs in the transaction with what became of `increments`; raising refuses the
+    # request, and nothing of it is written.
+    admit: Callable[[AsyncConnection, Counted], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWrite:
+    """One row's update and what it adds to its user's token counter."""
+
+    row: dict[str, object]  # `_UPDATE_ROW` parameters; rows with the same keys run together
+    user_id: str
+    period: str
+    delta: int
+    token_limit: int | None
+    # Runs in the same transaction after the row is written (a finalize's webhook event).
+    then: Callable[[AsyncConnection], Awaitable[object]] | None = None
+
+
+# (user_id, period) -> the token counter's (used, seq) once the transaction committed.
+Counters = dict[tuple[str, str], tuple[int, int]]
+
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+class _GroupCommit(Generic[Item, Outcome]):
+    """Queues items and commits them in batches with `commit`, one batch at a time.
+
+    `commit` returns one outcome per item, or an exception for an item refused on its
+    own. If it raises, the batch is retried item by item, so one bad item cannot fail
+    the others.
+    """
+
+    def __init__(
+        self, name: str, commit: Callable[[list[Item]], Awaitable[list[Outcome | Exception]]]
+    ) -> None:
+        self._name = name
+        self._commit = commit
+        self._queue: list[tuple[Item, asyncio.Future[Outcome]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain(), name=self._name)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    outcomes = await self._commit([item for item, _ in batch])
+                except Exception as exc:
+                    if len(batch) == 1:
+                        _settle(batch[0][1], exc)
+                        continue
+                    logger.warning(
+                        "%s: a batch of %d failed; retrying each", self._name, len(batch)
+                    )
+                    for item, future in batch:
+                        try:
+                            [outcome] = await self._commit([item])
+                        except Exception as one:
+                            outcome = one
+                        _settle(future, outcome)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    _settle(future, outcome)
+        finally:
+            self._drainer = None
+
+
+def _settle(future: asyncio.Future[Outcome], outcome: Outcome | Exception) -> None:
+    """Hand the outcome to a submitter still waiting (one that was cancelled is not)."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class UsageWriter:
+    """The group commits of one `Metering`."""
+
+    def __init__(self, engine: AsyncEngine, warnings: QuotaWarnings) -> None:
+        self._engine = engine
+        self._warnings = warnings
+        self._starts = _GroupCommit("usage-starts", self._commit_starts)
+        self._updates = _GroupCommit("usage-updates", self._commit_updates)
+
+    async def start(self, start: RequestStart) -> Counted:
+        """Insert the row and apply the increments, unless `admit` refuses (it raises).
+
+        What became of each increment: the counter's (used, seq), or None where its
+        limit refused it.
+        """
+        return await self._starts.submit(start)
+
+    async def write(self, write: UsageWrite) -> tuple[int, int] | None:
+        """Commit `write`; its user's token counter after it, or None if it added nothing."""
+        counters = await self._updates.submit(write)
+        return counters.get((write.user_id, write.period)) if write.delta else None
+
+    async def _commit_starts(self, starts: list[RequestStart]) -> list[Counted | Exception]:
+        """One transaction for all starts admitted; one that is refused is left out and
+        the rest run again (refusals are rare: a user out of quota)."""
+        order = sorted(range(len(starts)), key=lambda i: starts[i].user_id)
+        outcomes: dict[int, Counted | Exception] = {}
+        while pending := [i for i in order if i not in outcomes]:
+            counted: dict[int, Counted] = {}
+            refused = False
+            async with self._engine.connect() as conn:
+                transaction = await conn.begin()
+                await conn.execute(_START_ROW, [starts[i].row for i in pending])
+                for i in pending:
+                    start = starts[i]
+                    counted[i] = await increment_counters(conn, start.user_id, start.increments)
+                    try:
+                        await start.admit(conn, counted[i])
+                    except Exception as exc:
+                        outcomes[i], refused = exc, True
+                        break
+                if refused:
+                    await transaction.rollback()
+                    continue
+                await transaction.commit()
+            outcomes.update(counted)
+        return [outcomes[i] for i in range(len(starts))]
+
+    async def _commit_updates(self, writes: list[UsageWrite]) -> list[Counters | Exception]:
+        by_keys: dict[frozenset[str], list[dict[str, object]]] = {}
+        deltas: dict[tuple[str, str], int] = {}
+        limits: dict[str, int | None] = {}
+        for write in writes:
+            by_keys.setdefault(frozenset(write.row), []).append(write.row)
+            if write.delta:
+                key = (write.user_id, write.period)
+                deltas[key] = deltas.get(key, 0) + write.delta
+                limits[write.user_id] = write.token_limit
+        async with self._engine.begin() as conn:
+            for rows in by_keys.values():
+                await conn.execute(_UPDATE_ROW, rows)
+            for write in writes:
+                if write.then is not None:
+                    await write.then(conn)
+            # Last before the commit: the counter rows stay locked as briefly as possible.
+            counters = await add_tokens_many(conn, deltas)
+            for (user_id, period), delta in deltas.items():
+                used = counters[(user_id, period)][0]
+                await self._warnings.check(
+                    conn, user_id, "monthly_tokens", used - delta, used, limits[user_id]
+                )
+        return [counters] * len(writes)

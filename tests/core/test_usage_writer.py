@@ -1,0 +1,131 @@
+"""The group commit of usage rows on real SQLite and PostgreSQL: writes that arrive
+together share a transaction, a refused start or a failing write leaves the others
+whole, and counters stay equal to the rows across users and instances."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.core.errors import QuotaExceeded
+from app.core.metering import Admission, UsageMeter
+from app.core.quota import QuotaSnapshot
+from app.core.tables import UsageStatus, usage_logs
+from app.core.usage_writer import UsageWrite
+from tests.core.test_metering import Env, assert_counter, deliver, env, request, row_of
+
+__all__ = ["env"]  # the fixture, shared with the metering tests
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+
+
+@contextmanager
+def counting_commits(engine: AsyncEngine) -> Iterator[list[int]]:
+    """Counts the transactions committed on `engine` while the block runs."""
+    commits: list[int] = []
+
+    def on_commit(_: object) -> None:
+        commits.append(1)
+
+    sa.event.listen(engine.sync_engine, "commit", on_commit)
+    try:
+        yield commits
+    finally:
+        sa.event.remove(engine.sync_engine, "commit", on_commit)
+
+
+async def rows_of(engine: AsyncEngine, user_id: str) -> list[sa.Row[tuple[object, ...]]]:
+    async with engine.connect() as conn:
+        query = sa.select(usage_logs).where(usage_logs.c.user_id == user_id)
+        return list((await conn.execute(query)).all())
+
+
+async def test_starts_arriving_together_share_a_transaction_and_a_refusal_leaves_nothing(
+    env: Env,
+):
+    metering = env.metering()
+    users = [await env.user() for _ in range(3)]
+
+    def admit_unless(refuse: bool) -> Admission:
+        async def admit(conn: AsyncConnection, quota: QuotaSnapshot, counted: object) -> None:
+            if refuse:
+                raise QuotaExceeded("refused by the test")
+
+        return admit
+
+    async def start(i: int) -> UsageMeter | QuotaExceeded:
+        try:
+            return await metering.begin(
+                request(users[i % 3]), prompt_tokens=i + 1, admit=admit_unless(i % 4 == 3)
+            )
+        except QuotaExceeded as exc:
+            return exc
+
+    with counting_commits(env.engine) as commits:
+        outcomes = await asyncio.gather(*(start(i) for i in range(24)))
+    started = [o for o in outcomes if isinstance(o, UsageMeter)]
+    assert len(started) == 18 and len(outcomes) - len(started) == 6
+    assert len(commits) < 6, "24 starts arriving together should share transactions"
+    for n, user in enumerate(users):
+        mine = [i for i in range(24) if i % 3 == n]
+        admitted = [i for i in mine if i % 4 != 3]
+        rows = await rows_of(env.engine, user)
+        assert sorted(r.prompt_tokens for r in rows) == sorted(i + 1 for i in admitted)
+        await assert_counter(env.engine, user, sum(i + 1 for i in admitted))
+    for meter in started:
+        await meter.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_failing_write_does_not_fail_the_writes_committed_with_it(env: Env):
+    metering = env.metering()
+    user = await env.user()
+    meters = [await metering.begin(request(user), prompt_tokens=1) for _ in range(4)]
+
+    async def broken(conn: AsyncConnection) -> None:
+        raise RuntimeError("the event could not be queued")
+
+    def write(meter: UsageMeter, then: object = None) -> UsageWrite:
+        row = {"row_id": meter.row_id, "completion_tokens": 5, "total_tokens": 6}
+        return UsageWrite(row, user, meter.period, 5, None, then)  # type: ignore[arg-type]
+
+    outcomes = await asyncio.gather(
+        *(
+            metering.writer.write(write(m, broken if i == 1 else None))
+            for i, m in enumerate(meters)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], RuntimeError)
+    assert all(isinstance(o, tuple) for i, o in enumerate(outcomes) if i != 1)
+    assert [(await row_of(env.engine, m.row_id)).total_tokens for m in meters] == [6, 1, 6, 6]
+    await assert_counter(env.engine, user, 6 * 3 + 1)
+
+
+async def test_checkpoints_and_ends_of_many_users_on_two_instances_stay_exact(env: Env):
+    """Two instances write counters of the same users at once: no deadlock, no drift."""
+    instances = [env.metering(), env.metering()]
+    users = [await env.user() for _ in range(6)]
+
+    async def stream(i: int) -> int:
+        metering = instances[i % 2]
+        meter = await metering.begin(request(users[i % len(users)]), prompt_tokens=2)
+        for _ in range(4):
+            deliver(meter, 5)  # a checkpoint each time (checkpoint_tokens=5)
+            await asyncio.sleep(0)
+        status = UsageStatus.COMPLETED if i % 2 else UsageStatus.CANCELLED
+        await meter.finish(status)
+        return meter.total_tokens
+
+    billed = await asyncio.gather(*(stream(i) for i in range(48)))
+    assert billed == [22] * 48
+    for user in users:
+        rows = await rows_of(env.engine, user)
+        assert len(rows) == 8
+        assert all(r.status in (UsageStatus.COMPLETED, UsageStatus.CANCELLED) for r in rows)
+        await assert_counter(env.engine, user, 8 * 22)
+        assert all(r.finished_at is not None for r in rows)
