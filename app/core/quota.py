@@ -82,31 +82,90 @@ class Increment:
     limit: int | None = None
 
 
+# A counter as `apply_increments` keys it: (subject, metric, period).
+CounterKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CounterChange:
+    """`increment` applied to `subject`'s counter as `steps` changes (its `seq` grows
+    by that much, so changes folded into one keep their own places in the order)."""
+
+    subject: str
+    increment: Increment
+    steps: int = 1
+
+
 @functools.cache
 def _counters_upsert(rows: int) -> sa.TextClause:
-    """One statement adding to `rows` counters of one subject, each only within its limit.
+    """One statement adding to `rows` counters, each only within its limit.
 
     Written out (the same SQL on PostgreSQL and SQLite) rather than built per call: a
     multi-row upsert is not cached by SQLAlchemy, and building one costs several times
     more than running it. A row whose limit would be passed is left alone and is
     missing from what the statement returns.
     """
-    values = ", ".join(f"(:subject, :metric_{i}, :period_{i}, :amount_{i}, 1)" for i in range(rows))
+    values = ", ".join(
+        f"(:subject_{i}, :metric_{i}, :period_{i}, :amount_{i}, :steps_{i})" for i in range(rows)
+    )
     limits = " ".join(
-        f"WHEN quota_counters.metric = :metric_{i} AND quota_counters.period = :period_{i} "
-        f"THEN CAST(:limit_{i} AS BIGINT)"
+        f"WHEN quota_counters.user_id = :subject_{i} AND quota_counters.metric = :metric_{i} "
+        f"AND quota_counters.period = :period_{i} THEN CAST(:limit_{i} AS BIGINT)"
         for i in range(rows)
     )
     return sa.text(
         f"INSERT INTO quota_counters (user_id, metric, period, used, seq) VALUES {values} "
         "ON CONFLICT (user_id, metric, period) DO UPDATE "
-        "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + 1 "
+        "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + excluded.seq "
         f"WHERE quota_counters.used + excluded.used <= CASE {limits} ELSE {UNLIMITED} END "
-        "RETURNING metric, period, used, seq"
+        "RETURNING user_id, metric, period, used, seq"
     ).bindparams(
         *(sa.bindparam(f"amount_{i}", type_=sa.BigInteger) for i in range(rows)),
         *(sa.bindparam(f"limit_{i}", type_=sa.BigInteger) for i in range(rows)),
+        *(sa.bindparam(f"steps_{i}", type_=sa.BigInteger) for i in range(rows)),
     )
+
+
+# Rows per statement: a count is split into its binary digits up to this, so a few
+# statement shapes serve any count and stay in the prepared-statement cache.
+_MAX_ROWS = 64
+
+
+async def apply_increments(
+    conn: AsyncConnection, changes: Sequence[CounterChange]
+) -> dict[CounterKey, tuple[int, int]]:
+    """Apply each change within its limit; the (used, seq) after it of each counter
+    changed. One refused by its limit is left alone and missing from the result.
+
+    The counters must be distinct. They are locked in sorted order whoever the
+    caller, so concurrent transactions touching several cannot deadlock; concurrent
+    callers serialize on the rows, so limits hold exactly whatever the concurrency.
+    """
+    wanted = sorted(
+        (
+            c
+            for c in changes
+            if c.increment.limit is None or c.increment.amount <= c.increment.limit
+        ),
+        key=lambda c: (c.subject, c.increment.metric, c.increment.period),
+    )
+    found: dict[CounterKey, tuple[int, int]] = {}
+    start = 0
+    while start < len(wanted):
+        size = min(_MAX_ROWS, 1 << ((len(wanted) - start).bit_length() - 1))
+        params: dict[str, object] = {}
+        for n, change in enumerate(wanted[start : start + size]):
+            inc = change.increment
+            params[f"subject_{n}"] = change.subject
+            params[f"metric_{n}"] = inc.metric
+            params[f"period_{n}"] = inc.period
+            params[f"amount_{n}"] = inc.amount
+            params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
+            params[f"steps_{n}"] = change.steps
+        for row in await conn.execute(_counters_upsert(size), params):
+            found[(row.user_id, row.metric, row.period)] = (int(row.used), int(row.seq))
+        start += size
+    return found
 
 
 async def increment_counters(
@@ -115,59 +174,23 @@ async def increment_counters(
     """Apply each increment within its limit, in one statement; per increment the
     counter's (used, seq) after it, or None where the limit refused it.
 
-    Concurrent callers serialize on the rows, so limits hold exactly whatever the
-    concurrency. The others are applied even where one is refused: a caller that
-    wants all or none raises to roll its transaction back.
+    The others are applied even where one is refused: a caller that wants all or
+    none raises to roll its transaction back.
     """
-    wanted = [i for i in increments if i.limit is None or i.amount <= i.limit]
-    found: dict[tuple[str, str], tuple[int, int]] = {}
-    if wanted:
-        params: dict[str, object] = {"subject": subject}
-        for n, inc in enumerate(wanted):
-            params[f"metric_{n}"] = inc.metric
-            params[f"period_{n}"] = inc.period
-            params[f"amount_{n}"] = inc.amount
-            params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
-        for row in await conn.execute(_counters_upsert(len(wanted)), params):
-            found[(row.metric, row.period)] = (int(row.used), int(row.seq))
-    return [found.get((i.metric, i.period)) for i in increments]
-
-
-@functools.cache
-def _tokens_upsert(rows: int) -> sa.TextClause:
-    """One statement adding to the token counters of `rows` (user, period) pairs."""
-    values = ", ".join(f"(:user_{i}, '{TOKENS}', :period_{i}, :amount_{i}, 1)" for i in range(rows))
-    return sa.text(
-        f"INSERT INTO quota_counters (user_id, metric, period, used, seq) VALUES {values} "
-        "ON CONFLICT (user_id, metric, period) DO UPDATE "
-        "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + 1 "
-        "RETURNING user_id, period, used, seq"
-    ).bindparams(*(sa.bindparam(f"amount_{i}", type_=sa.BigInteger) for i in range(rows)))
+    found = await apply_increments(conn, [CounterChange(subject, i) for i in increments])
+    return [found.get((subject, i.metric, i.period)) for i in increments]
 
 
 async def add_tokens_many(
     conn: AsyncConnection, deltas: dict[tuple[str, str], int]
 ) -> dict[tuple[str, str], tuple[int, int]]:
-    """Add to many users' token counters; each (user_id, period)'s (used, seq) after it.
-
-    Counters are locked in sorted order, so two instances' batches cannot deadlock.
-    Statements hold 64, 32, ... 1 counters (the binary digits of the count), so a few
-    statement shapes serve every batch size and stay in the prepared-statement cache.
-    """
-    keys = sorted(deltas)
-    found: dict[tuple[str, str], tuple[int, int]] = {}
-    start = 0
-    while start < len(keys):
-        size = min(64, 1 << ((len(keys) - start).bit_length() - 1))
-        params: dict[str, object] = {}
-        for n, (user_id, period) in enumerate(keys[start : start + size]):
-            params[f"user_{n}"] = user_id
-            params[f"period_{n}"] = period
-            params[f"amount_{n}"] = deltas[(user_id, period)]
-        for row in await conn.execute(_tokens_upsert(size), params):
-            found[(row.user_id, row.period)] = (int(row.used), int(row.seq))
-        start += size
-    return found
+    """Add to many users' token counters; each (user_id, period)'s (used, seq) after it."""
+    changes = [
+        CounterChange(user, Increment(TOKENS, period, delta))
+        for (user, period), delta in deltas.items()
+    ]
+    found = await apply_increments(conn, changes)
+    return {(user, period): counter for (user, _, period), counter in found.items()}
 
 
 async def add_tokens(

@@ -22,7 +22,14 @@ from typing import Generic, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.quota import Increment, add_tokens_many, increment_counters
+from app.core.quota import (
+    CounterChange,
+    CounterKey,
+    Increment,
+    add_tokens_many,
+    apply_increments,
+    increment_counters,
+)
 from app.core.tables import usage_logs
 from app.core.webhooks import QuotaWarnings
 
@@ -152,19 +159,17 @@ class UsageWriter:
     async def _commit_starts(self, starts: list[RequestStart]) -> list[Counted | Exception]:
         """One transaction for all starts admitted; one that is refused is left out and
         the rest run again (refusals are rare: a user out of quota)."""
-        order = sorted(range(len(starts)), key=lambda i: starts[i].user_id)
         outcomes: dict[int, Counted | Exception] = {}
-        while pending := [i for i in order if i not in outcomes]:
-            counted: dict[int, Counted] = {}
-            refused = False
+        singly: set[str] = set()  # users counted start by start (see `_count`)
+        while pending := [i for i in range(len(starts)) if i not in outcomes]:
             async with self._engine.connect() as conn:
                 transaction = await conn.begin()
                 await conn.execute(_START_ROW, [starts[i].row for i in pending])
-                for i in pending:
-                    start = starts[i]
-                    counted[i] = await increment_counters(conn, start.user_id, start.increments)
+                counted = await _count(conn, [starts[i] for i in pending], singly)
+                refused = counted is None
+                for i, counts in zip(pending, counted or (), strict=False):
                     try:
-                        await start.admit(conn, counted[i])
+                        await starts[i].admit(conn, counts)
                     except Exception as exc:
                         outcomes[i], refused = exc, True
                         break
@@ -172,7 +177,8 @@ class UsageWriter:
                     await transaction.rollback()
                     continue
                 await transaction.commit()
-            outcomes.update(counted)
+            assert counted is not None
+            outcomes.update(zip(pending, counted, strict=True))
         return [outcomes[i] for i in range(len(starts))]
 
     async def _commit_updates(self, writes: list[UsageWrite]) -> list[Counters | Exception]:
@@ -199,3 +205,69 @@ class UsageWriter:
                     conn, user_id, "monthly_tokens", used - delta, used, limits[user_id]
                 )
         return [counters] * len(writes)
+
+
+async def _count(
+    conn: AsyncConnection, starts: list[RequestStart], singly: set[str]
+) -> list[Counted] | None:
+    """Apply the starts' increments; what each start saw, as if they ran one by one.
+
+    A user's starts are folded into one change per counter (one row in one statement
+    for all users), and each start's view is taken back out of the sum. Where a folded
+    change would pass a limit that some of them fit in, the user joins `singly` and
+    None is returned: the caller rolls back and runs again, and that user's starts are
+    then counted one statement each, each getting in as far as its limit allows.
+    Users are taken in sorted order, so counter rows are locked in sorted order.
+    """
+    by_user: dict[str, list[int]] = {}
+    for n, start in enumerate(starts):
+        by_user.setdefault(start.user_id, []).append(n)
+    counted: list[Counted] = [[] for _ in starts]
+    folded: dict[CounterKey, CounterChange] = {}
+
+    async def apply_folded() -> bool:
+        found = await apply_increments(conn, list(folded.values()))
+        for key, change in folded.items():
+            if change.increment.limit is not None and key not in found and change.steps > 1:
+                singly.add(key[0])
+                return False
+        # Each start's view: the counter after the sum, less what later starts added.
+        later: dict[CounterKey, tuple[int, int]] = {}
+        for user in {key[0] for key in folded}:
+            for n in reversed(by_user[user]):
+                views: Counted = []
+                for inc in starts[n].increments:
+                    key = (user, inc.metric, inc.period)
+                    after = found.get(key)
+                    amount, steps = later.get(key, (0, 0))
+                    views.append(None if after is None else (after[0] - amount, after[1] - steps))
+                    later[key] = (amount + inc.amount, steps + 1)
+                counted[n] = list(views)
+        folded.clear()
+        return True
+
+    for user in sorted(by_user):
+        if user in singly:
+            if folded and not await apply_folded():
+                return None
+            for n in by_user[user]:
+                counted[n] = await increment_counters(conn, user, starts[n].increments)
+            continue
+        for n in by_user[user]:
+            for inc in starts[n].increments:
+                key = (user, inc.metric, inc.period)
+                change = folded.get(key)
+                if change is None:
+                    folded[key] = CounterChange(user, inc)
+                    continue
+                limits = [x for x in (change.increment.limit, inc.limit) if x is not None]
+                total = Increment(
+                    inc.metric,
+                    inc.period,
+                    change.increment.amount + inc.amount,
+                    min(limits, default=None),
+                )
+                folded[key] = CounterChange(user, total, change.steps + 1)
+    if folded and not await apply_folded():
+        return None
+    return counted

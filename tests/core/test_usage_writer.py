@@ -14,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.errors import QuotaExceeded
 from app.core.metering import Admission, UsageMeter
-from app.core.quota import QuotaSnapshot
+from app.core.quota import Increment, QuotaSnapshot, read_counter
 from app.core.tables import UsageStatus, usage_logs
-from app.core.usage_writer import UsageWrite
+from app.core.usage_writer import Counted, UsageWrite
 from tests.core.test_metering import Env, assert_counter, deliver, env, request, row_of
 
 __all__ = ["env"]  # the fixture, shared with the metering tests
@@ -129,3 +129,53 @@ async def test_checkpoints_and_ends_of_many_users_on_two_instances_stay_exact(en
         assert all(r.status in (UsageStatus.COMPLETED, UsageStatus.CANCELLED) for r in rows)
         await assert_counter(env.engine, user, 8 * 22)
         assert all(r.finished_at is not None for r in rows)
+
+
+async def test_starts_of_one_user_folded_together_see_the_counter_one_after_another(env: Env):
+    """Folded into one change per counter, each start still sees its own step: the
+    quota after its prompt and a `seq` of its own, as if they ran one by one."""
+    metering = env.metering()
+    user = await env.user()
+    seen: list[tuple[int, int]] = []
+
+    async def admit(conn: AsyncConnection, quota: QuotaSnapshot, counted: object) -> None:
+        seen.append((quota.used, quota.seq))
+
+    prompts = [3, 5, 7, 11, 13]
+    meters = await asyncio.gather(
+        *(metering.begin(request(user), prompt_tokens=p, admit=admit) for p in prompts)
+    )
+    used_after = sorted(used for used, _ in seen)
+    assert used_after == [sum(prompts[: k + 1]) for k in range(len(prompts))]
+    assert len({seq for _, seq in seen}) == len(prompts)
+    assert max(seen) == (sum(prompts), max(seq for _, seq in seen))
+    await assert_counter(env.engine, user, sum(prompts))
+    for meter in meters:
+        await meter.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_limit_that_folded_starts_would_pass_admits_each_as_far_as_it_fits(env: Env):
+    metering = env.metering()
+    users = [await env.user() for _ in range(2)]
+    limit = Increment("requests", "d:test", 1, limit=5)
+
+    async def admit(conn: AsyncConnection, quota: QuotaSnapshot, counted: Counted) -> None:
+        if counted[0] is None:
+            raise QuotaExceeded("daily request limit reached")
+
+    async def start(user: str) -> UsageMeter | None:
+        try:
+            return await metering.begin(request(user), prompt_tokens=2, admit=admit, also=[limit])
+        except QuotaExceeded:
+            return None
+
+    outcomes = await asyncio.gather(*(start(users[i % 2]) for i in range(16)))
+    for user in users:
+        mine = [m for m in outcomes if m is not None and m.info.user_id == user]
+        assert len(mine) == 5
+        assert len(await rows_of(env.engine, user)) == 5
+        await assert_counter(env.engine, user, 5 * 2)
+        async with env.engine.connect() as conn:
+            assert await read_counter(conn, user, "requests", "d:test") == 5
+        for meter in mine:
+            await meter.finish(UsageStatus.COMPLETED)
