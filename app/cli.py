@@ -46,7 +46,7 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False) ->
     from app.main import create_app
 
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, tune_gc=True),
         host=host,
         port=port,
         ws_max_size=64 * 1024,  # quota sockets only ever receive pings
