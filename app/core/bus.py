@@ -79,6 +79,11 @@ class Bus:
     async def publish(self, channel: str, message: str) -> None:
         raise NotImplementedError
 
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        """Publish each (channel, message), in order."""
+        for channel, message in messages:
+            await self.publish(channel, message)
+
     async def subscribe(self, channel: str, maxlen: int = 1) -> Subscription:
         sub = Subscription(self, channel, maxlen)
         subs = self._subscribers.setdefault(channel, set())
@@ -160,6 +165,17 @@ class RedisBus(Bus):
 
     async def publish(self, channel: str, message: str) -> None:
         await self._publisher.publish(self._prefix + channel, message)
+
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        """One round trip for all of them."""
+        if len(messages) == 1:
+            await self.publish(*messages[0])
+            return
+        if messages:
+            async with self._publisher.pipeline(transaction=False) as pipe:
+                for channel, message in messages:
+                    pipe.publish(self._prefix + channel, message)
+                await pipe.execute()
 
     async def _first_subscriber(self, channel: str) -> None:
         ready = asyncio.get_running_loop().create_future()

@@ -89,8 +89,10 @@ async def open_services(
         await bus.start()
         stack.push_async_callback(bus.close)
 
+        # Every connection may stay open for the next request: with fewer kept than
+        # streams in flight, each burst past the keep-alive limit reconnects.
         http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000),
             follow_redirects=False,
         )
         stack.push_async_callback(http.aclose)

@@ -137,6 +137,15 @@ async def test_publish_reaches_every_subscription_of_its_channel_only(bus: BusUn
     assert await b.get(within=0.2) is None
 
 
+async def test_publish_many_reaches_each_channel_in_order(bus: BusUnderTest):
+    subs = [await bus.subscribe(f"c{i}", maxlen=10) for i in range(3)]
+    await bus.bus.publish_many([("c0", "a"), ("c1", "b"), ("c0", "c"), ("c2", "d")])
+    await bus.bus.publish_many([("c1", "e")])
+    got = [[await s.get(within=5) for _ in range(n)] for s, n in zip(subs, (2, 2, 1), strict=True)]
+    assert got == [["a", "c"], ["b", "e"], ["d"]]
+    assert [await s.get(within=0.2) for s in subs] == [None, None, None]
+
+
 async def test_publish_without_subscribers_is_dropped(bus: BusUnderTest):
     await bus.bus.publish("nobody", "lost")
     sub = await bus.subscribe("nobody", maxlen=10)

@@ -190,3 +190,29 @@ async def test_a_failing_bus_never_fails_the_push(caplog: pytest.LogCaptureFixtu
     finally:
         await failing.close()
         await dead_client.aclose()
+
+
+class BatchRecordingBus(LocalBus):
+    """A local bus that also records how publishes reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def publish_many(self, messages: list[tuple[str, str]]) -> None:
+        self.batches.append(len(messages))
+        await super().publish_many(messages)
+
+
+async def test_pushes_due_together_reach_the_bus_as_one_batch():
+    bus = BatchRecordingBus()
+    users = [f"user-{i}" for i in range(50)]
+    subs = [await bus.subscribe(quota_channel(u), maxlen=100) for u in users]
+    publisher = QuotaPublisher(bus, interval=30)
+    for user in users:
+        publisher.push(user, snap(1))
+        publisher.push(user, snap(2))  # folded into the same publish
+    for sub in subs:
+        assert [m["seq"] for m in await wait_for_seq(sub, 2)] == [2]
+    assert bus.batches == [50]
+    await publisher.close()
