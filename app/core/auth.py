@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.config import Environment, IssuerConfig, Settings
+from app.core.db import single_reads
 from app.core.errors import Forbidden, Unauthorized
 from app.core.keys import KeyUsageRecorder
 from app.core.security import JWT_ISSUER, InvalidTokenError, Secrets, hash_key, looks_like_api_key
@@ -128,6 +129,7 @@ class Authenticator:
     ) -> None:
         self._settings = settings
         self._engine = engine
+        self._reads = single_reads(engine)
         self._secrets = secrets
         self._denylist = denylist
         self._key_usage = key_usage
@@ -151,7 +153,7 @@ class Authenticator:
 
     async def _api_key(self, credential: str) -> Principal:
         now = datetime.now(UTC)
-        async with self._engine.connect() as conn:
+        async with self._reads.connect() as conn:
             found = await conn.execute(_KEY_HOLDER, {"key_hash": hash_key(credential), "now": now})
             row = found.first()
         if row is None:
@@ -168,7 +170,7 @@ class Authenticator:
             raise Unauthorized("invalid or expired token", code="invalid_token") from exc
         if await self._denylist.is_revoked(claims.token_id):
             raise Unauthorized("token has been revoked", code="token_revoked")
-        user = await get_user(self._engine, claims.subject)
+        user = await get_user(self._reads, claims.subject)
         if user.tokens_valid_after is not None and claims.issued_at < user.tokens_valid_after:
             raise Unauthorized("token has been revoked", code="token_revoked")
         return Principal(

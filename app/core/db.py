@@ -44,6 +44,18 @@ def create_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=20, max_overflow=30, pool_recycle=1800)
 
 
+def single_reads(engine: AsyncEngine) -> AsyncEngine:
+    """The engine (same pool) for reads of one statement on the hot path.
+
+    On PostgreSQL each runs in autocommit: no BEGIN and ROLLBACK round trips around
+    it, and a single statement sees one snapshot anyway. SQLite's driver opens no
+    transaction for a read in the first place.
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
 def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # WAL lets readers run beside the one writer; busy_timeout makes writers queue
     # instead of failing with "database is locked" under concurrent streams.
