@@ -124,6 +124,12 @@ class _GroupCommit(Generic[Item, Outcome]):
             self._drainer = None
 
 
+def _one_or_many(rows: list[dict[str, object]]) -> list[dict[str, object]] | dict[str, object]:
+    """Parameters for `execute`: a single row runs as a plain statement, cheaper than
+    the executemany path (the common case when the server is not busy)."""
+    return rows[0] if len(rows) == 1 else rows
+
+
 def _settle(future: asyncio.Future[Outcome], outcome: Outcome | Exception) -> None:
     """Hand the outcome to a submitter still waiting (one that was cancelled is not)."""
     if future.done():
@@ -164,7 +170,7 @@ class UsageWriter:
         while pending := [i for i in range(len(starts)) if i not in outcomes]:
             async with self._engine.connect() as conn:
                 transaction = await conn.begin()
-                await conn.execute(_START_ROW, [starts[i].row for i in pending])
+                await conn.execute(_START_ROW, _one_or_many([starts[i].row for i in pending]))
                 counted = await _count(conn, [starts[i] for i in pending], singly)
                 refused = counted is None
                 for i, counts in zip(pending, counted or (), strict=False):
@@ -193,7 +199,7 @@ class UsageWriter:
                 limits[write.user_id] = write.token_limit
         async with self._engine.begin() as conn:
             for rows in by_keys.values():
-                await conn.execute(_UPDATE_ROW, rows)
+                await conn.execute(_UPDATE_ROW, _one_or_many(rows))
             for write in writes:
                 if write.then is not None:
                     await write.then(conn)
