@@ -76,6 +76,11 @@ class Bus:
     async def close(self) -> None:
         pass
 
+    @property
+    def healthy(self) -> bool:
+        """Whether every message published now reaches this instance's subscribers."""
+        return True
+
     async def publish(self, channel: str, message: str) -> None:
         raise NotImplementedError
 
@@ -158,10 +163,18 @@ class RedisBus(Bus):
 
     async def close(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
+            # Cancel until it ends: on Python 3.11 a cancellation that lands as
+            # redis-py's read timeout expires is swallowed, and the reader reads on.
+            while not self._reader.done():
+                self._reader.cancel()
+                await asyncio.wait({self._reader}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         await self._subscriber.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        return self._connected.is_set()
 
     async def publish(self, channel: str, message: str) -> None:
         await self._publisher.publish(self._prefix + channel, message)
