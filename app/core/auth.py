@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.auth_cache import AuthCache
 from app.core.config import Environment, IssuerConfig, Settings
 from app.core.db import single_reads
 from app.core.errors import Forbidden, Unauthorized
@@ -39,7 +40,12 @@ DEV_PROVIDER = "dev"
 MAX_SUBJECT = 255  # external_identities.subject
 # Built once: every request with an API key runs it.
 _KEY_HOLDER = (
-    sa.select(api_keys.c.id.label("key_id"), api_keys.c.permissions, *USER_COLUMNS)
+    sa.select(
+        api_keys.c.id.label("key_id"),
+        api_keys.c.permissions,
+        api_keys.c.expires_at.label("key_expires_at"),
+        *USER_COLUMNS,
+    )
     .join(users, users.c.id == api_keys.c.user_id)
     .where(
         api_keys.c.key_hash == sa.bindparam("key_hash"),
@@ -74,6 +80,19 @@ class Principal:
                 code="missing_permission",
                 details={"required": permission},
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyHolder:
+    """What the cache keeps for an API key: its principal and when the key expires."""
+
+    principal: Principal
+    expires_at: datetime | None
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes (stored in UTC).
+    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
 class JwksCache:
@@ -126,10 +145,12 @@ class Authenticator:
         denylist: TokenDenylist,
         key_usage: KeyUsageRecorder,
         http: httpx.AsyncClient,
+        cache: AuthCache | None = None,
     ) -> None:
         self._settings = settings
         self._engine = engine
         self._reads = single_reads(engine)
+        self._cache = cache
         self._secrets = secrets
         self._denylist = denylist
         self._key_usage = key_usage
@@ -153,15 +174,25 @@ class Authenticator:
 
     async def _api_key(self, credential: str) -> Principal:
         now = datetime.now(UTC)
-        async with self._reads.connect() as conn:
-            found = await conn.execute(_KEY_HOLDER, {"key_hash": hash_key(credential), "now": now})
-            row = found.first()
-        if row is None:
+        key_hash = hash_key(credential)
+        cached: _KeyHolder | None = self._cache.get(key_hash) if self._cache else None
+        if cached is None:
+            generation = self._cache.generation if self._cache else 0
+            async with self._reads.connect() as conn:
+                row = (await conn.execute(_KEY_HOLDER, {"key_hash": key_hash, "now": now})).first()
+            if row is None:
+                raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
+            principal = Principal(
+                user=row_to_user(row), api_key_id=row.key_id, permissions=frozenset(row.permissions)
+            )
+            cached = _KeyHolder(principal, _aware(row.key_expires_at))
+            if self._cache is not None:
+                self._cache.put(key_hash, cached, generation)
+        elif cached.expires_at is not None and cached.expires_at <= now:
             raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
-        self._key_usage.record(row.key_id, now)
-        return Principal(
-            user=row_to_user(row), api_key_id=row.key_id, permissions=frozenset(row.permissions)
-        )
+        assert cached.principal.api_key_id is not None
+        self._key_usage.record(cached.principal.api_key_id, now)
+        return cached.principal
 
     async def _own_token(self, credential: str) -> Principal:
         try:
@@ -170,7 +201,7 @@ class Authenticator:
             raise Unauthorized("invalid or expired token", code="invalid_token") from exc
         if await self._denylist.is_revoked(claims.token_id):
             raise Unauthorized("token has been revoked", code="token_revoked")
-        user = await get_user(self._reads, claims.subject)
+        user = await self._user(claims.subject)
         if user.tokens_valid_after is not None and claims.issued_at < user.tokens_valid_after:
             raise Unauthorized("token has been revoked", code="token_revoked")
         return Principal(
@@ -212,6 +243,17 @@ class Authenticator:
             config.name, subject, email=claims.get("email"), profile=claims
         )
         return Principal(user=user)
+
+    async def _user(self, user_id: str) -> User:
+        """A live user by id, from the cache when it holds them."""
+        key = ("user", user_id)
+        user: User | None = self._cache.get(key) if self._cache else None
+        if user is None:
+            generation = self._cache.generation if self._cache else 0
+            user = await get_user(self._reads, user_id)
+            if self._cache is not None:
+                self._cache.put(key, user, generation)
+        return user
 
     async def development_user(self, user_id: str) -> Principal:
         """The `x-user-id` header's user; only ever called in development."""

@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.auth_cache import NEUTRAL
 from app.core.errors import BadRequest, NotFound
 from app.core.pagination import Page
 from app.core.security import generate_api_key
@@ -250,7 +251,9 @@ class KeyUsageRecorder:
         if not batch:
             return
         try:
+            # Usage statistics: nothing a cached principal holds changes.
             async with self._engine.begin() as conn:
+                conn = await conn.execution_options(**{NEUTRAL: True})
                 for key_id, (count, last_used) in batch.items():
                     await conn.execute(
                         api_keys.update()

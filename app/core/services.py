@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.anki import Anki
 from app.core.auth import Authenticator
+from app.core.auth_cache import AuthCache
 from app.core.billing import Billing, open_billing
 from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.config import Settings
@@ -119,7 +120,12 @@ async def open_services(
 
         denylist = TokenDenylist(engine, redis, prefix)
         sessions = Sessions(engine, secrets, denylist)
-        authenticator = Authenticator(settings, engine, secrets, denylist, key_usage, http)
+        auth_cache = AuthCache(bus)
+        await auth_cache.start(engine)
+        stack.push_async_callback(auth_cache.close)
+        authenticator = Authenticator(
+            settings, engine, secrets, denylist, key_usage, http, cache=auth_cache
+        )
         router = ModelRouter(settings.providers, settings.models, http)
         policy = Policy(settings, engine, limiter)
         yield Services(

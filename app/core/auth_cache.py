@@ -1,0 +1,152 @@
+"""Who a credential belongs to, kept in memory until anything it was read from changes.
+
+Every relayed request resolves its API key (or its session's user) before anything
+else; reading that from the database each time was a round trip and most of a
+millisecond of CPU. Entries stay until a transaction that wrote `users`, `api_keys`
+or `webhooks` (what a principal is read from) has finished, on any instance: this
+instance clears its cache when the connection that wrote goes back to the pool
+(after the commit), and tells the others through the bus. So a revoked key stops
+working everywhere within the bus's latency, not after a TTL.
+
+While the bus is down, messages from other instances may be lost: the cache is then
+neither read nor filled, and is cleared when the bus resyncs. `max_age` bounds what
+nothing can announce (a row edited by hand in the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Hashable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, ExecutionContext
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from app.core.bus import Bus, Subscription
+
+logger = logging.getLogger("livegate.auth")
+
+CHANNEL = "auth:changed"
+# An execution option for writes to the watched tables that change nothing a
+# principal is read from (a key's usage statistics).
+NEUTRAL = "auth_neutral"
+_WRITE_TO_WATCHED = re.compile(
+    r"^\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+\"?(users|api_keys|webhooks)\b", re.IGNORECASE
+)
+_DIRTY = "livegate_auth_dirty"
+
+
+class AuthCache:
+    """Principals by credential, with the invalidation described above."""
+
+    def __init__(self, bus: Bus, *, max_entries: int = 100_000, max_age: float = 60.0) -> None:
+        self._bus = bus
+        self._max_entries = max_entries
+        self._max_age = max_age
+        self._entries: dict[Hashable, tuple[float, Any]] = {}
+        # Bumped by every invalidation: a read that began before one is not stored.
+        self.generation = 0
+        self._subscription: Subscription | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._engine: AsyncEngine | None = None
+        self._announcing: set[asyncio.Task[None]] = set()
+
+    @property
+    def usable(self) -> bool:
+        return self._listener is not None and self._bus.healthy
+
+    def get(self, key: Hashable) -> Any | None:
+        if not self.usable:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        stored_at, value = entry
+        if time.monotonic() - stored_at > self._max_age:
+            del self._entries[key]
+            return None
+        return value
+
+    def put(self, key: Hashable, value: Any, generation: int) -> None:
+        """Store what was read, unless an invalidation happened since it began."""
+        if generation != self.generation or not self.usable:
+            return
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()  # rare; a full reload is cheaper than tracking use
+        self._entries[key] = (time.monotonic(), value)
+
+    def invalidate(self) -> None:
+        self.generation += 1
+        self._entries.clear()
+
+    async def start(self, engine: AsyncEngine) -> None:
+        """Listen for other instances' changes and watch this instance's writes."""
+        self._subscription = await self._bus.subscribe(CHANNEL, maxlen=1)
+        self._listener = asyncio.create_task(self._listen(self._subscription), name="auth-cache")
+        self._engine = engine
+        sa.event.listen(engine.sync_engine, "before_cursor_execute", self._on_execute)
+        sa.event.listen(engine.sync_engine, "checkin", self._on_checkin)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            sa.event.remove(self._engine.sync_engine, "before_cursor_execute", self._on_execute)
+            sa.event.remove(self._engine.sync_engine, "checkin", self._on_checkin)
+            self._engine = None
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._subscription is not None:
+            await self._subscription.close()
+        for task in list(self._announcing):
+            with contextlib.suppress(Exception):
+                await task
+        self.invalidate()
+
+    async def _listen(self, subscription: Subscription) -> None:
+        while True:
+            await subscription.get()  # a change elsewhere, or RESYNC after an outage
+            self.invalidate()
+
+    def _on_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        if context is not None and context.execution_options.get(NEUTRAL):
+            return
+        if _WRITE_TO_WATCHED.match(statement):
+            conn.info[_DIRTY] = True
+
+    def _on_checkin(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        # After the transaction ended (committed or not): invalidating earlier would
+        # let a read between the invalidation and the commit store the old row.
+        if not record.info.pop(_DIRTY, False):
+            return
+        self.invalidate()
+        try:
+            task = asyncio.get_running_loop().create_task(self._announce())
+        except RuntimeError:
+            return  # no loop (a connection finalized at exit): nobody is left to tell
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce(self) -> None:
+        try:
+            await self._bus.publish(CHANNEL, "1")
+        except Exception:
+            # The other instances' caches would stay stale: the bus's own recovery
+            # (RESYNC on reconnect) clears them; until then they are not used.
+            logger.exception("announcing a change of users or keys failed")

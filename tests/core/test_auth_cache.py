@@ -1,0 +1,138 @@
+"""`AuthCache`: principals served from memory until a change to users, keys or
+webhooks, on this instance or another (through the bus); bypassed while the bus is
+down. Two in-process instances share PostgreSQL and Redis where the test says so."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from redis.asyncio import Redis as AsyncRedis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.auth_cache import AuthCache
+from app.core.bus import LocalBus, RedisBus
+from app.core.db import create_engine
+from tests.api.test_api_keys import call, create_key, models
+from tests.conftest import Livegate, StartLivegate
+
+# The lookup of a presented key (by its hash), not the key management's own reads.
+KEY_READ = re.compile(r"^\s*SELECT\b.*\bapi_keys\.key_hash = ", re.IGNORECASE | re.DOTALL)
+
+
+@contextmanager
+def key_reads(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The API-key lookups `engine` runs while the block is open."""
+    seen: list[str] = []
+
+    def on_execute(*args: Any) -> None:
+        statement = args[2]
+        if KEY_READ.match(statement):
+            seen.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
+
+
+async def status(livegate: Livegate, key: str) -> int:
+    return (await models(livegate, key)).status_code
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_key_is_read_once_then_served_from_memory(livegate: Livegate):
+    account = await livegate.account()
+    with key_reads(livegate.services.engine) as reads:
+        assert [await status(livegate, account.api_key) for _ in range(3)] == [200] * 3
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_change_to_any_user_key_or_webhook_empties_the_cache(livegate: Livegate):
+    account = await livegate.account()
+    other = await livegate.account()
+    assert await status(livegate, account.api_key) == 200
+    with key_reads(livegate.services.engine) as reads:
+        # Another user's key created and revoked: this instance reads keys afresh.
+        created = await create_key(livegate, other.token)
+        deleted = await call(livegate, "DELETE", f"/api/v1/api-keys/{created['id']}", other.token)
+        assert deleted.status_code == 200
+        assert await status(livegate, account.api_key) == 200
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_key_usage_statistics_leave_the_cache_alone(livegate: Livegate):
+    account = await livegate.account()
+    assert await status(livegate, account.api_key) == 200
+    with key_reads(livegate.services.engine) as reads:
+        await livegate.services.key_usage.flush()
+        assert await status(livegate, account.api_key) == 200
+    assert reads == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_key_revoked_on_one_instance_is_refused_by_the_other(
+    start_livegate: StartLivegate,
+):
+    a, b = await start_livegate(), await start_livegate()
+    account = await a.account()
+    key = await create_key(a, account.token)
+    with key_reads(b.services.engine) as reads:
+        assert [await status(b, key["key"]) for _ in range(2)] == [200, 200]
+    assert len(reads) == 1, "B serves the key from its cache"
+    revoked = await call(a, "DELETE", f"/api/v1/api-keys/{key['id']}", account.token)
+    assert revoked.status_code == 200
+    # B hears of it through Redis: within the bus's latency, well under this bound.
+    for _ in range(200):
+        if await status(b, key["key"]) == 401:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the revoked key still works on the other instance")
+    assert await status(a, key["key"]) == 401
+
+
+async def test_the_cache_is_neither_read_nor_filled_while_the_bus_is_down(
+    postgres_url: str,
+):
+    dead = "redis://127.0.0.1:1/0"
+    client = AsyncRedis.from_url(dead)
+    bus = RedisBus(dead, "livegate-test-auth", publisher=client, max_backoff=0.05)
+    await bus.start()  # gives up waiting after a while; the reader keeps retrying
+    cache = AuthCache(bus)
+    engine = create_engine(postgres_url)
+    await cache.start(engine)
+    try:
+        assert not cache.usable
+        cache.put("k", "v", cache.generation)
+        assert cache.get("k") is None
+    finally:
+        await cache.close()
+        await bus.close()
+        await client.aclose()
+        await engine.dispose()
+
+
+async def test_a_read_that_began_before_an_invalidation_is_not_stored(postgres_url: str):
+    bus = LocalBus()
+    cache = AuthCache(bus)
+    engine = create_engine(postgres_url)
+    await cache.start(engine)
+    try:
+        began = cache.generation
+        cache.invalidate()  # a change committed while the read was in flight
+        cache.put("k", "old", began)
+        assert cache.get("k") is None
+        cache.put("k", "new", cache.generation)
+        assert cache.get("k") == "new"
+    finally:
+        await cache.close()
+        await engine.dispose()
