@@ -374,17 +374,43 @@ class Metering:
             if admit is not None:
                 await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
 
-        tokens, *_ = await self.writer.start(
-            RequestStart(
-                row, info.user_id, [Increment(TOKENS, period, prompt_tokens), *also], check
-            )
+        increments = [Increment(TOKENS, period, prompt_tokens), *also]
+        starting = asyncio.ensure_future(
+            self.writer.start(RequestStart(row, info.user_id, increments, check))
         )
+        try:
+            tokens, *_ = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # The caller left (a client disconnecting) while its start was queued: the
+            # start may still commit, and its row must then end, billing nothing.
+            await run_to_completion(
+                lambda: self._end_abandoned(starting, info, row_id, period, prompt_tokens, now)
+            )
+            raise
         assert tokens is not None
         snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
         self.publisher.push(info.user_id, snapshot)
         meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, now)
         self.active.add(meter)
         return meter
+
+    async def _end_abandoned(
+        self,
+        starting: asyncio.Future[list[tuple[int, int] | None]],
+        info: RequestInfo,
+        row_id: str,
+        period: str,
+        prompt_tokens: int,
+        started_at: datetime,
+    ) -> None:
+        try:
+            tokens, *_ = await starting
+        except Exception:
+            return  # refused or failed: nothing was written
+        assert tokens is not None
+        snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
+        meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, started_at)
+        await meter.discard(UsageStatus.CANCELLED, "client disconnected")
 
     async def start(self) -> None:
         """Register this instance, sweep what dead instances left, start the heartbeat."""

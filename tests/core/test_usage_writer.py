@@ -179,3 +179,25 @@ async def test_a_limit_that_folded_starts_would_pass_admits_each_as_far_as_it_fi
             assert await read_counter(conn, user, "requests", "d:test") == 5
         for meter in mine:
             await meter.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_start_abandoned_while_queued_ends_its_row_billing_nothing(env: Env):
+    """A client that leaves while its start waits for the group commit: the start
+    still commits with the others, and its row then ends cancelled with nothing billed."""
+    metering = env.metering()
+    user = await env.user()
+    starts = [asyncio.create_task(metering.begin(request(user), prompt_tokens=5)) for _ in range(3)]
+    await asyncio.sleep(0)  # all three queued
+    starts[1].cancel()
+    outcomes = await asyncio.gather(*starts, return_exceptions=True)
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    for meter in (outcomes[0], outcomes[2]):
+        assert isinstance(meter, UsageMeter)
+        await meter.finish(UsageStatus.COMPLETED)
+    rows = await rows_of(env.engine, user)
+    assert sorted((r.status, r.total_tokens) for r in rows) == [
+        (UsageStatus.CANCELLED, 0),
+        (UsageStatus.COMPLETED, 5),
+        (UsageStatus.COMPLETED, 5),
+    ]
+    await assert_counter(env.engine, user, 10)
