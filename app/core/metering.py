@@ -375,9 +375,7 @@ class Metering:
                 await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
 
         increments = [Increment(TOKENS, period, prompt_tokens), *also]
-        starting = asyncio.ensure_future(
-            self.writer.start(RequestStart(row, info.user_id, increments, check))
-        )
+        starting = self.writer.start(RequestStart(row, info.user_id, increments, check))
         try:
             tokens, *_ = await asyncio.shield(starting)
         except asyncio.CancelledError:

@@ -91,12 +91,13 @@ class _GroupCommit(Generic[Item, Outcome]):
         self._queue: list[tuple[Item, asyncio.Future[Outcome]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Item) -> Outcome:
+    def submit(self, item: Item) -> asyncio.Future[Outcome]:
+        """Queue `item`; the future of its outcome (cancelling it leaves the item queued)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain(), name=self._name)
-        return await future
+        return future
 
     async def _drain(self) -> None:
         try:
@@ -149,13 +150,13 @@ class UsageWriter:
         self._starts = _GroupCommit("usage-starts", self._commit_starts)
         self._updates = _GroupCommit("usage-updates", self._commit_updates)
 
-    async def start(self, start: RequestStart) -> Counted:
+    def start(self, start: RequestStart) -> asyncio.Future[Counted]:
         """Insert the row and apply the increments, unless `admit` refuses (it raises).
 
         What became of each increment: the counter's (used, seq), or None where its
         limit refused it.
         """
-        return await self._starts.submit(start)
+        return self._starts.submit(start)
 
     async def write(self, write: UsageWrite) -> tuple[int, int] | None:
         """Commit `write`; its user's token counter after it, or None if it added nothing."""
@@ -248,7 +249,7 @@ async def _count(
                     amount, steps = later.get(key, (0, 0))
                     views.append(None if after is None else (after[0] - amount, after[1] - steps))
                     later[key] = (amount + inc.amount, steps + 1)
-                counted[n] = list(views)
+                counted[n] = views
         folded.clear()
         return True
 
