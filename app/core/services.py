@@ -28,6 +28,7 @@ from app.core.relay import Relay
 from app.core.routing import ModelRouter
 from app.core.security import Secrets
 from app.core.sessions import Sessions, TokenDenylist
+from app.core.upstream_transport import AiohttpTransport
 from app.core.users import User, anonymous_user
 from app.core.webhooks import QuotaWarnings, WebhookDispatcher
 
@@ -90,10 +91,11 @@ async def open_services(
         await bus.start()
         stack.push_async_callback(bus.close)
 
-        # Every connection may stay open for the next request: with fewer kept than
-        # streams in flight, each burst past the keep-alive limit reconnects.
+        # Upstream calls go through aiohttp's pool (see upstream_transport), which keeps
+        # every connection open for the next request: with fewer kept than streams in
+        # flight, each burst past the keep-alive limit would reconnect.
         http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000),
+            transport=AiohttpTransport(httpx.Limits(max_connections=1000)),
             follow_redirects=False,
         )
         stack.push_async_callback(http.aclose)

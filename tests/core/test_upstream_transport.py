@@ -1,0 +1,193 @@
+"""The aiohttp-backed httpx transport, against small raw HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from app.core.upstream_transport import AiohttpTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+OK_BODY = b'{"ok":true}'
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """One request's head and body; None when the client closed the connection."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+def ok_response(body: bytes = OK_BODY) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
+class Server:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes]] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[tuple[Server, str]]:
+    server = Server(handler)
+    listener = await asyncio.start_server(server._serve, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        listener.close()
+
+
+@asynccontextmanager
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=AiohttpTransport(httpx.Limits(max_connections=10)),
+        timeout=httpx.Timeout(5.0),
+    ) as http:
+        yield http
+
+
+async def test_requests_reuse_one_connection_and_carry_headers_and_body() -> None:
+    server: Server
+
+    async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            server.requests.append(request)
+            writer.write(ok_response())
+            await writer.drain()
+
+    async with serving(answer_each) as (server, url), client() as http:
+        for i in range(3):
+            response = await http.post(
+                f"{url}/v1/chat", json={"n": i}, headers={"Authorization": "Bearer sk-x"}
+            )
+            assert response.status_code == 200
+            assert response.json() == {"ok": True}
+            assert response.headers["content-type"] == "application/json"
+
+    assert server.connections == 1
+    head, body = server.requests[2]
+    assert head.startswith(b"POST /v1/chat HTTP/1.1\r\n")
+    headers = dict(
+        (name.strip().lower(), value.strip())
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    )
+    assert headers[b"authorization"] == b"Bearer sk-x"
+    assert body == b'{"n":2}'
+
+
+async def test_a_streamed_body_arrives_as_it_is_written() -> None:
+    second_part = asyncio.Event()
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"6\r\ndata:1\r\n")
+        await writer.drain()
+        await second_part.wait()
+        writer.write(b"6\r\ndata:2\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async with (
+        serving(chunked) as (_, url),
+        client() as http,
+        http.stream("POST", f"{url}/s", content=b"{}") as response,
+    ):
+        parts = response.aiter_bytes()
+        assert await anext(parts) == b"data:1"  # before the rest was written
+        second_part.set()
+        assert b"".join([part async for part in parts]) == b"data:2"
+
+
+async def test_a_half_read_stream_does_not_hand_its_connection_to_the_next_request() -> None:
+    async def endless_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if server.connections == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+            await reader.read()  # until the client gives up on this connection
+            return
+        writer.write(ok_response())
+        await writer.drain()
+
+    async with serving(endless_then_ok) as (server, url), client() as http:
+        async with http.stream("POST", f"{url}/s", content=b"{}") as response:
+            assert await anext(response.aiter_bytes()) == b"first"
+        response = await http.post(f"{url}/next", content=b"{}")
+        assert response.json() == {"ok": True}
+    assert server.connections == 2
+
+
+async def test_refused_connection_is_connect_error() -> None:
+    async with serving(lambda r, w: asyncio.sleep(0)) as (_, url):
+        pass  # closed: nothing listens on that port any more
+    async with client() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(f"{url}/x", content=b"{}")
+
+
+async def test_connection_dropped_before_an_answer_is_remote_protocol_error() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async with serving(hang_up) as (_, url), client() as http:
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await http.post(f"{url}/x", content=b"{}")
+    assert caught.value.__cause__ is not None  # aiohttp's own error stays attached
+
+
+async def test_body_cut_short_is_remote_protocol_error() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    async with serving(cut) as (_, url), client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(f"{url}/x", content=b"{}")
+
+
+async def test_malformed_answer_is_remote_protocol_error() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"this is not HTTP\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with serving(garbage) as (_, url), client() as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.post(f"{url}/x", content=b"{}")
+
+
+async def test_silence_past_the_read_timeout_is_read_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    async with serving(silent) as (_, url), client() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{url}/x", content=b"{}", timeout=httpx.Timeout(5.0, read=0.2))
