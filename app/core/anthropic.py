@@ -91,8 +91,8 @@ def _openai_usage(usage: Usage) -> dict[str, int]:
 
 
 class AnthropicProvider(HttpProvider):
-    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient) -> None:
-        super().__init__(config, client, config.base_url.rstrip("/") + "/v1/messages")
+    def __init__(self, config: ProviderConfig, upstream: httpx.AsyncBaseTransport) -> None:
+        super().__init__(config, upstream, config.base_url.rstrip("/") + "/v1/messages")
         self._headers["anthropic-version"] = API_VERSION
         if config.api_key is not None:
             self._headers["x-api-key"] = config.api_key.get_secret_value()

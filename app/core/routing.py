@@ -53,7 +53,7 @@ class ModelRouter:
         self,
         configs: list[ProviderConfig],
         routes: list[ModelRoute],
-        client: httpx.AsyncClient,
+        upstream: httpx.AsyncBaseTransport,
         echo_delay: float = 0.05,
     ) -> None:
         self._chains: dict[str, list[Target]] = {}
@@ -68,9 +68,9 @@ class ModelRouter:
         direct: dict[tuple[str, str], Target] = {}
         for config in configs:
             provider: Provider = (
-                AnthropicProvider(config, client)
+                AnthropicProvider(config, upstream)
                 if config.kind == "anthropic"
-                else OpenAIProvider(config, client)
+                else OpenAIProvider(config, upstream)
             )
             for model in config.models:
                 target = Target(provider, model, config.prices.get(model), config.max_retries)

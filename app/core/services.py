@@ -94,10 +94,9 @@ async def open_services(
         # Upstream calls go through aiohttp's pool (see upstream_transport), which keeps
         # every connection open for the next request: with fewer kept than streams in
         # flight, each burst past the keep-alive limit would reconnect.
-        http = httpx.AsyncClient(
-            transport=AiohttpTransport(httpx.Limits(max_connections=1000)),
-            follow_redirects=False,
-        )
+        upstream = AiohttpTransport(httpx.Limits(max_connections=1000))
+        # For the other outbound calls (identity providers' keys, OAuth token exchanges).
+        http = httpx.AsyncClient(transport=upstream, follow_redirects=False)
         stack.push_async_callback(http.aclose)
         publisher = QuotaPublisher(bus, settings.metering.push_interval_ms / 1000)
         stack.push_async_callback(publisher.close)
@@ -128,7 +127,7 @@ async def open_services(
         authenticator = Authenticator(
             settings, engine, secrets, denylist, key_usage, http, cache=auth_cache
         )
-        router = ModelRouter(settings.providers, settings.models, http)
+        router = ModelRouter(settings.providers, settings.models, upstream)
         policy = Policy(settings, engine, limiter)
         yield Services(
             settings=settings,

@@ -5,7 +5,8 @@ tree); only the connection handling underneath is aiohttp's. httpx's own pool ch
 every pooled connection for readability on every request, which at a few dozen
 connections cost more CPU than the rest of a relayed request together: measured
 against the benchmark's fake upstream at 50 concurrent requests, 3.0 ms of client CPU
-per request with httpx's pool, 0.37 ms with this transport.
+per request with httpx's pool, 0.4 ms with this transport under an `httpx.AsyncClient`
+and 0.27 ms with the transport called directly, as the providers do.
 
 aiohttp's exceptions are mapped onto httpx's, so callers see one exception tree:
 
@@ -20,6 +21,7 @@ aiohttp's exceptions are mapped onto httpx's, so callers see one exception tree:
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -80,7 +82,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=limits.keepalive_expiry,
             ssl=httpx.create_ssl_context(),
         )
+        # httpx decodes the body.
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # Proxies come from the environment, as with httpx, read once: aiohttp's own
+        # `trust_env` reads the environment and ~/.netrc again on every request.
+        self._proxies = urllib.request.getproxies()
+        self._proxy_by_origin: dict[tuple[str, str], str | None] = {}
+
+    def _proxy_for(self, url: httpx.URL) -> str | None:
+        origin = (url.scheme, url.host)
+        if origin not in self._proxy_by_origin:
+            bypass = urllib.request.proxy_bypass(url.host)
+            self._proxy_by_origin[origin] = None if bypass else self._proxies.get(url.scheme)
+        return self._proxy_by_origin[origin]
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
@@ -96,6 +110,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=request.headers.multi_items(),
                 data=data,
                 allow_redirects=False,
+                proxy=self._proxy_for(request.url) if self._proxies else None,
                 timeout=aiohttp.ClientTimeout(
                     # aiohttp's `connect` covers waiting for a pooled connection too
                     connect=None if connect is None or pool is None else connect + pool,

@@ -67,6 +67,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
         transport=AiohttpTransport(httpx.Limits(max_connections=10)),
         timeout=httpx.Timeout(5.0),
+        trust_env=False,  # any proxy is the transport's own doing, not httpx's
     ) as http:
         yield http
 
@@ -191,3 +192,24 @@ async def test_silence_past_the_read_timeout_is_read_timeout() -> None:
     async with serving(silent) as (_, url), client() as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post(f"{url}/x", content=b"{}", timeout=httpx.Timeout(5.0, read=0.2))
+
+
+async def test_a_proxy_from_the_environment_carries_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            server.requests.append(request)
+            writer.write(ok_response())
+            await writer.drain()
+
+    async with serving(proxy) as (server, proxy_url):
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("NO_PROXY", "bypassed.invalid")
+        async with client() as http:
+            response = await http.post("http://upstream.invalid/v1/chat", content=b"{}")
+            assert response.json() == {"ok": True}
+            with pytest.raises(httpx.ConnectError):  # not through the proxy: no such host
+                await http.post("http://bypassed.invalid/v1/chat", content=b"{}")
+    [(head, _)] = server.requests
+    assert head.startswith(b"POST http://upstream.invalid/v1/chat HTTP/1.1\r\n")
