@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import orjson
 
 from app.core.config import ProviderConfig
 from app.core.errors import (
@@ -87,7 +88,7 @@ def parse_usage(value: object) -> Usage | None:
 def parse_chunk(data: bytes) -> StreamChunk:
     """Read the metering facts out of one `chat.completion.chunk`."""
     try:
-        event = json.loads(data)
+        event = orjson.loads(data)  # once per token: the fastest parser there is
     except ValueError as exc:
         raise UpstreamError("provider sent a malformed stream event") from exc
     if not isinstance(event, dict):
@@ -127,16 +128,16 @@ def parse_chunk(data: bytes) -> StreamChunk:
 async def iter_sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """The `data` payloads of an SSE byte stream (multi-line data joined by newlines),
     as a list per network read that completed any."""
-    buffer = b""
+    partial = b""  # a line not yet ended
     data_lines: list[bytes] = []
     async for chunk in chunks:
-        buffer += chunk
+        # One split per read: an unpaced upstream packs hundreds of events in one.
+        lines = (partial + chunk).split(b"\n")
+        partial = lines.pop()
         batch: list[bytes] = []
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                break
-            line, buffer = buffer[:newline].rstrip(b"\r"), buffer[newline + 1 :]
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
             if not line:
                 if data_lines:
                     batch.append(b"\n".join(data_lines))

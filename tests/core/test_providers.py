@@ -1,0 +1,67 @@
+"""Reading upstream SSE streams: event framing and the metering facts of each chunk."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.core.errors import UpstreamError
+from app.core.providers import iter_sse_batches, parse_chunk
+
+
+async def reads(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def batches(*parts: bytes) -> list[list[bytes]]:
+    return [batch async for batch in iter_sse_batches(reads(*parts))]
+
+
+async def test_events_split_anywhere_across_reads_come_out_whole() -> None:
+    stream = b'data: {"a":1}\n\ndata: {"b":2}\r\n\r\n: a comment\n\nevent: x\ndata:[DONE]\n\n'
+    whole = await batches(stream)
+    assert whole == [[b'{"a":1}', b'{"b":2}', b"[DONE]"]]
+    for cut in range(1, len(stream)):
+        split = await batches(stream[:cut], stream[cut:])
+        assert [event for batch in split for event in batch] == whole[0], cut
+
+
+async def test_one_batch_per_read_that_completed_events() -> None:
+    assert await batches(b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n") == [
+        [b"1", b"2"],
+        [b"3"],
+    ]
+
+
+async def test_multi_line_data_is_joined_and_an_unterminated_last_event_is_kept() -> None:
+    assert await batches(b"data: line one\ndata: line two\n\ndata: tail\n") == [
+        [b"line one\nline two"],
+        [b"tail"],
+    ]
+
+
+def test_a_content_delta_counts_one_token_and_keeps_the_upstream_bytes() -> None:
+    data = (
+        b'{"id":"c1","created":7,"model":"m","choices":[{"index":0,'
+        b'"delta":{"content":"Hi"},"finish_reason":null}]}'
+    )
+    chunk = parse_chunk(data)
+    assert chunk.data is data
+    assert (chunk.tokens, chunk.text, chunk.finish_reason) == (1, "Hi", None)
+    assert chunk.meta == {"id": "c1", "created": 7, "model": "m"}
+    assert not chunk.usage_only
+
+
+def test_the_usage_chunk_carries_the_upstream_counts() -> None:
+    chunk = parse_chunk(b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}')
+    assert chunk.usage_only and chunk.tokens == 0
+    assert chunk.usage is not None
+    assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (5, 9)
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"[1,2]", b'{"error":{"message":"boom"}}'])
+def test_malformed_or_error_events_are_upstream_errors(data: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        parse_chunk(data)
