@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-import stripe
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -209,6 +208,9 @@ class Billing:
         self._engine = engine
         self._publisher = publisher
         self._webhook_secret = webhook_secret
+        # Imported here, with Stripe configured: the SDK holds ~6 MiB once loaded.
+        import stripe
+
         self._http = stripe.HTTPXClient(timeout=STRIPE_TIMEOUT)
         self._client = stripe.StripeClient(
             secret_key,
@@ -324,6 +326,8 @@ class Billing:
 
     def _verify(self, body: bytes, signature: str | None) -> _Event:
         """The event, if its `Stripe-Signature` (and its 5-minute timestamp) check out."""
+        import stripe
+
         try:
             stripe.WebhookSignature.verify_header(
                 body, signature, self._webhook_secret, stripe.Webhook.DEFAULT_TOLERANCE
@@ -658,6 +662,8 @@ async def _live_user(conn: AsyncConnection, user_id: str) -> str | None:
 @contextlib.contextmanager
 def _stripe_errors(action: str) -> Iterator[None]:
     """Stripe's failures as a 502; the log names the error, never the request or a key."""
+    import stripe
+
     try:
         yield
     except stripe.StripeError as exc:

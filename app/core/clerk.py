@@ -9,7 +9,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from svix.webhooks import Webhook, WebhookVerificationError
 
 from app.core.accounts import delete_user, set_tier
 from app.core.auth import IdentityConflict
@@ -36,6 +35,9 @@ class Outcome(enum.StrEnum):
 
 def verify(secret: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
     """The event, if the Svix signature and its timestamp (5 minutes) check out."""
+    # Imported on first use: the Svix SDK holds ~9 MiB, and most servers get no Clerk events.
+    from svix.webhooks import Webhook, WebhookVerificationError
+
     try:
         Webhook(secret).verify(body, headers)
     except (WebhookVerificationError, ValueError) as exc:

@@ -16,9 +16,6 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import httpx
-from authlib.common.security import generate_token
-from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.auth import Authenticator
@@ -48,6 +45,11 @@ class OAuthFlow:
 
     async def start(self, app_redirect: str | None, request_callback_url: str) -> str:
         """The provider's authorization URL for a new login."""
+        # Imported on first use: only servers with `[oauth]` configured log in this way.
+        from authlib.common.security import generate_token
+        from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+        from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
         target = app_redirect or self._config.app_redirects[0]
         if target not in self._config.app_redirects:
             raise BadRequest("redirect is not an allowed app URL", details={"field": "redirect"})

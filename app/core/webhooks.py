@@ -28,18 +28,20 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from svix.webhooks import Webhook as Signer
 
 from app.core.config import WebhooksConfig
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.pagination import Page
 from app.core.security import Secrets
 from app.core.tables import webhook_deliveries, webhook_subscriptions, webhooks
+
+if TYPE_CHECKING:
+    from svix.webhooks import Webhook as Signer
 
 logger = logging.getLogger("livegate.webhooks")
 
@@ -166,6 +168,9 @@ def validate_active(value: object) -> bool:
 
 
 def _signer(secret: str) -> Signer:
+    # Imported on first use: the Svix SDK holds ~9 MiB, and most servers sign nothing.
+    from svix.webhooks import Webhook as Signer
+
     if secret.startswith(SECRET_PREFIX):
         encoded = secret.removeprefix(SECRET_PREFIX)
         try:
