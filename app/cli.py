@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -40,13 +41,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(settings: Settings, host: str, port: int, access_log: bool = False) -> None:
+def serve(settings: Settings, host: str, port: int, access_log: bool = False) -> int:
+    """Migrate, then serve until stopped; the exit status."""
+    # The migration runs in a child process (it prints its own error, if any), so the
+    # server never loads alembic: ~10 MiB less resident memory for its whole life.
+    migrated = subprocess.run([sys.executable, "-m", "app", "migrate"], stdout=subprocess.DEVNULL)
+    if migrated.returncode != 0:
+        return migrated.returncode
+
     import uvicorn
 
     from app.main import create_app
 
     uvicorn.run(
-        create_app(settings, tune_gc=True),
+        create_app(settings, tune_gc=True, run_migrations=False),
         host=host,
         port=port,
         ws_max_size=64 * 1024,  # quota sockets only ever receive pings
@@ -56,6 +64,7 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False) ->
         server_header=False,
         access_log=access_log,
     )
+    return 0
 
 
 async def _migrate(settings: Settings) -> None:
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         if args.command == "serve":
-            serve(settings, args.host, args.port, args.access_log)
+            return serve(settings, args.host, args.port, args.access_log)
         elif args.command == "migrate":
             asyncio.run(_migrate(settings))
             print("database is up to date")

@@ -65,15 +65,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 SERVER_GC_THRESHOLDS = (10_000, 20, 50)
 
 
-def create_app(settings: Settings | None = None, *, tune_gc: bool = False) -> Starlette:
+def create_app(
+    settings: Settings | None = None, *, tune_gc: bool = False, run_migrations: bool = True
+) -> Starlette:
     """The application. With `tune_gc` (a server process of its own), what start-up
     allocated is moved out of the collector's sight once it is done (it lives as long
-    as the process) and the collector runs less often (`SERVER_GC_THRESHOLDS`)."""
+    as the process) and the collector runs less often (`SERVER_GC_THRESHOLDS`).
+    Without `run_migrations`, the schema must already be up to date."""
     settings = settings or load_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_services(settings) as services:
+        async with open_services(settings, run_migrations=run_migrations) as services:
             app.state.services = services
             if tune_gc:
                 gc.collect()

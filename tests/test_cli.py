@@ -334,3 +334,47 @@ def test_serve_answers_v1_models_with_a_key(cli_env: dict[str, str], tmp_path: P
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_serve_migrates_a_fresh_database_before_answering(cli_env: dict[str, str], tmp_path: Path):
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--port", str(port)],
+            env=cli_env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            while True:
+                assert proc.poll() is None, f"serve exited early:\n{log_path.read_text()}"
+                assert time.monotonic() < deadline, f"serve never answered:\n{log_path.read_text()}"
+                try:
+                    response = http.get("/v1/models")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+        assert response.status_code == 401
+        assert sqlite_tables(cli_env) >= TABLES
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_serve_on_an_unreachable_database_exits_without_traceback(cli_env: dict[str, str]):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    cli_env["DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:{closed_port}/nope"
+    result = run_cli(cli_env, "serve", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "database unavailable" in result.stderr
