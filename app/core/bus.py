@@ -15,6 +15,7 @@ import collections
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from redis.asyncio import Redis
@@ -32,25 +33,45 @@ class Signal(enum.Enum):
 RESYNC: Final = Signal.RESYNC
 
 
+# Called in the event loop with each message of a channel, instead of a mailbox.
+Listener = Callable[[str | Signal], None]
+
+
 class Subscription:
     """One local subscriber's mailbox on one channel.
 
     Holds at most `maxlen` undelivered messages; when full the oldest is dropped,
-    which for state pushes (latest value wins) is exactly right.
+    which for state pushes (latest value wins) is exactly right. With a `listener`,
+    each message goes to it instead, as it arrives, and `get` is not used: a
+    subscriber then needs no task of its own waiting for messages.
     """
 
-    def __init__(self, bus: Bus, channel: str, maxlen: int) -> None:
+    __slots__ = ("_bus", "_listener", "_pending", "_ready", "channel")
+
+    def __init__(
+        self, bus: Bus, channel: str, maxlen: int, listener: Listener | None = None
+    ) -> None:
         self.channel = channel
         self._bus = bus
-        self._pending: collections.deque[str | Signal] = collections.deque(maxlen=maxlen)
-        self._ready = asyncio.Event()
+        self._listener = listener
+        # A listener needs no mailbox: none is allocated (one per socket adds up).
+        self._pending: collections.deque[str | Signal] | None = (
+            collections.deque(maxlen=maxlen) if listener is None else None
+        )
+        self._ready = asyncio.Event() if listener is None else None
 
     def deliver(self, message: str | Signal) -> None:
+        if self._listener is not None:
+            self._listener(message)
+            return
+        assert self._pending is not None and self._ready is not None
         self._pending.append(message)
         self._ready.set()
 
     async def get(self, within: float | None = None) -> str | Signal | None:
         """The next message, or None if `within` seconds pass without one."""
+        if self._pending is None or self._ready is None:
+            raise TypeError("a subscription with a listener has no mailbox")
         if not self._pending:
             self._ready.clear()
             try:
@@ -89,8 +110,10 @@ class Bus:
         for channel, message in messages:
             await self.publish(channel, message)
 
-    async def subscribe(self, channel: str, maxlen: int = 1) -> Subscription:
-        sub = Subscription(self, channel, maxlen)
+    async def subscribe(
+        self, channel: str, maxlen: int = 1, listener: Listener | None = None
+    ) -> Subscription:
+        sub = Subscription(self, channel, maxlen, listener)
         subs = self._subscribers.setdefault(channel, set())
         subs.add(sub)
         if len(subs) == 1:

@@ -21,7 +21,10 @@ import sqlalchemy as sa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app.core.bus import RESYNC
 from app.core.config import ServerConfig
+from app.core.live import quota_channel
+from app.core.quota import add_tokens, month_period
 from app.core.security import Secrets
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Account, Backend, Livegate, StartLivegate
@@ -392,6 +395,20 @@ async def test_server_pings_a_quiet_socket(
         quota = await get_quota(livegate, account.token)
         pushed = await recv_until(ws, lambda m: is_quota(m) and m["used"] == quota["used"])
         assert {m["type"] for m in pushed} <= {"quota", "ping"}
+
+
+async def test_a_bus_resync_pushes_a_fresh_snapshot_from_the_database(livegate: Livegate):
+    account = await livegate.account()
+    async with quota_socket(livegate, token=account.token) as ws:
+        first = await recv_json(ws)
+        # A change the bus never carried (as if published while Redis was away) ...
+        async with livegate.services.engine.begin() as conn:
+            await add_tokens(conn, account.user.id, month_period(datetime.now(UTC)), 123)
+        # ... reaches the device once the bus tells its subscribers to resync.
+        livegate.services.bus._fan_out(quota_channel(account.user.id), RESYNC)
+        pushed = await recv_until(ws, is_quota)
+    assert pushed[-1]["used"] == first["used"] + 123
+    assert pushed[-1]["seq"] > first["seq"]
 
 
 JUNK: list[str | bytes] = [

@@ -16,7 +16,7 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from app.core.bus import RESYNC, Bus, LocalBus, RedisBus, Signal, Subscription
+from app.core.bus import RESYNC, Bus, Listener, LocalBus, RedisBus, Signal, Subscription
 from tests.conftest import REDIS_URL
 
 
@@ -51,9 +51,11 @@ class BusUnderTest:
             await asyncio.sleep(0.02)
         raise AssertionError(f"NUMSUB {channel!r} stayed {count}, expected {expected}")
 
-    async def subscribe(self, channel: str, maxlen: int = 1) -> Subscription:
+    async def subscribe(
+        self, channel: str, maxlen: int = 1, listener: Listener | None = None
+    ) -> Subscription:
         """Subscribe, and (Redis) wait until the server has the subscription."""
-        sub = await self.bus.subscribe(channel, maxlen)
+        sub = await self.bus.subscribe(channel, maxlen, listener)
         await self.wait_numsub(channel, 1)
         return sub
 
@@ -329,3 +331,25 @@ async def test_redis_channels_subscribed_during_a_reconnect_are_delivered(bus_ki
             await publish_until_delivered(bus.bus, channel, subs[channel])
     finally:
         await close_redis_bus(bus)
+
+
+async def test_a_listener_gets_each_message_as_it_arrives_and_has_no_mailbox(
+    bus: BusUnderTest,
+):
+    heard: list[str | Signal] = []
+    arrived = asyncio.Event()
+
+    def listener(message: str | Signal) -> None:
+        heard.append(message)
+        if len(heard) == 3:
+            arrived.set()
+
+    sub = await bus.subscribe("l", listener=listener)
+    for n in range(3):
+        await bus.bus.publish("l", f"m{n}")
+    async with asyncio.timeout(5):
+        await arrived.wait()
+    assert heard == ["m0", "m1", "m2"]  # every one, in order: no mailbox drops any
+    with pytest.raises(TypeError):
+        await sub.get(within=0)
+    await sub.close()

@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.api.requests import require_principal, services
-from app.core.bus import RESYNC, Subscription
+from app.core.bus import RESYNC, Signal
 from app.core.errors import ApiError
 from app.core.live import quota_channel
 from app.core.services import Services
 from app.core.users import User
+
+logger = logging.getLogger("livegate.quota_ws")
 
 CLOSE_UNAUTHORIZED = 4401
 PING = json.dumps({"type": "ping"})
@@ -30,7 +33,26 @@ PONG = json.dumps({"type": "pong"})
 
 
 class _QuotaSocket:
-    """One connection: a push loop beside the receive loop, sends serialized."""
+    """One connection: pushes driven by the bus, replies by the receive loop.
+
+    While idle a socket holds no task besides its receive loop (at 10k sockets, a
+    waiting push task each was 2.3 KiB per socket): a bus message wakes a short-lived
+    sender, and a timer pings after a quiet interval. Sends are serialized.
+    """
+
+    __slots__ = (
+        "_due",
+        "_live",
+        "_ping_due",
+        "_ping_timer",
+        "_position",
+        "_quiet",
+        "_send_lock",
+        "_sender",
+        "svc",
+        "user",
+        "websocket",
+    )
 
     def __init__(self, websocket: WebSocket, svc: Services, user: User) -> None:
         self.websocket = websocket
@@ -38,6 +60,12 @@ class _QuotaSocket:
         self.user = user
         self._send_lock = asyncio.Lock()
         self._position: tuple[str, int] = ("", -1)  # (resetDate, seq) of the last push
+        self._quiet = svc.settings.server.ws_ping_seconds
+        self._live = False  # pushes wait until the first snapshot went out
+        self._due: str | Signal | None = None  # the newest push not yet sent
+        self._ping_due = False
+        self._sender: asyncio.Task[None] | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
@@ -54,16 +82,58 @@ class _QuotaSocket:
     async def send_snapshot(self) -> None:
         await self.send_quota((await self.svc.token_quota(self.user)).as_message())
 
-    async def push_loop(self, subscription: Subscription) -> None:
-        quiet = self.svc.settings.server.ws_ping_seconds
-        while True:
-            message = await subscription.get(within=quiet)
-            if message is None:
-                await self.send(PING)
-            elif message is RESYNC:
-                await self.send_snapshot()
-            elif isinstance(message, str):
-                await self.send_quota(message)
+    def on_message(self, message: str | Signal) -> None:
+        """The bus listener: the latest message wins (each carries the whole quota)."""
+        self._due = message
+        self._arm_ping()
+        self._wake()
+
+    def go_live(self) -> None:
+        self._live = True
+        self._arm_ping()
+        self._wake()
+
+    def _arm_ping(self) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_later(self._quiet, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_due = True
+        self._arm_ping()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._live and self._sender is None and (self._due is not None or self._ping_due):
+            self._sender = asyncio.create_task(self._send_due())
+
+    async def _send_due(self) -> None:
+        try:
+            while self._due is not None or self._ping_due:
+                message, self._due = self._due, None
+                if message is RESYNC:
+                    await self.send_snapshot()
+                elif isinstance(message, str):
+                    await self.send_quota(message)
+                if self._ping_due:
+                    self._ping_due = False
+                    await self.send(PING)
+        except Exception:
+            # The socket closed under the send, or the snapshot read failed: the
+            # receive loop ends the connection; nothing else waits on this task.
+            logger.debug("quota push to user %s stopped", self.user.id, exc_info=True)
+        finally:
+            self._sender = None
+
+    async def close(self) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+        self._live = False
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
 
     async def receive_loop(self) -> None:
         while True:
@@ -90,20 +160,18 @@ async def quota_socket(websocket: WebSocket) -> None:
     svc = services(websocket)
     conn = _QuotaSocket(websocket, svc, principal.user)
     # Subscribe before reading the snapshot, so no change falls between the two.
-    subscription = await svc.bus.subscribe(quota_channel(principal.user.id))
-    pusher: asyncio.Task[None] | None = None
+    subscription = await svc.bus.subscribe(
+        quota_channel(principal.user.id), listener=conn.on_message
+    )
     try:
         await conn.send_snapshot()
-        pusher = asyncio.create_task(conn.push_loop(subscription))
+        conn.go_live()
         await conn.receive_loop()
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
-        if pusher is not None:
-            pusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
-                await pusher
         await subscription.close()
+        await conn.close()
 
 
 routes = [WebSocketRoute("/ws/quota", quota_socket)]
