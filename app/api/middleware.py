@@ -7,6 +7,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from starlette.datastructures import MutableHeaders
@@ -26,6 +27,16 @@ logger = logging.getLogger("livegate")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate: str = value.decode("latin-1")
+            if _CLIENT_ID.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
 class RequestIdMiddleware:
     """Adopts a sane client `X-Request-Id` or makes one; echoes it on the response.
 
@@ -36,20 +47,19 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _CLIENT_ID.match(candidate):
-                    request_id = candidate
-                break
-        request_id = request_id or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Only HTTP runs inside a frame of this middleware. The others get the app's
+        # own coroutine: a WebSocket lives for hours, and every frame it keeps open
+        # is memory per socket.
+        if scope["type"] == "websocket":
+            scope.setdefault("state", {})["request_id"] = _request_id(scope)
+        if scope["type"] != "http":
+            return self.app(scope, receive, send)
+        return self._http(scope, receive, send)
 
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -59,8 +69,7 @@ class RequestIdMiddleware:
                 MutableHeaders(scope=message)["X-Request-Id"] = request_id
             await send(message)
 
-        url_has_nul = "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
-        if url_has_nul and scope["type"] == "http":
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             # No id, name or filter holds a NUL; PostgreSQL would refuse it as a 500.
             refusal = BadRequest("the URL contains a NUL character")
             await error_response(scope["method"], scope["path"], refusal)(
@@ -71,7 +80,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if scope["type"] != "http" or started:
+            if started:
                 raise
             error = ApiError("internal server error")
             response = error_response(scope["method"], scope["path"], error)
@@ -94,7 +103,7 @@ class RateLimitMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         path = scope.get("path", "")
         if (
             scope["type"] != "http"
@@ -102,8 +111,11 @@ class RateLimitMiddleware:
             or path in _UNLIMITED_PATHS
             or path.startswith(_UNLIMITED_PREFIXES)
         ):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)  # no frame of ours (see RequestIdMiddleware)
+        return self._limited(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
         request = Request(scope, receive)
         svc = services(request)
         try:
@@ -219,10 +231,12 @@ class CorsMiddleware:
             else app
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http" or not _open_cors(scope["path"]):
-            await self.listed(scope, receive, send)
-            return
+            return self.listed(scope, receive, send)  # no frame of ours (see RequestIdMiddleware)
+        return self._open(scope, receive, send)
+
+    async def _open(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "OPTIONS":
             response = Response(status_code=204, headers=_OPEN_PREFLIGHT)
             await response(scope, receive, send)
