@@ -33,7 +33,9 @@ ECHO_MODEL = "echo"
 DONE = b"[DONE]"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per relayed token, and a frozen dataclass takes ~1.2 µs to
+# build here against ~0.25 µs. Treat it as immutable all the same.
+@dataclass(slots=True)
 class StreamChunk:
     """One upstream SSE event: its raw `data` and what metering reads from it."""
 
