@@ -221,7 +221,8 @@ class HttpProvider:
         self.models = list(config.models)
         self._upstream = upstream
         self._url = httpx.URL(url)
-        self._headers = {"Accept": "application/json"}
+        # Encodings httpx always decodes (aiohttp alone would offer whatever it can).
+        self._headers = {"Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
         self._extensions = {
             "timeout": httpx.Timeout(
                 connect=config.connect_timeout, read=config.read_timeout, write=30.0, pool=10.0

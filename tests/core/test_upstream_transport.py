@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -213,3 +214,19 @@ async def test_a_proxy_from_the_environment_carries_the_request(
                 await http.post("http://bypassed.invalid/v1/chat", content=b"{}")
     [(head, _)] = server.requests
     assert head.startswith(b"POST http://upstream.invalid/v1/chat HTTP/1.1\r\n")
+
+
+async def test_a_compressed_answer_is_decoded_once() -> None:
+    body = gzip.compress(OK_BODY)
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+
+    async with serving(gzipped) as (_, url), client() as http:
+        response = await http.post(f"{url}/x", content=b"{}")
+    assert response.json() == {"ok": True}
