@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -280,69 +281,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_serve_answers_v1_models_with_a_key(cli_env: dict[str, str], tmp_path: Path):
-    created = create_user(cli_env, "serve@example.test")
-    assert created.returncode == 0, created.stderr
-    account = json.loads(created.stdout)
-
+@contextlib.contextmanager
+def served(env: dict[str, str], tmp_path: Path) -> Iterator[httpx.Client]:
+    """`python -m app serve` on a free port; a client once it answers HTTP."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--port", str(port)],
-            env=cli_env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        response = None
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=base, timeout=5) as http:
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, f"serve exited early:\n{log_path.read_text()}"
-                try:
-                    response = http.get(
-                        "/v1/models", headers={"Authorization": f"Bearer {account['api_key']}"}
-                    )
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            assert response is not None, f"serve never answered:\n{log_path.read_text()}"
-            assert response.status_code == 200, response.text
-            body = response.json()
-            assert body["object"] == "list"
-            # No provider configured: the built-in echo model answers offline.
-            assert [m["id"] for m in body["data"]] == ["echo"]
-            assert response.headers.get("x-request-id")
-
-            unauthenticated = http.get("/v1/models")
-            assert unauthenticated.status_code == 401
-            assert unauthenticated.json()["error"]["type"] == "authentication_error"
-
-            # The JWT from the CLI works against the server: same persisted secret.
-            profile = http.get(
-                "/api/user/profile", headers={"Authorization": f"Bearer {account['token']}"}
-            )
-            assert profile.status_code == 200, profile.text
-            assert profile.json()["user"]["id"] == account["id"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def test_serve_migrates_a_fresh_database_before_answering(cli_env: dict[str, str], tmp_path: Path):
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--port", str(port)],
-            env=cli_env,
+            env=env,
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -354,12 +301,11 @@ def test_serve_migrates_a_fresh_database_before_answering(cli_env: dict[str, str
                 assert proc.poll() is None, f"serve exited early:\n{log_path.read_text()}"
                 assert time.monotonic() < deadline, f"serve never answered:\n{log_path.read_text()}"
                 try:
-                    response = http.get("/v1/models")
+                    http.get("/v1/models")
                     break
                 except httpx.TransportError:
                     time.sleep(0.1)
-        assert response.status_code == 401
-        assert sqlite_tables(cli_env) >= TABLES
+            yield http
     finally:
         proc.terminate()
         try:
@@ -367,6 +313,38 @@ def test_serve_migrates_a_fresh_database_before_answering(cli_env: dict[str, str
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_serve_answers_v1_models_with_a_key(cli_env: dict[str, str], tmp_path: Path):
+    created = create_user(cli_env, "serve@example.test")
+    assert created.returncode == 0, created.stderr
+    account = json.loads(created.stdout)
+
+    with served(cli_env, tmp_path) as http:
+        response = http.get("/v1/models", headers={"Authorization": f"Bearer {account['api_key']}"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["object"] == "list"
+        # No provider configured: the built-in echo model answers offline.
+        assert [m["id"] for m in body["data"]] == ["echo"]
+        assert response.headers.get("x-request-id")
+
+        unauthenticated = http.get("/v1/models")
+        assert unauthenticated.status_code == 401
+        assert unauthenticated.json()["error"]["type"] == "authentication_error"
+
+        # The JWT from the CLI works against the server: same persisted secret.
+        profile = http.get(
+            "/api/user/profile", headers={"Authorization": f"Bearer {account['token']}"}
+        )
+        assert profile.status_code == 200, profile.text
+        assert profile.json()["user"]["id"] == account["id"]
+
+
+def test_serve_migrates_a_fresh_database_before_answering(cli_env: dict[str, str], tmp_path: Path):
+    with served(cli_env, tmp_path) as http:
+        assert http.get("/v1/models").status_code == 401
+    assert sqlite_tables(cli_env) >= TABLES
 
 
 def test_serve_on_an_unreachable_database_exits_without_traceback(cli_env: dict[str, str]):

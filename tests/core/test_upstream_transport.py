@@ -162,36 +162,31 @@ async def test_connection_dropped_before_an_answer_is_remote_protocol_error() ->
     assert caught.value.__cause__ is not None  # aiohttp's own error stays attached
 
 
-async def test_body_cut_short_is_remote_protocol_error() -> None:
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+@pytest.mark.parametrize(
+    ("answer", "then_hang_up", "error"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this",
+            True,
+            httpx.RemoteProtocolError,
+            id="body-cut-short",
+        ),
+        pytest.param(b"this is not HTTP\r\n\r\n", False, httpx.RemoteProtocolError, id="not-http"),
+        pytest.param(b"", False, httpx.ReadTimeout, id="silence-past-the-read-timeout"),
+    ],
+)
+async def test_a_broken_answer_is_the_matching_httpx_error(
+    answer: bytes, then_hang_up: bool, error: type[httpx.HTTPError]
+) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        writer.write(answer)
         await writer.drain()
+        if not then_hang_up:
+            await reader.read()  # until the client gives up
 
-    async with serving(cut) as (_, url), client() as http:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await http.post(f"{url}/x", content=b"{}")
-
-
-async def test_malformed_answer_is_remote_protocol_error() -> None:
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"this is not HTTP\r\n\r\n")
-        await writer.drain()
-        await reader.read()
-
-    async with serving(garbage) as (_, url), client() as http:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await http.post(f"{url}/x", content=b"{}")
-
-
-async def test_silence_past_the_read_timeout_is_read_timeout() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await reader.read()
-
-    async with serving(silent) as (_, url), client() as http:
-        with pytest.raises(httpx.ReadTimeout):
+    async with serving(broken) as (_, url), client() as http:
+        with pytest.raises(error):
             await http.post(f"{url}/x", content=b"{}", timeout=httpx.Timeout(5.0, read=0.2))
 
 
