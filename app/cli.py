@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A credential in a logged query string (browsers put their token in the URL of
+# `/ws/quota`, and uvicorn logs paths with their query).
+_QUERY_CREDENTIAL = re.compile(r"([?&]token=)[^&\s\"]*")
+
+
+class _ConnectionLogFilter(logging.Filter):
+    """Redacts credentials from uvicorn's per-connection lines; without access logs,
+    drops the lines uvicorn and websockets write for every WebSocket too."""
+
+    def __init__(self, access_log: bool) -> None:
+        super().__init__()
+        self.access_log = access_log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        per_socket = message.startswith("connection ") or '"WebSocket ' in message
+        if per_socket and not self.access_log:
+            return False
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _QUERY_CREDENTIAL.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
 def serve(settings: Settings, host: str, port: int, access_log: bool = False) -> int:
     """Migrate, then serve until stopped; the exit status."""
     # The migration runs in a child process (it prints its own error, if any), so the
@@ -52,6 +79,10 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False) ->
     import uvicorn
 
     from app.main import create_app
+
+    connection_lines = _ConnectionLogFilter(access_log)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(connection_lines)
 
     uvicorn.run(
         create_app(settings, tune_gc=True, run_migrations=False),

@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import websockets.sync.client
 
 from app.core.security import Secrets, verify_password
 
@@ -282,13 +283,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(env: dict[str, str], tmp_path: Path) -> Iterator[httpx.Client]:
-    """`python -m app serve` on a free port; a client once it answers HTTP."""
+def served(env: dict[str, str], tmp_path: Path, *args: str) -> Iterator[httpx.Client]:
+    """`python -m app serve` on a free port, logging to `serve.log` in `tmp_path`; a
+    client once it answers HTTP."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--port", str(port)],
+            [sys.executable, "-m", "app", "serve", "--port", str(port), *args],
             env=env,
             cwd=tmp_path,
             stdout=log,
@@ -345,6 +347,28 @@ def test_serve_migrates_a_fresh_database_before_answering(cli_env: dict[str, str
     with served(cli_env, tmp_path) as http:
         assert http.get("/v1/models").status_code == 401
     assert sqlite_tables(cli_env) >= TABLES
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_serve_never_logs_a_token_from_a_websocket_url(
+    cli_env: dict[str, str], tmp_path: Path, access_log: bool
+):
+    created = create_user(cli_env, "socket-log@example.test")
+    assert created.returncode == 0, created.stderr
+    token = json.loads(created.stdout)["token"]
+    args = ["--access-log"] if access_log else []
+    with served(cli_env, tmp_path, *args) as http:
+        url = f"{http.base_url}/ws/quota?deviceId=d1&token={token}".replace("http", "ws", 1)
+        with websockets.sync.client.connect(url) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "quota"
+        http.get("/v1/models", params={"token": token})  # an HTTP line with one too
+    log = (tmp_path / "serve.log").read_text()
+    assert token not in log
+    if access_log:
+        assert '"WebSocket /ws/quota?deviceId=d1&token=***" [accepted]' in log
+        assert "/v1/models?token=*** HTTP/1.1" in log
+    else:
+        assert "WebSocket" not in log and "connection open" not in log
 
 
 def test_serve_on_an_unreachable_database_exits_without_traceback(cli_env: dict[str, str]):
