@@ -42,7 +42,9 @@ class _QuotaSocket:
 
     __slots__ = (
         "_due",
+        "_last_sent",
         "_live",
+        "_loop",
         "_ping_due",
         "_ping_timer",
         "_position",
@@ -61,6 +63,8 @@ class _QuotaSocket:
         self._send_lock = asyncio.Lock()
         self._position: tuple[str, int] = ("", -1)  # (resetDate, seq) of the last push
         self._quiet = svc.settings.server.ws_ping_seconds
+        self._loop = asyncio.get_running_loop()
+        self._last_sent = self._loop.time()  # of the last push or ping
         self._live = False  # pushes wait until the first snapshot went out
         self._due: str | Signal | None = None  # the newest push not yet sent
         self._ping_due = False
@@ -85,23 +89,23 @@ class _QuotaSocket:
     def on_message(self, message: str | Signal) -> None:
         """The bus listener: the latest message wins (each carries the whole quota)."""
         self._due = message
-        self._arm_ping()
+        self._last_sent = self._loop.time()
         self._wake()
 
     def go_live(self) -> None:
         self._live = True
-        self._arm_ping()
+        self._ping_timer = self._loop.call_later(self._quiet, self._ping)
         self._wake()
 
-    def _arm_ping(self) -> None:
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._ping_timer = loop.call_later(self._quiet, self._ping)
-
     def _ping(self) -> None:
+        # One timer per socket, moved only when it fires: a push does not re-arm it.
+        quiet_for = self._loop.time() - self._last_sent
+        if quiet_for < self._quiet:
+            self._ping_timer = self._loop.call_later(self._quiet - quiet_for, self._ping)
+            return
         self._ping_due = True
-        self._arm_ping()
+        self._last_sent = self._loop.time()
+        self._ping_timer = self._loop.call_later(self._quiet, self._ping)
         self._wake()
 
     def _wake(self) -> None:
