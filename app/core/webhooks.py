@@ -468,15 +468,9 @@ class WebhookDispatcher:
         self._engine = engine
         self._secrets = secrets
         self._config = config
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_seconds),
-            follow_redirects=False,
-            trust_env=False,
-            headers={"user-agent": USER_AGENT},
-            # Connections are made by address and pooled by address: a kept-alive one
-            # verified for one name must not carry another name's delivery.
-            limits=httpx.Limits(max_keepalive_connections=0),
-        )
+        # Made on the first delivery: most servers never send one, and the client
+        # (its connection pool library and TLS context) costs several MiB.
+        self._http: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -488,7 +482,21 @@ class WebhookDispatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._config.timeout_seconds),
+                follow_redirects=False,
+                trust_env=False,
+                headers={"user-agent": USER_AGENT},
+                # Connections are made by address and pooled by address: a kept-alive
+                # one verified for one name must not carry another name's delivery.
+                limits=httpx.Limits(max_keepalive_connections=0),
+            )
+        return self._http
 
     def wake(self) -> None:
         """Look for due deliveries now rather than at the next poll."""
@@ -609,7 +617,7 @@ class WebhookDispatcher:
             "webhook-signature": signer.sign(delivery.event_id, now, delivery.payload),
         }
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
-        async with self._http.stream(
+        async with self._client().stream(
             "POST",
             url.copy_with(host=address),
             content=delivery.payload.encode(),
