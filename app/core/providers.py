@@ -45,7 +45,13 @@ class StreamChunk:
     usage: Usage | None
     finish_reason: str | None
     usage_only: bool  # the trailing `include_usage` chunk, with no choices
-    meta: dict[str, Any]  # id, created and model, for chunks we add ourselves
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The event's id, created and model, for chunks we add ourselves (a quota cut,
+        a usage chunk). Parsed again when asked: once per stream, not once per token."""
+        event = orjson.loads(self.data)
+        return {key: event[key] for key in ("id", "created", "model") if key in event}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,58 +105,69 @@ def parse_chunk(data: bytes) -> StreamChunk:
         error = event["error"]
         message = error.get("message") if isinstance(error, dict) else str(error)
         raise UpstreamError(f"provider error mid-stream: {message}")
-    choices = event.get("choices") or []
+    choices = event.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        raise UpstreamError("provider sent a malformed stream event")
     tokens, finish_reason, text = 0, None, ""
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta") or {}
-        if not text and isinstance(delta, dict) and isinstance(delta.get("content"), str):
-            text = delta["content"]
-        if isinstance(delta, dict) and (
-            delta.get("content")
-            or delta.get("tool_calls")
-            or delta.get("refusal")
-            or delta.get("reasoning_content")
-        ):
-            tokens += 1
-        finish_reason = choice.get("finish_reason") or finish_reason
-    meta = {k: event[k] for k in ("id", "created", "model") if k in event}
+    if choices:
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if delta and isinstance(delta, dict):
+                content = delta.get("content")
+                if content:
+                    tokens += 1
+                    if not text and isinstance(content, str):
+                        text = content
+                elif (
+                    delta.get("tool_calls")
+                    or delta.get("refusal")
+                    or delta.get("reasoning_content")
+                ):
+                    tokens += 1
+            finish_reason = choice.get("finish_reason") or finish_reason
+    usage = event.get("usage")
     return StreamChunk(
-        data=data,
-        tokens=tokens,
-        text=text,
-        usage=parse_usage(event.get("usage")),
-        finish_reason=finish_reason,
-        usage_only=not choices and "usage" in event,
-        meta=meta,
+        data,
+        tokens,
+        text,
+        parse_usage(usage) if usage else None,
+        finish_reason,
+        not choices and "usage" in event,
     )
 
 
 async def iter_sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """The `data` payloads of an SSE byte stream (multi-line data joined by newlines),
     as a list per network read that completed any."""
-    partial = b""  # a line not yet ended
-    data_lines: list[bytes] = []
+    partial = b""  # an event not yet ended by its blank line
     async for chunk in chunks:
         # One split per read: an unpaced upstream packs hundreds of events in one.
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()
+        buffer = partial + chunk if partial else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = buffer.split(b"\n\n")
+        partial = events.pop()
         batch: list[bytes] = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data_lines:
-                    batch.append(b"\n".join(data_lines))
-                    data_lines = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                data_lines.append(value[1:] if value.startswith(b" ") else value)
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                batch.append(event[6:])  # the usual event: a single data line
+            elif (data := _event_data(event.split(b"\n"))) is not None:
+                batch.append(data)
         if batch:
             yield batch
-    if data_lines:
-        yield [b"\n".join(data_lines)]
+    # At the end, an event whose blank line never came still counts its ended lines.
+    if (data := _event_data(partial.split(b"\n")[:-1])) is not None:
+        yield [data]
+
+
+def _event_data(lines: list[bytes]) -> bytes | None:
+    """The data of one event's lines; None for an event without data (a comment)."""
+    data = [line[5:] for line in lines if line.startswith(b"data:")]
+    if not data:
+        return None
+    return b"\n".join(value[1:] if value.startswith(b" ") else value for value in data)
 
 
 def upstream_error(provider: str, response: httpx.Response, body: bytes) -> ApiError:

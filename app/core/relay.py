@@ -277,14 +277,14 @@ async def relay_stream(
     status, finish_reason = UsageStatus.CANCELLED, None
     error: str | None = "client disconnected"
     usage: Usage | None = None
-    meta: dict[str, Any] = {}
+    last: StreamChunk | None = None  # its id, created and model go into chunks we add
     try:
         try:
             async for batch in upstream:
                 out: list[bytes] = []
                 pending = 0  # tokens in `out`: counted once the client has them
                 for chunk in batch:
-                    meta = chunk.meta or meta
+                    last = chunk
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.finish_reason:
@@ -299,7 +299,7 @@ async def relay_stream(
                             QUOTA_FINISH_REASON,
                             None,
                         )
-                        yield b"".join(fmt.cut(meta, meter.counted))
+                        yield b"".join(fmt.cut(_meta(last), meter.counted))
                         return
                     encoded = fmt.chunk(chunk)
                     if encoded is not None:
@@ -320,12 +320,16 @@ async def relay_stream(
             yield fmt.error(exc)
             return
         status, error = UsageStatus.COMPLETED, None
-        yield b"".join(fmt.finish(meta, meter.counted, usage))
+        yield b"".join(fmt.finish(_meta(last), meter.counted, usage))
     finally:
         await run_to_completion(upstream.aclose)
         await run_to_completion(
             lambda: meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
         )
+
+
+def _meta(chunk: StreamChunk | None) -> dict[str, Any]:
+    return chunk.meta if chunk is not None else {}
 
 
 def _describe(exc: Exception) -> str:

@@ -61,7 +61,9 @@ def test_the_usage_chunk_carries_the_upstream_counts() -> None:
     assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (5, 9)
 
 
-@pytest.mark.parametrize("data", [b"{not json", b"[1,2]", b'{"error":{"message":"boom"}}'])
+@pytest.mark.parametrize(
+    "data", [b"{not json", b"[1,2]", b'{"error":{"message":"boom"}}', b'{"choices":5}']
+)
 def test_malformed_or_error_events_are_upstream_errors(data: bytes) -> None:
     with pytest.raises(UpstreamError):
         parse_chunk(data)
