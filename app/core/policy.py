@@ -72,6 +72,10 @@ class Policy:
         self._engine = engine
         self._limiter = limiter
         self._warnings = QuotaWarnings(settings.webhooks.quota_warning_percents)
+        # The request windows' (period, reset) for one UTC day: they change only at
+        # midnight, and working them out costs more than the rest of the check.
+        self._windows_day = -1
+        self._windows: tuple[tuple[str, datetime | None], ...] = ()
 
     def tier(self, name: str) -> TierConfig:
         return self._settings.tier(name)
@@ -143,11 +147,19 @@ class Policy:
         """One AI request for each window, within the tier's limits (daily, weekly,
         monthly); for `increment_counters`, alone or beside other counters."""
         limits = self._request_limits(self.tier(tier_name))
-        now = datetime.now(UTC)
+        windows = self._request_windows(datetime.now(UTC))
         return [
-            Increment(REQUESTS, period_window(per, now)[0], 1, limits[window])
-            for window, per in _REQUEST_WINDOWS
+            Increment(REQUESTS, period, 1, limits[window])
+            for (window, _), (period, _) in zip(_REQUEST_WINDOWS, windows, strict=True)
         ]
+
+    def _request_windows(self, now: datetime) -> tuple[tuple[str, datetime | None], ...]:
+        """Each request window's (period, reset) at `now` (UTC)."""
+        day = now.toordinal()
+        if day != self._windows_day:
+            self._windows = tuple(period_window(per, now) for _, per in _REQUEST_WINDOWS)
+            self._windows_day = day
+        return self._windows
 
     async def judge_ai_request(
         self,
@@ -159,9 +171,10 @@ class Policy:
         """Raise if a window refused the request (the caller's transaction then rolls
         every window back: all or none); else each window's use, warnings queued."""
         usage: dict[str, WindowUsage] = {}
-        now = datetime.now(UTC)
-        for (window, per), inc, after in zip(_REQUEST_WINDOWS, increments, counted, strict=True):
-            reset_at = period_window(per, now)[1]
+        windows = self._request_windows(datetime.now(UTC))
+        for (window, _), (_, reset_at), inc, after in zip(
+            _REQUEST_WINDOWS, windows, increments, counted, strict=True
+        ):
             if after is None:
                 current = await read_counter(conn, subject, REQUESTS, inc.period)
                 raise QuotaExhausted(

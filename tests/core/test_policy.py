@@ -172,6 +172,15 @@ def test_period_keys_fit_the_counter_column(per: str):
 # --- AI request quotas ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_request_windows_are_the_calendar_windows_of_each_utc_day(env: PolicyEnv) -> None:
+    policy = env.policy()
+    # The last instant of a week, month and year, then the first of the next ones.
+    for at in (utc(2025, 12, 31, 23, 59, 59, 999999), utc(2026, 1, 1), utc(2026, 1, 1, 18)):
+        expected = tuple(period_window(per, at) for per in ("day", "week", "month"))
+        assert policy._request_windows(at) == expected
+
+
 @BOTH
 async def test_100_concurrent_requests_admit_exactly_the_daily_limit(env: PolicyEnv):
     policy = env.policy({"q": TierConfig(daily_requests=60)})
