@@ -35,6 +35,7 @@ class Script:
     # Stop after this many tokens until released (non-stream: hold the whole answer).
     hold_after: int | None = None
     content_prefix: str = "tok"
+    meta_on_first_only: bool = False  # id, created and model on the first event only
 
 
 @dataclass
@@ -125,6 +126,8 @@ class FakeUpstream:
             yield event(
                 {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
             )
+            if script.meta_on_first_only:
+                meta = {"object": "chat.completion.chunk"}
             for i in range(script.tokens):
                 if script.hold_after is not None and i == script.hold_after:
                     await self.release.wait()

@@ -277,10 +277,14 @@ async def relay_stream(
     status, finish_reason = UsageStatus.CANCELLED, None
     error: str | None = "client disconnected"
     usage: Usage | None = None
-    last: StreamChunk | None = None  # its id, created and model go into chunks we add
+    # The id, created and model of chunks we add come from the last event, or the first
+    # where the last has none (some upstreams name them on their first event only).
+    first: StreamChunk | None = None
+    last: StreamChunk | None = None
     try:
         try:
             async for batch in upstream:
+                first = first or batch[0]
                 out: list[bytes] = []
                 pending = 0  # tokens in `out`: counted once the client has them
                 for chunk in batch:
@@ -299,7 +303,7 @@ async def relay_stream(
                             QUOTA_FINISH_REASON,
                             None,
                         )
-                        yield b"".join(fmt.cut(_meta(last), meter.counted))
+                        yield b"".join(fmt.cut(_meta(first, last), meter.counted))
                         return
                     encoded = fmt.chunk(chunk)
                     if encoded is not None:
@@ -320,7 +324,7 @@ async def relay_stream(
             yield fmt.error(exc)
             return
         status, error = UsageStatus.COMPLETED, None
-        yield b"".join(fmt.finish(_meta(last), meter.counted, usage))
+        yield b"".join(fmt.finish(_meta(first, last), meter.counted, usage))
     finally:
         await run_to_completion(upstream.aclose)
         await run_to_completion(
@@ -328,8 +332,8 @@ async def relay_stream(
         )
 
 
-def _meta(chunk: StreamChunk | None) -> dict[str, Any]:
-    return chunk.meta if chunk is not None else {}
+def _meta(first: StreamChunk | None, last: StreamChunk | None) -> dict[str, Any]:
+    return (last.meta if last is not None else {}) or (first.meta if first is not None else {})
 
 
 def _describe(exc: Exception) -> str:

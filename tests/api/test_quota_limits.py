@@ -202,6 +202,29 @@ async def test_quota_of_one_user_does_not_refuse_another(
 # --- cut-off mid-stream -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("meta_on_first_only", [False, True])
+async def test_the_cut_chunk_carries_the_upstreams_id_created_and_model(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream, meta_on_first_only: bool
+) -> None:
+    livegate = await start_livegate(tiers=tiny_tier(40))
+    account = await livegate.account(tier="tiny")
+    fake_upstream.script.tokens = 200
+    fake_upstream.script.hold_after = 100
+    fake_upstream.script.meta_on_first_only = meta_on_first_only
+
+    status, lines = await stream_lines(livegate, account, chat_body(stream=True))
+    assert status == 200
+    events = sse_events(lines)
+    first, final = events[0], events[-1]
+    assert final["choices"] == [{"index": 0, "delta": {}, "finish_reason": "length"}]
+    assert first["id"].startswith("chatcmpl-")
+    assert (final["id"], final["created"], final["model"]) == (
+        first["id"],
+        first["created"],
+        first["model"],
+    )
+
+
 async def test_stream_exhausting_quota_ends_cleanly_with_length(
     start_livegate: StartLivegate, fake_upstream: FakeUpstream
 ):
