@@ -63,6 +63,7 @@ class Plan:
     ws_budget: float
     push_levels: list[int]  # users with a socket each (~3.3 pushes/s per user)
     push_duration: float
+    push_rounds: int
     timeout: float = 30.0  # per request
     total_budget: float = 0.0  # seconds for the whole measurement phase
 
@@ -84,6 +85,7 @@ QUICK = Plan(
     ws_budget=180,
     push_levels=[30, 300],
     push_duration=8.0,
+    push_rounds=3,
     total_budget=30 * 60,
 )
 FULL = Plan(
@@ -103,6 +105,7 @@ FULL = Plan(
     ws_budget=300,
     push_levels=[30, 300],
     push_duration=30.0,
+    push_rounds=5,
     total_budget=120 * 60,
 )
 PACED_STREAM_SECONDS = 64 * 0.020
@@ -593,19 +596,32 @@ async def measure_ws(run: Run, ts: dict[str, Target], fake_port: int) -> None:
             counter = Target(f"{key}_push", "push streams", port_a)
             levels = s4["push"].setdefault(key, [])
             for n in plan.push_levels:
-                run.log(f"scenario 4 ({key}): push latency, {n} users")
-                levels.append(
-                    await scenarios.ws_push(
-                        counter,
-                        instances,
-                        push_users[:n],
-                        model=PUSH_MODEL,
-                        stream_seconds=PUSH_STREAM_SECONDS,
-                        duration=plan.push_duration,
-                        parallel=plan.ws_parallel,
+                rounds = []
+                for r in range(plan.push_rounds):
+                    run.log(
+                        f"scenario 4 ({key}): push latency, {n} users, "
+                        f"round {r + 1}/{plan.push_rounds}"
                     )
-                )
-                await asyncio.sleep(1)
+                    async with contextlib.AsyncExitStack() as stack:
+                        probe = None
+                        if lg.database == "postgresql":
+                            probe = await stack.enter_async_context(
+                                scenarios.CommitProbe(lg.env["DATABASE_URL"])
+                            )
+                        result = await scenarios.ws_push(
+                            counter,
+                            instances,
+                            push_users[:n],
+                            model=PUSH_MODEL,
+                            stream_seconds=PUSH_STREAM_SECONDS,
+                            duration=plan.push_duration,
+                            parallel=plan.ws_parallel,
+                        )
+                    if probe is not None:
+                        result["db_commit"] = probe.summary()
+                    rounds.append(result)
+                    await asyncio.sleep(1)
+                levels.append(scenarios.push_level(rounds))
             check = await metering_check(
                 run,
                 lg,

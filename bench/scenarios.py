@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import asyncpg
 
 from bench import procstat
 from bench.loadgen import HttpConnection, RunResult, chat_request, closed_loop, percentile
@@ -397,3 +403,86 @@ async def ws_push(
             "sample_ms": thin(lat),
         }
     return out
+
+
+def push_level(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of `ws_push` at one level: medians (p99: the median of the rounds' p99s,
+    with each round's figures kept under `rounds`), sums of counts, merged samples."""
+    out: dict[str, Any] = {
+        "users": rounds[0]["users"],
+        "rounds": rounds,
+        "pushes_per_s": statistics.median(r["pushes_per_s"] for r in rounds),
+    }
+    for count in ("sockets", "socket_errors", "streams", "tokens", "stream_errors", "skipped"):
+        out[count] = sum(r[count] for r in rounds)
+    for name in ("A", "B"):
+        per = [r[name] for r in rounds if name in r]
+        if not per:
+            continue
+        p50s = [x["p50_ms"] for x in per if x["p50_ms"] is not None]
+        p99s = [x["p99_ms"] for x in per if x["p99_ms"] is not None]
+        maxes = [x["max_ms"] for x in per if x["max_ms"] is not None]
+        out[name] = {
+            "p50_ms": statistics.median(p50s) if p50s else None,
+            "p99_ms": statistics.median(p99s) if p99s else None,
+            "max_ms": max(maxes, default=None),
+            "n": sum(x["n"] for x in per),
+            "sample_ms": thin([v for x in per for v in x["sample_ms"]]),
+        }
+    return out
+
+
+class CommitProbe:
+    """Times a one-row commit on the deployment's PostgreSQL every `interval` while a
+    scenario runs, from the load generator's side.
+
+    Each commit waits for the WAL flush, as a checkpoint's does. When the disk stalls a
+    flush, every commit on the server waits with it, whoever makes it: reported next to
+    the push latency, this tells the disk's tail from the relay's.
+    """
+
+    def __init__(self, dsn: str, interval: float = 0.02) -> None:
+        self._dsn = dsn
+        self._interval = interval
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.latencies: list[float] = []
+
+    async def __aenter__(self) -> CommitProbe:
+        self._conn = await asyncpg.connect(self._dsn)
+        await self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_commit_probe (id bigserial PRIMARY KEY, at float8)"
+        )
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def _run(self) -> None:
+        assert self._conn is not None
+        while True:
+            t0 = perf()
+            await self._conn.execute("INSERT INTO bench_commit_probe (at) VALUES ($1)", t0)
+            self.latencies.append(perf() - t0)
+            await asyncio.sleep(self._interval)
+
+    def summary(self) -> dict[str, object]:
+        lat = ms(self.latencies)
+        return {
+            "n": len(lat),
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "max_ms": max(lat) if lat else None,
+            "over_50ms": sum(1 for v in lat if v > 50),
+        }
