@@ -6,6 +6,12 @@ connection per process, subscribes a Redis channel while it has local subscriber
 and fans messages out to them. Messages published while that connection was down
 are lost, so after a reconnect every subscription receives `RESYNC`, the cue to
 fetch a fresh snapshot.
+
+A `RedisBus` hands what it publishes to its own subscribers at once, without the
+round trip through Redis: other instances get it through Redis, and its echo is
+recognised by the tag it carries there and skipped. So a process's own messages
+reach its subscribers in the order published, even while Redis is away, while the
+order between two processes' messages is Redis's.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import collections
 import contextlib
 import enum
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Final
 
@@ -172,6 +179,8 @@ class RedisBus(Bus):
             url, retry=Retry(NoBackoff(), 0), health_check_interval=15, socket_keepalive=True
         )
         self._max_backoff = max_backoff
+        # Prefixed to what this process publishes: "<16 hex digits>|".
+        self._origin = f"{secrets.token_hex(8)}|"
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # the wanted channels changed
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -200,7 +209,8 @@ class RedisBus(Bus):
         return self._connected.is_set()
 
     async def publish(self, channel: str, message: str) -> None:
-        await self._publisher.publish(self._prefix + channel, message)
+        self._fan_out(channel, message)
+        await self._publisher.publish(self._prefix + channel, self._origin + message)
 
     async def publish_many(self, messages: list[tuple[str, str]]) -> None:
         """One round trip for all of them."""
@@ -208,9 +218,11 @@ class RedisBus(Bus):
             await self.publish(*messages[0])
             return
         if messages:
+            for channel, message in messages:
+                self._fan_out(channel, message)
             async with self._publisher.pipeline(transaction=False) as pipe:
                 for channel, message in messages:
-                    pipe.publish(self._prefix + channel, message)
+                    pipe.publish(self._prefix + channel, self._origin + message)
                 await pipe.execute()
 
     async def _first_subscriber(self, channel: str) -> None:
@@ -246,9 +258,14 @@ class RedisBus(Bus):
                     message = await pubsub.get_message(timeout=self.POLL_SECONDS)
                     if message is None or message["type"] != "message":
                         continue
-                    channel = message["channel"].decode()[len(self._prefix) :]
                     data = message["data"]
-                    self._fan_out(channel, data.decode() if isinstance(data, bytes) else data)
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    if text.startswith(self._origin):
+                        continue  # our own: our subscribers had it when it was published
+                    if text[16:17] == "|":
+                        text = text[17:]  # another instance's tag
+                    channel = message["channel"].decode()[len(self._prefix) :]
+                    self._fan_out(channel, text)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

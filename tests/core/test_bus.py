@@ -245,21 +245,25 @@ async def test_redis_reconnect_resyncs_every_subscription_and_resumes_delivery(
         "y": await bus.subscribe("y", maxlen=10),
     }
     before = bus.bus.reconnects
+    # Another instance publishes: what this one publishes never goes through Redis.
+    other = await open_redis_bus(bus.prefix)
+    try:
+        assert kill_subscriber_connections(bus) == 1
 
-    assert kill_subscriber_connections(bus) == 1
+        for name, sub in subs.items():
+            assert await sub.get(within=10) is RESYNC, name
+        assert bus.bus.reconnects == before + 1
 
-    for name, sub in subs.items():
-        assert await sub.get(within=10) is RESYNC, name
-    assert bus.bus.reconnects == before + 1
-
-    got = await publish_until_delivered(bus.bus, "x", subs["x1"])
-    # Both subscriptions of "x" share one Redis subscription: the first message x1
-    # got after the reconnect is the first x2 got too.
-    assert await drain_until(subs["x2"], got) == [got]
-    await publish_until_delivered(bus.bus, "y", subs["y"])
-    for name in ("x1", "x2"):
-        while (message := await subs[name].get(within=0.2)) is not None:
-            assert isinstance(message, str) and message.startswith("x-"), (name, message)
+        got = await publish_until_delivered(other.bus, "x", subs["x1"])
+        # Both subscriptions of "x" share one Redis subscription: the first message x1
+        # got after the reconnect is the first x2 got too.
+        assert await drain_until(subs["x2"], got) == [got]
+        await publish_until_delivered(other.bus, "y", subs["y"])
+        for name in ("x1", "x2"):
+            while (message := await subs[name].get(within=0.2)) is not None:
+                assert isinstance(message, str) and message.startswith("x-"), (name, message)
+    finally:
+        await close_redis_bus(other)
 
     # After the reconnect, unsubscribing still releases the channels on the server.
     for sub in subs.values():
@@ -327,10 +331,50 @@ async def test_redis_channels_subscribed_during_a_reconnect_are_delivered(bus_ki
                 break
             await asyncio.sleep(0.05)
         assert missing == [], f"{len(missing)} of {len(subs)} channels never subscribed on Redis"
-        for channel in (*list(subs)[:3], *list(subs)[-3:]):
-            await publish_until_delivered(bus.bus, channel, subs[channel])
+        other = await open_redis_bus(bus.prefix)  # another instance: through Redis
+        try:
+            for channel in (*list(subs)[:3], *list(subs)[-3:]):
+                await publish_until_delivered(other.bus, channel, subs[channel])
+        finally:
+            await close_redis_bus(other)
     finally:
         await close_redis_bus(bus)
+
+
+@pytest.mark.parametrize("bus_kind", ["redis"], indirect=True)
+async def test_redis_own_subscribers_get_a_message_at_once_and_once_others_through_redis(
+    bus: BusUnderTest,
+):
+    other = await open_redis_bus(bus.prefix)
+    try:
+        mine = await bus.subscribe("c", maxlen=10)
+        theirs = await other.bus.subscribe("c", maxlen=10)
+        await bus.wait_numsub("c", 2)
+        heard: list[str | Signal] = []
+        await bus.bus.subscribe("c", listener=heard.append)
+        await bus.bus.publish_many([("c", "one"), ("c", "two")])
+        # Handed over before the publish reached Redis, in the order published.
+        assert heard == ["one", "two"]
+        await bus.bus.publish("c", "three|with a bar")
+        assert heard == ["one", "two", "three|with a bar"]
+        assert await drain_until(theirs, "three|with a bar") == ["one", "two", "three|with a bar"]
+        await other.bus.publish("c", "from the other")
+        assert await drain_until(mine, "from the other") == [
+            "one",
+            "two",
+            "three|with a bar",
+            "from the other",
+        ]
+        # Its own messages' echo from Redis is not delivered a second time.
+        assert await mine.get(within=0.3) is None
+        assert heard == ["one", "two", "three|with a bar", "from the other"]
+
+        # Delivered locally even while the connection to Redis is down.
+        assert kill_subscriber_connections(bus) == 1
+        await bus.bus.publish("c", "while away")
+        assert heard[-1] == "while away"
+    finally:
+        await close_redis_bus(other)
 
 
 async def test_a_listener_gets_each_message_as_it_arrives_and_has_no_mailbox(
