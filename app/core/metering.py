@@ -118,6 +118,7 @@ class UsageMeter:
         self._metering = metering
         self._config = metering.config
         self._flushed_total = prompt_tokens
+        self._unsure = False  # whether the row's last write failed (see `UsageWrite.rebase`)
         self._snapshot = snapshot
         self._since_flush = 0
         self._last_flush = asyncio.get_running_loop().time()
@@ -219,9 +220,17 @@ class UsageMeter:
                 event=Event.TASK_COMPLETED if completed else Event.TASK_FAILED,
                 data=lambda: self._task_event(status, finish_reason, error),
             )
-        counter = await self._metering.writer.write(
-            UsageWrite(values, self.info.user_id, self.period, delta, self.info.token_limit, then)
+        write = UsageWrite(
+            values, self.info.user_id, self.period, delta, self.info.token_limit, then, self._unsure
         )
+        try:
+            counter = await self._metering.writer.write(write)
+        except Exception:
+            # It may have been committed all the same (only the COMMIT's answer lost):
+            # the next write must not count its tokens again blindly.
+            self._unsure = True
+            raise
+        self._unsure = False
         if counter is None:
             return
         used, seq = counter

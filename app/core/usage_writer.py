@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import sqlalchemy as sa
@@ -66,6 +66,10 @@ class UsageWrite:
     token_limit: int | None
     # Runs in the same transaction after the row is written (a finalize's webhook event).
     then: Callable[[AsyncConnection], Awaitable[object]] | None = None
+    # The row's last write failed: it may have been committed all the same (a lost
+    # answer to its COMMIT), so `delta` may count it twice. The counter then takes the
+    # row's total less the total the database holds for it instead.
+    rebase: bool = False
 
 
 # (user_id, period) -> the token counter's (used, seq) once the transaction committed.
@@ -84,10 +88,16 @@ class _GroupCommit(Generic[Item, Outcome]):
     """
 
     def __init__(
-        self, name: str, commit: Callable[[list[Item]], Awaitable[list[Outcome | Exception]]]
+        self,
+        name: str,
+        commit: Callable[[list[Item]], Awaitable[list[Outcome | Exception]]],
+        retry: Callable[[Item], Item] = lambda item: item,
     ) -> None:
+        """`retry`: an item as it is retried alone, after its batch failed (which may
+        have been committed after all, if only the commit's answer was lost)."""
         self._name = name
         self._commit = commit
+        self._retry = retry
         self._queue: list[tuple[Item, asyncio.Future[Outcome]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -114,7 +124,7 @@ class _GroupCommit(Generic[Item, Outcome]):
                     )
                     for item, future in batch:
                         try:
-                            [outcome] = await self._commit([item])
+                            [outcome] = await self._commit([self._retry(item)])
                         except Exception as one:
                             outcome = one
                         _settle(future, outcome)
@@ -148,7 +158,9 @@ class UsageWriter:
         self._engine = engine
         self._warnings = warnings
         self._starts = _GroupCommit("usage-starts", self._commit_starts)
-        self._updates = _GroupCommit("usage-updates", self._commit_updates)
+        self._updates = _GroupCommit(
+            "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
+        )
 
     def start(self, start: RequestStart) -> asyncio.Future[Counted]:
         """Insert the row and apply the increments, unless `admit` refuses (it raises).
@@ -190,15 +202,16 @@ class UsageWriter:
 
     async def _commit_updates(self, writes: list[UsageWrite]) -> list[Counters | Exception]:
         by_keys: dict[frozenset[str], list[dict[str, object]]] = {}
-        deltas: dict[tuple[str, str], int] = {}
-        limits: dict[str, int | None] = {}
         for write in writes:
             by_keys.setdefault(frozenset(write.row), []).append(write.row)
-            if write.delta:
-                key = (write.user_id, write.period)
-                deltas[key] = deltas.get(key, 0) + write.delta
-                limits[write.user_id] = write.token_limit
         async with self._engine.begin() as conn:
+            deltas: dict[tuple[str, str], int] = {}
+            limits: dict[str, int | None] = {}
+            for write, delta in zip(writes, await _added(conn, writes), strict=True):
+                if delta:
+                    key = (write.user_id, write.period)
+                    deltas[key] = deltas.get(key, 0) + delta
+                    limits[write.user_id] = write.token_limit
             for rows in by_keys.values():
                 await conn.execute(_UPDATE_ROW, _one_or_many(rows))
             for write in writes:
@@ -212,6 +225,34 @@ class UsageWriter:
                     conn, user_id, "monthly_tokens", used - delta, used, limits[user_id]
                 )
         return [counters] * len(writes)
+
+
+async def _added(conn: AsyncConnection, writes: list[UsageWrite]) -> list[int]:
+    """What each write adds to its user's counter: its `delta`, or for one to `rebase`,
+    its total less the total the database holds for the row."""
+    rebased = [w.row["row_id"] for w in writes if w.rebase]
+    if not rebased:
+        return [w.delta for w in writes]
+    query = sa.select(usage_logs.c.id, usage_logs.c.total_tokens).where(
+        usage_logs.c.id.in_(rebased)
+    )
+    held = {row.id: row.total_tokens for row in await conn.execute(query)}
+    added = []
+    for w in writes:
+        before = held.get(w.row["row_id"]) if w.rebase else None
+        total = w.row.get("total_tokens")
+        if before is None or not isinstance(total, int):
+            added.append(w.delta)
+            continue
+        if total - before != w.delta:
+            logger.warning(
+                "usage row %s: its last write was committed although it failed; "
+                "counting from the %d tokens the database holds",
+                w.row["row_id"],
+                before,
+            )
+        added.append(total - before)
+    return added
 
 
 async def _count(

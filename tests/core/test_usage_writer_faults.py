@@ -1,0 +1,149 @@
+"""Usage writes whose COMMIT reached PostgreSQL but whose answer never came back: the
+transaction is committed, the writer sees a failure, and the counter must not count
+the same tokens twice when the next write (or the retry) goes through."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.core.db import create_engine
+from app.core.metering import Metering, UsageMeter
+from app.core.tables import UsageStatus
+from app.core.usage_writer import UsageWrite
+from tests.conftest import Backend
+from tests.core.test_metering import (
+    CONFIG,
+    Env,
+    assert_counter,
+    deliver,
+    env,
+    request,
+    row_of,
+    wait_row,
+)
+
+__all__ = ["env"]  # the fixture, shared with the metering tests
+
+pytestmark = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+
+COMMIT = b"Q\x00\x00\x00\x0cCOMMIT;\x00"  # asyncpg's COMMIT, a simple-protocol query
+
+
+class CommitAnswerCutter:
+    """A TCP proxy in front of PostgreSQL. Once armed, it forwards the next COMMIT, and
+    when the server answers it, cuts the connection instead of passing the answer on:
+    the transaction is committed and the client cannot know it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self.armed = False
+        self.cut = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter):
+        server_in, server_out = await asyncio.open_connection(*self._target)
+        committing = asyncio.Event()
+
+        async def to_server() -> None:
+            while data := await client_in.read(65536):
+                if self.armed and COMMIT in data:
+                    self.armed = False
+                    committing.set()
+                server_out.write(data)
+                await server_out.drain()
+            server_out.close()
+
+        async def to_client() -> None:
+            # The client sends nothing before the answer to what it sent last, so what
+            # the server sends once the COMMIT went is that COMMIT's answer.
+            while data := await server_in.read(65536):
+                if committing.is_set():
+                    self.cut += 1
+                    client_out.close()
+                    server_out.close()
+                    return
+                client_out.write(data)
+                await client_out.drain()
+            client_out.close()
+
+        await asyncio.gather(to_server(), to_client(), return_exceptions=True)
+
+
+@pytest.fixture
+async def cutter(backend: Backend) -> AsyncIterator[tuple[CommitAnswerCutter, AsyncEngine]]:
+    """The proxy, and an engine whose connections all go through it."""
+    url = make_url(backend.database_url)
+    proxy = CommitAnswerCutter(url.host or "127.0.0.1", url.port or 5432)
+    port = await proxy.start()
+    engine = create_engine(url.set(port=port).render_as_string(hide_password=False))
+    try:
+        yield proxy, engine
+    finally:
+        await engine.dispose()
+        await proxy.close()
+
+
+async def flushed(meter: UsageMeter) -> None:
+    """Until the meter's checkpoint in flight, if any, has ended (however it ended)."""
+    for _ in range(500):
+        if meter._flusher is None or meter._flusher.done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the checkpoint never ended")
+
+
+async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next(
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+):
+    proxy, engine = cutter
+    metering = Metering(engine, env.publisher, CONFIG)
+    user = await env.user()
+    meter = await metering.begin(request(user), prompt_tokens=2)
+    proxy.armed = True
+    deliver(meter, 5)  # a checkpoint: committed, but the meter is told it failed
+    await flushed(meter)
+    assert proxy.cut == 1
+    assert (await row_of(env.engine, meter.row_id)).total_tokens == 7
+    await assert_counter(env.engine, user, 7)
+
+    deliver(meter, 5)
+    await wait_row(env.engine, meter.row_id, lambda r: r.total_tokens == 12, "12 tokens")
+    await flushed(meter)
+    await assert_counter(env.engine, user, 12)
+    await meter.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 12)
+
+
+async def test_a_batch_committed_unbeknown_is_retried_without_counting_it_twice(
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+):
+    proxy, engine = cutter
+    metering = Metering(engine, env.publisher, CONFIG)
+    user = await env.user()
+    meters = [await metering.begin(request(user), prompt_tokens=1) for _ in range(3)]
+
+    def write(meter: UsageMeter) -> UsageWrite:
+        row = {"row_id": meter.row_id, "completion_tokens": 5, "total_tokens": 6}
+        return UsageWrite(row, user, meter.period, 5, None)
+
+    proxy.armed = True
+    # Submitted together: one transaction, whose answer is lost; each is then retried
+    # alone, and each retry must find its row already written.
+    outcomes = await asyncio.gather(*(metering.writer.write(write(m)) for m in meters))
+    assert proxy.cut == 1
+    assert all(o is None for o in outcomes), "the retries added nothing"
+    assert [(await row_of(env.engine, m.row_id)).total_tokens for m in meters] == [6, 6, 6]
+    await assert_counter(env.engine, user, 3 * 6)
