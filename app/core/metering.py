@@ -80,6 +80,12 @@ Admission = Callable[
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
 
 
+def task_event_id(row_id: str) -> str:
+    """The id of a request's one `ai.task.*` event: the same however often its
+    finalizing transaction runs."""
+    return f"evt_{row_id}"
+
+
 async def run_to_completion(step: Callable[[], Awaitable[None]]) -> None:
     """Run a clean-up step to its end even if the surrounding task is being cancelled.
 
@@ -219,6 +225,7 @@ class UsageMeter:
                 user_id=self.info.user_id,
                 event=Event.TASK_COMPLETED if completed else Event.TASK_FAILED,
                 data=lambda: self._task_event(status, finish_reason, error),
+                event_id=task_event_id(self.row_id),
             )
         write = UsageWrite(
             values, self.info.user_id, self.period, delta, self.info.token_limit, then, self._unsure
@@ -488,7 +495,9 @@ class Metering:
             ).all()
             for row in swept:
                 data = {"task_id": row.id, "model": row.model, "status": "failed", "error": error}
-                await enqueue(conn, row.user_id, Event.TASK_FAILED, data.copy)
+                await enqueue(
+                    conn, row.user_id, Event.TASK_FAILED, data.copy, task_event_id(row.id)
+                )
             await conn.execute(instances.delete().where(instances.c.heartbeat_at < cutoff))
         if swept:
             logger.warning("finalized %d usage rows left by stopped instances", len(swept))

@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import WebhooksConfig
+from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.pagination import Page
 from app.core.security import Secrets
@@ -356,12 +357,18 @@ _SUBSCRIBED = (
 
 
 async def enqueue(
-    conn: AsyncConnection, user_id: str, event: Event, data: Callable[[], dict[str, Any]]
+    conn: AsyncConnection,
+    user_id: str,
+    event: Event,
+    data: Callable[[], dict[str, Any]],
+    event_id: str | None = None,
 ) -> int:
     """Queue `event` for each of the user's active webhooks that want it, in `conn`'s
     transaction. Returns how many deliveries were queued (usually none: one query).
 
-    `data` builds the event's data only when someone will receive it.
+    `data` builds the event's data only when someone will receive it. With an
+    `event_id` of the caller's, an event already queued under it is left as it is: a
+    transaction retried after it was committed unbeknown queues nothing twice.
     """
     found = await conn.execute(_SUBSCRIBED, {"user_id": user_id, "event": event.value})
     targets = found.scalars().all()
@@ -375,9 +382,9 @@ async def enqueue(
         },
         separators=(",", ":"),
     )
-    event_id = f"evt_{uuid.uuid4().hex}"
+    event_id = event_id or f"evt_{uuid.uuid4().hex}"
     await conn.execute(
-        webhook_deliveries.insert(),
+        dialect_insert(conn)(webhook_deliveries).on_conflict_do_nothing(),
         [
             {
                 "event_id": event_id,

@@ -8,13 +8,16 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.db import create_engine
 from app.core.metering import Metering, UsageMeter
-from app.core.tables import UsageStatus
+from app.core.security import Secrets
+from app.core.tables import UsageStatus, webhook_deliveries, webhooks
 from app.core.usage_writer import UsageWrite
+from app.core.webhooks import create_endpoint, validate_secret
 from tests.conftest import Backend
 from tests.core.test_metering import (
     CONFIG,
@@ -147,3 +150,38 @@ async def test_a_batch_committed_unbeknown_is_retried_without_counting_it_twice(
     assert all(o is None for o in outcomes), "the retries added nothing"
     assert [(await row_of(env.engine, m.row_id)).total_tokens for m in meters] == [6, 6, 6]
     await assert_counter(env.engine, user, 3 * 6)
+
+
+async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_once(
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+):
+    proxy, engine = cutter
+    metering = Metering(engine, env.publisher, CONFIG)
+    user = await env.user()
+    await create_endpoint(
+        env.engine,
+        Secrets("s" * 40),
+        user,
+        url="https://hooks.example.com/",
+        events=["ai.task.completed"],
+        secret=validate_secret(None),
+        active=True,
+        max_per_user=5,
+    )
+    meter = await metering.begin(request(user), prompt_tokens=2)
+    deliver(meter, 3)  # no checkpoint yet (checkpoint_tokens=5)
+    proxy.armed = True
+    await meter.finish(UsageStatus.COMPLETED)  # the first attempt "fails"; the retry ends it
+    assert proxy.cut == 1
+    row = await row_of(env.engine, meter.row_id)
+    assert (row.status, row.total_tokens) == (UsageStatus.COMPLETED, 5)
+    await assert_counter(env.engine, user, 5)
+    async with env.engine.connect() as conn:
+        events = (
+            await conn.execute(
+                sa.select(webhook_deliveries.c.event_id, webhook_deliveries.c.event)
+                .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)
+                .where(webhooks.c.user_id == user)
+            )
+        ).all()
+    assert [(e.event_id, e.event) for e in events] == [(f"evt_{meter.row_id}", "ai.task.completed")]
