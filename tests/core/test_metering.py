@@ -148,6 +148,35 @@ def deliver(meter: UsageMeter, tokens: int) -> None:
         meter.deliver()
 
 
+async def subscribe_webhook(env: Env, user_id: str, event: str) -> None:
+    """An active webhook of the user's that wants `event`."""
+    await create_endpoint(
+        env.engine,
+        Secrets("s" * 40),
+        user_id,
+        url="https://hooks.example.com/",
+        events=[event],
+        secret=validate_secret(None),
+        active=True,
+        max_per_user=5,
+    )
+
+
+async def queued_events(env: Env, user_id: str) -> list[Any]:
+    """The webhook deliveries queued for the user's webhooks."""
+    async with env.engine.connect() as conn:
+        query = (
+            sa.select(
+                webhook_deliveries.c.event_id,
+                webhook_deliveries.c.event,
+                webhook_deliveries.c.payload,
+            )
+            .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)
+            .where(webhooks.c.user_id == user_id)
+        )
+        return list((await conn.execute(query)).all())
+
+
 async def quota_subscription(env: Env, user_id: str) -> Subscription:
     sub = await env.bus.subscribe(quota_channel(user_id), maxlen=1000)
     if isinstance(env.bus, RedisBus):
@@ -364,28 +393,12 @@ async def test_sweep_finalizes_rows_of_an_instance_that_never_beat(env: Env):
 
 async def test_a_swept_request_is_a_failed_task_for_the_users_webhooks(env: Env):
     user = await env.user()
-    await create_endpoint(
-        env.engine,
-        Secrets("s" * 40),
-        user,
-        url="https://hooks.example.com/",
-        events=["ai.task.failed"],
-        secret=validate_secret(None),
-        active=True,
-        max_per_user=5,
-    )
+    await subscribe_webhook(env, user, "ai.task.failed")
     crashed = env.metering(instance_id=f"crashed-{uuid.uuid4().hex[:8]}")
     lost = await checkpointed_stream(env, crashed, user)
     await env.started_metering()  # sweeps at start
-    async with env.engine.connect() as conn:
-        rows = (
-            await conn.execute(
-                sa.select(webhook_deliveries.c.event, webhook_deliveries.c.payload)
-                .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)
-                .where(webhooks.c.user_id == user)
-            )
-        ).all()
-    assert [r.event for r in rows] == ["ai.task.failed"]
+    rows = await queued_events(env, user)
+    assert [(r.event_id, r.event) for r in rows] == [(f"evt_{lost.row_id}", "ai.task.failed")]
     data = json.loads(rows[0].payload)["data"]
     assert (data["task_id"], data["status"], data["user_id"]) == (lost.row_id, "failed", user)
 

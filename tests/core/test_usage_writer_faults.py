@@ -8,16 +8,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.db import create_engine
 from app.core.metering import Metering, UsageMeter
-from app.core.security import Secrets
-from app.core.tables import UsageStatus, webhook_deliveries, webhooks
+from app.core.tables import UsageStatus
 from app.core.usage_writer import UsageWrite
-from app.core.webhooks import create_endpoint, validate_secret
 from tests.conftest import Backend
 from tests.core.test_metering import (
     CONFIG,
@@ -25,8 +22,10 @@ from tests.core.test_metering import (
     assert_counter,
     deliver,
     env,
+    queued_events,
     request,
     row_of,
+    subscribe_webhook,
     wait_row,
 )
 
@@ -158,16 +157,7 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     proxy, engine = cutter
     metering = Metering(engine, env.publisher, CONFIG)
     user = await env.user()
-    await create_endpoint(
-        env.engine,
-        Secrets("s" * 40),
-        user,
-        url="https://hooks.example.com/",
-        events=["ai.task.completed"],
-        secret=validate_secret(None),
-        active=True,
-        max_per_user=5,
-    )
+    await subscribe_webhook(env, user, "ai.task.completed")
     meter = await metering.begin(request(user), prompt_tokens=2)
     deliver(meter, 3)  # no checkpoint yet (checkpoint_tokens=5)
     proxy.armed = True
@@ -176,12 +166,5 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     row = await row_of(env.engine, meter.row_id)
     assert (row.status, row.total_tokens) == (UsageStatus.COMPLETED, 5)
     await assert_counter(env.engine, user, 5)
-    async with env.engine.connect() as conn:
-        events = (
-            await conn.execute(
-                sa.select(webhook_deliveries.c.event_id, webhook_deliveries.c.event)
-                .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)
-                .where(webhooks.c.user_id == user)
-            )
-        ).all()
+    events = await queued_events(env, user)
     assert [(e.event_id, e.event) for e in events] == [(f"evt_{meter.row_id}", "ai.task.completed")]
