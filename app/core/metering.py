@@ -80,10 +80,10 @@ Admission = Callable[
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
 
 
-def task_event_id(row_id: str) -> str:
-    """The id of a request's one `ai.task.*` event: the same however often its
-    finalizing transaction runs."""
-    return f"evt_{row_id}"
+def task_event_id(row_id: str, event: Event) -> str:
+    """The id of a request's `ai.task.*` event: the same however often the transaction
+    that queues it runs (a sweep and a late end of the same row still make two)."""
+    return f"evt_{row_id}_{event.value.rsplit('.', 1)[-1]}"
 
 
 async def run_to_completion(step: Callable[[], Awaitable[None]]) -> None:
@@ -219,13 +219,13 @@ class UsageMeter:
         then: Callable[[AsyncConnection], Awaitable[object]] | None = None
         if status is not UsageStatus.STREAMING and self.info.has_webhooks:
             # In the finalizing transaction: the event exists exactly if the row does.
-            completed = status is UsageStatus.COMPLETED
+            event = Event.TASK_COMPLETED if status is UsageStatus.COMPLETED else Event.TASK_FAILED
             then = functools.partial(
                 enqueue,
                 user_id=self.info.user_id,
-                event=Event.TASK_COMPLETED if completed else Event.TASK_FAILED,
+                event=event,
                 data=lambda: self._task_event(status, finish_reason, error),
-                event_id=task_event_id(self.row_id),
+                event_id=task_event_id(self.row_id, event),
             )
         write = UsageWrite(
             values, self.info.user_id, self.period, delta, self.info.token_limit, then, self._unsure
@@ -495,9 +495,8 @@ class Metering:
             ).all()
             for row in swept:
                 data = {"task_id": row.id, "model": row.model, "status": "failed", "error": error}
-                await enqueue(
-                    conn, row.user_id, Event.TASK_FAILED, data.copy, task_event_id(row.id)
-                )
+                event_id = task_event_id(row.id, Event.TASK_FAILED)
+                await enqueue(conn, row.user_id, Event.TASK_FAILED, data.copy, event_id)
             await conn.execute(instances.delete().where(instances.c.heartbeat_at < cutoff))
         if swept:
             logger.warning("finalized %d usage rows left by stopped instances", len(swept))

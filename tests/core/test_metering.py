@@ -398,7 +398,8 @@ async def test_a_swept_request_is_a_failed_task_for_the_users_webhooks(env: Env)
     lost = await checkpointed_stream(env, crashed, user)
     await env.started_metering()  # sweeps at start
     rows = await queued_events(env, user)
-    assert [(r.event_id, r.event) for r in rows] == [(f"evt_{lost.row_id}", "ai.task.failed")]
+    expected = [(f"evt_{lost.row_id}_failed", "ai.task.failed")]
+    assert [(r.event_id, r.event) for r in rows] == expected
     data = json.loads(rows[0].payload)["data"]
     assert (data["task_id"], data["status"], data["user_id"]) == (lost.row_id, "failed", user)
 

@@ -167,4 +167,5 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     assert (row.status, row.total_tokens) == (UsageStatus.COMPLETED, 5)
     await assert_counter(env.engine, user, 5)
     events = await queued_events(env, user)
-    assert [(e.event_id, e.event) for e in events] == [(f"evt_{meter.row_id}", "ai.task.completed")]
+    expected = [(f"evt_{meter.row_id}_completed", "ai.task.completed")]
+    assert [(e.event_id, e.event) for e in events] == expected
