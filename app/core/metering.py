@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import MeteringConfig
 from app.core.db import dialect_insert
+from app.core.errors import ApiError
 from app.core.live import QuotaPublisher
 from app.core.quota import (
     TOKENS,
@@ -114,7 +116,10 @@ class UsageMeter:
         prompt_tokens: int,
         snapshot: QuotaSnapshot,
         started_at: datetime,
+        *,
+        unsure: bool = False,
     ) -> None:
+        """`unsure`: the row's start failed, and may have been committed all the same."""
         self.info = info
         self.started_at = started_at
         self.row_id = row_id
@@ -124,7 +129,7 @@ class UsageMeter:
         self._metering = metering
         self._config = metering.config
         self._flushed_total = prompt_tokens
-        self._unsure = False  # whether the row's last write failed (see `UsageWrite.rebase`)
+        self._unsure = unsure  # whether the row's last write failed (`UsageWrite.rebase`)
         self._snapshot = snapshot
         self._since_flush = 0
         self._last_flush = asyncio.get_running_loop().time()
@@ -339,6 +344,7 @@ class Metering:
         # Set once the server starts cancelling requests to shut down.
         self.draining = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     def drain(self) -> None:
         """Mark requests cancelled from now on as interrupted by shutdown."""
@@ -401,6 +407,17 @@ class Metering:
                 lambda: self._end_abandoned(starting, info, row_id, period, prompt_tokens, now)
             )
             raise
+        except ApiError:
+            raise  # refused: rolled back, nothing written
+        except Exception:
+            # In the background: with the database away, its retries take seconds, and
+            # the request's error need not wait for them.
+            cleanup = asyncio.create_task(
+                self._end_failed_start(info, row_id, period, prompt_tokens, now)
+            )
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            raise
         assert tokens is not None
         snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
         self.publisher.push(info.user_id, snapshot)
@@ -419,12 +436,31 @@ class Metering:
     ) -> None:
         try:
             tokens, *_ = await starting
+        except ApiError:
+            return  # refused: nothing was written
         except Exception:
-            return  # refused or failed: nothing was written
+            await self._end_failed_start(info, row_id, period, prompt_tokens, started_at)
+            return
         assert tokens is not None
         snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
         meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, started_at)
         await meter.discard(UsageStatus.CANCELLED, "client disconnected")
+
+    async def _end_failed_start(
+        self, info: RequestInfo, row_id: str, period: str, prompt_tokens: int, started_at: datetime
+    ) -> None:
+        """End the row of a start that failed other than by a refusal, billing nothing.
+
+        It may have been committed all the same, if only its COMMIT's answer was lost;
+        if it was not, there is nothing to end. Either way no webhook event: the
+        request failed before it began.
+        """
+        quiet = dataclasses.replace(info, has_webhooks=False)
+        unknown = QuotaSnapshot(info.token_limit, 0, period, 0)
+        meter = UsageMeter(
+            self, quiet, row_id, period, prompt_tokens, unknown, started_at, unsure=True
+        )
+        await meter.discard(UsageStatus.ERROR, "the request could not start")
 
     async def start(self) -> None:
         """Register this instance, sweep what dead instances left, start the heartbeat."""
@@ -440,6 +476,7 @@ class Metering:
                 await self._heartbeat
         for meter in list(self.active):
             await meter.finish(UsageStatus.INTERRUPTED, error="server shut down")
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         async with self.engine.begin() as conn:
             await conn.execute(instances.delete().where(instances.c.id == self.instance_id))
 

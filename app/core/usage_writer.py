@@ -239,10 +239,13 @@ async def _added(conn: AsyncConnection, writes: list[UsageWrite]) -> list[int]:
     held = {row.id: row.total_tokens for row in await conn.execute(query)}
     added = []
     for w in writes:
-        before = held.get(w.row["row_id"]) if w.rebase else None
         total = w.row.get("total_tokens")
-        if before is None or not isinstance(total, int):
+        if not w.rebase or not isinstance(total, int):
             added.append(w.delta)
+            continue
+        before = held.get(w.row["row_id"])
+        if before is None:
+            added.append(0)  # a start that was never committed: nothing to count
             continue
         if total - before != w.delta:
             logger.warning(

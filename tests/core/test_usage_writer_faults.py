@@ -8,12 +8,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.db import create_engine
 from app.core.metering import Metering, UsageMeter
-from app.core.tables import UsageStatus
+from app.core.tables import UsageStatus, usage_logs
 from app.core.usage_writer import UsageWrite
 from tests.conftest import Backend
 from tests.core.test_metering import (
@@ -39,11 +40,13 @@ COMMIT = b"Q\x00\x00\x00\x0cCOMMIT;\x00"  # asyncpg's COMMIT, a simple-protocol 
 class CommitAnswerCutter:
     """A TCP proxy in front of PostgreSQL. Once armed, it forwards the next COMMIT, and
     when the server answers it, cuts the connection instead of passing the answer on:
-    the transaction is committed and the client cannot know it."""
+    the transaction is committed and the client cannot know it. With `before_commit`,
+    it cuts the connection in place of forwarding that COMMIT: nothing is committed."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
         self.armed = False
+        self.before_commit = False
         self.cut = 0
         self._server: asyncio.Server | None = None
 
@@ -63,6 +66,11 @@ class CommitAnswerCutter:
             while data := await client_in.read(65536):
                 if self.armed and COMMIT in data:
                     self.armed = False
+                    if self.before_commit:
+                        self.cut += 1
+                        client_out.close()
+                        server_out.close()
+                        return
                     committing.set()
                 server_out.write(data)
                 await server_out.drain()
@@ -169,3 +177,43 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     events = await queued_events(env, user)
     expected = [(f"evt_{meter.row_id}_completed", "ai.task.completed")]
     assert [(e.event_id, e.event) for e in events] == expected
+
+
+async def test_a_start_committed_unbeknown_ends_its_row_billing_nothing(
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+):
+    proxy, engine = cutter
+    metering = Metering(engine, env.publisher, CONFIG)
+    user = await env.user()
+    info = request(user)
+    proxy.armed = True
+    with pytest.raises(sa.exc.DBAPIError):
+        await metering.begin(info, prompt_tokens=4)
+    assert proxy.cut == 1
+    await metering.close()  # waits for the clean-up, which runs in the background
+    async with env.engine.connect() as conn:
+        query = sa.select(usage_logs).where(usage_logs.c.request_id == info.request_id)
+        [row] = (await conn.execute(query)).all()
+    assert (row.status, row.total_tokens) == (UsageStatus.ERROR, 0)
+    await assert_counter(env.engine, user, 0)
+
+
+async def test_a_start_never_committed_leaves_nothing_and_takes_nothing_back(
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+):
+    proxy, engine = cutter
+    metering = Metering(engine, env.publisher, CONFIG)
+    user = await env.user()
+    first = await metering.begin(request(user), prompt_tokens=3)
+    await first.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 3)
+    info = request(user)
+    proxy.armed, proxy.before_commit = True, True
+    with pytest.raises(sa.exc.DBAPIError):
+        await metering.begin(info, prompt_tokens=4)
+    assert proxy.cut == 1
+    await metering.close()  # waits for the clean-up, which runs in the background
+    async with env.engine.connect() as conn:
+        query = sa.select(usage_logs).where(usage_logs.c.request_id == info.request_id)
+        assert (await conn.execute(query)).all() == []
+    await assert_counter(env.engine, user, 3)
