@@ -296,8 +296,8 @@ def _targets_summary(d: Doc) -> None:
         if idle:
             point = _idle_point(idle, 10000)
             per = point.get("per_conn_kib") if point else None
-            held = point.get("held") if point else 0
-            ok10k = bool(point) and held >= 10000
+            held = (point.get("held") if point else None) or 0
+            ok10k = held >= 10000
             verdict = _verdict(per, lambda x: x <= 30) if ok10k else "**missed**"
             rows.append(
                 [

@@ -402,7 +402,7 @@ async def measure_http(run: Run, ts: dict[str, Target]) -> None:
         if not _alive(run, t):
             continue
         run.log(f"  ramp {t.key}")
-        r = await scenarios.ramp(
+        ramp = await scenarios.ramp(
             t,
             plan.s3_levels,
             plan.s3_duration,
@@ -411,8 +411,8 @@ async def measure_http(run: Run, ts: dict[str, Target]) -> None:
             plan.s3_budget,
             baseline_duration=plan.s3_baseline_streams * PACED_STREAM_SECONDS,
         )
-        res.setdefault("s3", {})[t.key] = r
-        for p in r["points"]:
+        res.setdefault("s3", {})[t.key] = ramp
+        for p in ramp["points"]:
             s5[t.key].setdefault("ramp_peak_kib", 0)
             s5[t.key]["ramp_peak_kib"] = max(s5[t.key]["ramp_peak_kib"], p["rss_peak_kib"])
 

@@ -144,7 +144,7 @@ async def ramp(
     stream_seconds: float,
     max_seconds: float,
     baseline_duration: float = 0.0,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Scenario 3: paced streams at rising concurrency until the gap p99 doubles.
 
     The baseline is the target's own p99 at the first level; the ramp stops at the

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from bench import procstat
 from bench.loadgen import chat_request
@@ -70,7 +71,7 @@ class Proc:
         self.log_path = log
         self.cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     def start(self) -> None:
         self._log = self.log_path.open("wb")

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import cast
 
 perf = time.perf_counter
 
@@ -34,11 +35,12 @@ class WsClient(asyncio.Protocol):
         self.tag: object = None  # the caller's, e.g. which user and instance
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A TCP connection's (uvloop's transports are not asyncio.Transport subclasses).
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(self.request)
+        self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
