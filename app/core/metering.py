@@ -233,7 +233,14 @@ class UsageMeter:
                 event_id=task_event_id(self.row_id, event),
             )
         write = UsageWrite(
-            values, self.info.user_id, self.period, delta, self.info.token_limit, then, self._unsure
+            values,
+            self.info.user_id,
+            self.period,
+            delta,
+            self.info.token_limit,
+            then,
+            rebase=self._unsure,
+            warnings=self.info.has_webhooks,
         )
         try:
             counter = await self._metering.writer.write(write)

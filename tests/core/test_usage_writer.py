@@ -5,6 +5,8 @@ whole, and counters stay equal to the rows across users and instances."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,11 +15,23 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.errors import QuotaExceeded
-from app.core.metering import Admission, UsageMeter
-from app.core.quota import Increment, QuotaSnapshot, read_counter
+from app.core.metering import Admission, Metering, Usage, UsageMeter
+from app.core.quota import TOKENS, Increment, QuotaSnapshot, read_counter, read_counter_state
 from app.core.tables import UsageStatus, usage_logs
 from app.core.usage_writer import Counted, UsageWrite
-from tests.core.test_metering import Env, assert_counter, deliver, env, request, row_of
+from app.core.webhooks import QuotaWarnings
+from tests.core.test_metering import (
+    CONFIG,
+    Env,
+    assert_counter,
+    deliver,
+    env,
+    queued_events,
+    request,
+    row_of,
+    subscribe_webhook,
+    wait_row,
+)
 
 __all__ = ["env"]  # the fixture, shared with the metering tests
 
@@ -201,3 +215,44 @@ async def test_a_start_abandoned_while_queued_ends_its_row_billing_nothing(env: 
         (UsageStatus.COMPLETED, 5),
     ]
     await assert_counter(env.engine, user, 10)
+
+
+async def test_lone_writes_of_a_user_without_webhooks_keep_row_and_counter_together(env: Env):
+    """Nothing to queue, so on PostgreSQL each lone write is one statement committing on
+    its own: the counter still moves with the row, one step per write."""
+    metering = env.metering()
+    user = await env.user()
+    info = dataclasses.replace(request(user), has_webhooks=False)
+    meter = await metering.begin(info, prompt_tokens=2)
+    for n in range(1, 4):
+        deliver(meter, 5)  # a checkpoint (checkpoint_tokens=5), written before the next
+        await wait_row(env.engine, meter.row_id, lambda r, n=n: r.total_tokens == 2 + 5 * n, "")
+        await meter._flusher
+    await meter.finish(UsageStatus.COMPLETED, usage=Usage(prompt_tokens=3, completion_tokens=20))
+    row = await row_of(env.engine, meter.row_id)
+    assert (row.status, row.prompt_tokens, row.total_tokens) == (UsageStatus.COMPLETED, 3, 23)
+    await assert_counter(env.engine, user, 23)
+    async with env.engine.connect() as conn:
+        counter = await read_counter_state(conn, user, TOKENS, meter.period)
+    assert counter == (23, 5)  # the start, three checkpoints and the end
+    assert meter.counted == Usage(3, 20)
+
+
+@pytest.mark.parametrize("has_webhooks", [True, False])
+async def test_a_checkpoint_passing_a_warning_threshold_queues_a_warning_if_the_user_had_webhooks(
+    env: Env, has_webhooks: bool
+):
+    """A user without a webhook when the request started gets no `quota.warning` from
+    its writes (as no `ai.task.*` event): their subscribers were looked for then."""
+    metering = Metering(env.engine, env.publisher, CONFIG, warnings=QuotaWarnings([50]))
+    user = await env.user()
+    await subscribe_webhook(env, user, "quota.warning")
+    info = dataclasses.replace(request(user, token_limit=20), has_webhooks=has_webhooks)
+    meter = await metering.begin(info, prompt_tokens=2)
+    deliver(meter, 10)  # checkpoints at 7 and 12 tokens: 50 % of 20 passed by the second
+    await wait_row(env.engine, meter.row_id, lambda r: r.total_tokens == 12, "12 tokens")
+    await meter.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 12)
+    events = [json.loads(e.payload)["data"] for e in await queued_events(env, user)]
+    expected = [{"quota_type": "monthly_tokens", "used": 12, "limit": 20, "percentage": 60}]
+    assert [{k: e[k] for k in expected[0]} for e in events] == (expected if has_webhooks else [])

@@ -5,6 +5,7 @@ the same tokens twice when the next write (or the retry) goes through."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -41,12 +42,18 @@ class CommitAnswerCutter:
     """A TCP proxy in front of PostgreSQL. Once armed, it forwards the next COMMIT, and
     when the server answers it, cuts the connection instead of passing the answer on:
     the transaction is committed and the client cannot know it. With `before_commit`,
-    it cuts the connection in place of forwarding that COMMIT: nothing is committed."""
+    it cuts the connection in place of forwarding that COMMIT: nothing is committed.
+
+    With `statement` set instead, it cuts the answer to the next run of the statement
+    whose text starts that way (sent when the statement is prepared, which asyncpg does
+    once per connection): for a statement that commits on its own, outside any
+    transaction, the same as a lost COMMIT answer."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
         self.armed = False
         self.before_commit = False
+        self.statement: bytes | None = None
         self.cut = 0
         self._server: asyncio.Server | None = None
 
@@ -61,10 +68,18 @@ class CommitAnswerCutter:
     async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter):
         server_in, server_out = await asyncio.open_connection(*self._target)
         committing = asyncio.Event()
+        prepared = False  # `statement` was just prepared here: its run comes next
 
         async def to_server() -> None:
+            nonlocal prepared
             while data := await client_in.read(65536):
-                if self.armed and COMMIT in data:
+                if prepared:
+                    prepared = False
+                    committing.set()
+                elif self.statement is not None and self.statement in data:
+                    self.statement = None
+                    prepared = True
+                elif self.armed and COMMIT in data:
                     self.armed = False
                     if self.before_commit:
                         self.cut += 1
@@ -115,14 +130,21 @@ async def flushed(meter: UsageMeter) -> None:
     raise AssertionError("the checkpoint never ended")
 
 
+@pytest.mark.parametrize("has_webhooks", [True, False])
 async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], has_webhooks: bool
 ):
+    """With webhooks, a checkpoint runs in a transaction (it may have to queue a quota
+    warning); without, alone, as one statement that commits on its own."""
     proxy, engine = cutter
     metering = Metering(engine, env.publisher, CONFIG)
     user = await env.user()
-    meter = await metering.begin(request(user), prompt_tokens=2)
-    proxy.armed = True
+    info = dataclasses.replace(request(user), has_webhooks=has_webhooks)
+    meter = await metering.begin(info, prompt_tokens=2)
+    if has_webhooks:
+        proxy.armed = True
+    else:
+        proxy.statement = b"WITH updated AS (UPDATE usage_logs"
     deliver(meter, 5)  # a checkpoint: committed, but the meter is told it failed
     await flushed(meter)
     assert proxy.cut == 1
