@@ -96,15 +96,36 @@ class CounterChange:
     steps: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class RowInsert:
+    """A row to insert by the same statement as the counters: PostgreSQL only (a
+    data-modifying WITH), where it saves the round trip of a statement of its own."""
+
+    table: sa.Table
+    values: dict[str, object]
+
+
 @functools.cache
-def _counters_upsert(rows: int) -> sa.TextClause:
-    """One statement adding to `rows` counters, each only within its limit.
+def _counters_upsert(
+    rows: int, insert: tuple[sa.Table, tuple[str, ...]] | None = None
+) -> sa.TextClause:
+    """One statement adding to `rows` counters, each only within its limit; with
+    `insert`, inserting a row of that table with those columns first.
 
     Written out (the same SQL on PostgreSQL and SQLite) rather than built per call: a
     multi-row upsert is not cached by SQLAlchemy, and building one costs several times
     more than running it. A row whose limit would be passed is left alone and is
     missing from what the statement returns.
     """
+    inserting = ""
+    typed: list[sa.BindParameter[object]] = []
+    if insert is not None:
+        table, columns = insert
+        inserting = (
+            f"WITH inserted AS (INSERT INTO {table.name} ({', '.join(columns)}) "
+            f"VALUES ({', '.join(f':{c}' for c in columns)})) "
+        )
+        typed = [sa.bindparam(c, type_=table.c[c].type) for c in columns]
     values = ", ".join(
         f"(:subject_{i}, :metric_{i}, :period_{i}, :amount_{i}, :steps_{i})" for i in range(rows)
     )
@@ -114,6 +135,7 @@ def _counters_upsert(rows: int) -> sa.TextClause:
         for i in range(rows)
     )
     return sa.text(
+        f"{inserting}"
         f"INSERT INTO quota_counters (user_id, metric, period, used, seq) VALUES {values} "
         "ON CONFLICT (user_id, metric, period) DO UPDATE "
         "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + excluded.seq "
@@ -123,6 +145,7 @@ def _counters_upsert(rows: int) -> sa.TextClause:
         *(sa.bindparam(f"amount_{i}", type_=sa.BigInteger) for i in range(rows)),
         *(sa.bindparam(f"limit_{i}", type_=sa.BigInteger) for i in range(rows)),
         *(sa.bindparam(f"steps_{i}", type_=sa.BigInteger) for i in range(rows)),
+        *typed,
     )
 
 
@@ -132,10 +155,11 @@ _MAX_ROWS = 64
 
 
 async def apply_increments(
-    conn: AsyncConnection, changes: Sequence[CounterChange]
+    conn: AsyncConnection, changes: Sequence[CounterChange], insert: RowInsert | None = None
 ) -> dict[CounterKey, tuple[int, int]]:
     """Apply each change within its limit; the (used, seq) after it of each counter
     changed. One refused by its limit is left alone and missing from the result.
+    `insert` is inserted whatever becomes of the changes.
 
     The counters must be distinct. They are locked in sorted order whoever the
     caller, so concurrent transactions touching several cannot deadlock; concurrent
@@ -162,14 +186,24 @@ async def apply_increments(
             params[f"amount_{n}"] = inc.amount
             params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
             params[f"steps_{n}"] = change.steps
-        for row in await conn.execute(_counters_upsert(size), params):
+        statement = _counters_upsert(size)
+        if insert is not None:
+            statement = _counters_upsert(size, (insert.table, tuple(insert.values)))
+            params.update(insert.values)
+            insert = None
+        for row in await conn.execute(statement, params):
             found[(row.user_id, row.metric, row.period)] = (int(row.used), int(row.seq))
         start += size
+    if insert is not None:  # no change to carry it
+        await conn.execute(insert.table.insert(), insert.values)
     return found
 
 
 async def increment_counters(
-    conn: AsyncConnection, subject: str, increments: Sequence[Increment]
+    conn: AsyncConnection,
+    subject: str,
+    increments: Sequence[Increment],
+    insert: RowInsert | None = None,
 ) -> list[tuple[int, int] | None]:
     """Apply each increment within its limit, in one statement; per increment the
     counter's (used, seq) after it, or None where the limit refused it.
@@ -177,7 +211,7 @@ async def increment_counters(
     The others are applied even where one is refused: a caller that wants all or
     none raises to roll its transaction back.
     """
-    found = await apply_increments(conn, [CounterChange(subject, i) for i in increments])
+    found = await apply_increments(conn, [CounterChange(subject, i) for i in increments], insert)
     return [found.get((subject, i.metric, i.period)) for i in increments]
 
 

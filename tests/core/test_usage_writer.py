@@ -256,3 +256,31 @@ async def test_a_checkpoint_passing_a_warning_threshold_queues_a_warning_if_the_
     events = [json.loads(e.payload)["data"] for e in await queued_events(env, user)]
     expected = [{"quota_type": "monthly_tokens", "used": 12, "limit": 20, "percentage": 60}]
     assert [{k: e[k] for k in expected[0]} for e in events] == (expected if has_webhooks else [])
+
+
+async def test_a_lone_start_refused_by_a_limit_leaves_neither_its_row_nor_its_counts(env: Env):
+    """Alone, a start's row goes in by the statement that counts it (on PostgreSQL);
+    refused after that, the transaction takes both back."""
+    metering = env.metering()
+    user = await env.user()
+    also = [Increment("requests", "all", 1, limit=1)]
+    seen: list[tuple[QuotaSnapshot, object]] = []
+
+    async def admit(conn: AsyncConnection, quota: QuotaSnapshot, counted: Counted) -> None:
+        seen.append((quota, counted))
+        if counted[0] is None:
+            raise QuotaExceeded("request limit reached")
+
+    first = await metering.begin(request(user), prompt_tokens=3, admit=admit, also=also)
+    with pytest.raises(QuotaExceeded):
+        await metering.begin(request(user), prompt_tokens=4, admit=admit, also=also)
+    period = first.period
+    assert seen == [
+        (QuotaSnapshot(None, 3, period, 1), [(1, 1)]),
+        (QuotaSnapshot(None, 7, period, 2), [None]),
+    ]
+    assert [r.id for r in await rows_of(env.engine, user)] == [first.row_id]
+    await assert_counter(env.engine, user, 3)
+    async with env.engine.connect() as conn:
+        assert await read_counter(conn, user, "requests", "all") == 1
+    await first.finish(UsageStatus.COMPLETED)
