@@ -186,8 +186,9 @@ async def apply_increments(
             params[f"amount_{n}"] = inc.amount
             params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
             params[f"steps_{n}"] = change.steps
-        statement = _counters_upsert(size)
-        if insert is not None:
+        if insert is None:
+            statement = _counters_upsert(size)
+        else:  # the first statement carries it
             statement = _counters_upsert(size, (insert.table, tuple(insert.values)))
             params.update(insert.values)
             insert = None

@@ -272,8 +272,12 @@ class UsageWriter:
             if not write.delta:
                 await conn.execute(_UPDATE_ROW, write.row)
                 return {}
-            params = {**write.row, "user_id": write.user_id, "period": write.period}
-            params["delta"] = write.delta
+            params = {
+                **write.row,
+                "user_id": write.user_id,
+                "period": write.period,
+                "delta": write.delta,
+            }
             found = (await conn.execute(_update_and_count(frozenset(write.row)), params)).first()
         if found is None:
             return {}
