@@ -249,7 +249,7 @@ async def test_a_checkpoint_passing_a_warning_threshold_queues_a_warning_if_the_
     await subscribe_webhook(env, user, "quota.warning")
     info = dataclasses.replace(request(user, token_limit=20), has_webhooks=has_webhooks)
     meter = await metering.begin(info, prompt_tokens=2)
-    deliver(meter, 10)  # checkpoints at 7 and 12 tokens: 50 % of 20 passed by the second
+    deliver(meter, 10)  # checkpoints due at 5 and 10 delivered: 12 tokens, past 50 % of 20
     await wait_row(env.engine, meter.row_id, lambda r: r.total_tokens == 12, "12 tokens")
     await meter.finish(UsageStatus.COMPLETED)
     await assert_counter(env.engine, user, 12)
