@@ -29,6 +29,7 @@ from app.core.providers import (
     parse_chunk,
     transport_error,
 )
+from app.core.upstream_transport import AiohttpTransport, UpstreamResponse
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -91,7 +92,7 @@ def _openai_usage(usage: Usage) -> dict[str, int]:
 
 
 class AnthropicProvider(HttpProvider):
-    def __init__(self, config: ProviderConfig, upstream: httpx.AsyncBaseTransport) -> None:
+    def __init__(self, config: ProviderConfig, upstream: AiohttpTransport) -> None:
         super().__init__(config, upstream, config.base_url.rstrip("/") + "/v1/messages")
         self._headers["anthropic-version"] = API_VERSION
         if config.api_key is not None:
@@ -134,7 +135,7 @@ class AnthropicProvider(HttpProvider):
 class _AnthropicStream:
     """Anthropic stream events as OpenAI `chat.completion.chunk`s."""
 
-    def __init__(self, provider: str, response: httpx.Response, model: str) -> None:
+    def __init__(self, provider: str, response: UpstreamResponse, model: str) -> None:
         self._provider = provider
         self._response = response
         self._meta = {

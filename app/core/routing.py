@@ -8,12 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
-
 from app.core.anthropic import AnthropicProvider
 from app.core.config import ModelRoute, Price, ProviderConfig
 from app.core.errors import ApiError, NotFound, RateLimited, UpstreamError
 from app.core.providers import ECHO_MODEL, EchoProvider, OpenAIProvider, Provider
+from app.core.upstream_transport import AiohttpTransport
 
 logger = logging.getLogger("livegate.routing")
 T = TypeVar("T")
@@ -53,7 +52,7 @@ class ModelRouter:
         self,
         configs: list[ProviderConfig],
         routes: list[ModelRoute],
-        upstream: httpx.AsyncBaseTransport,
+        upstream: AiohttpTransport,
         echo_delay: float = 0.05,
     ) -> None:
         self._chains: dict[str, list[Target]] = {}

@@ -54,6 +54,23 @@ async def test_non_stream_bills_upstream_usage(livegate: Livegate, fake_upstream
     assert row.provider == "fake" and row.model == FAKE_MODEL and row.stream == 0
 
 
+async def test_a_body_past_the_fast_encoder_reaches_the_upstream_as_sent(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    # An integer past 64 bits parses, and the fast JSON encoder refuses it.
+    account = await livegate.account()
+    seed = 2**70 + 1
+    async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {account.api_key}"},
+            content=b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"seed":%d}'
+            % (FAKE_MODEL.encode(), seed),
+        )
+    assert response.status_code == 200, response.text
+    assert fake_upstream.requests[-1]["seed"] == seed
+
+
 async def test_stream_bills_upstream_usage_and_hides_it_unless_asked(
     livegate: Livegate, fake_upstream: FakeUpstream
 ):

@@ -1,4 +1,5 @@
-"""The aiohttp-backed httpx transport, against small raw HTTP servers on loopback."""
+"""The upstream transport (the relay's `post`, and httpx's interface), against small raw
+HTTP servers on loopback."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from yarl import URL
 
-from app.core.upstream_transport import AiohttpTransport
+from app.core.upstream_transport import AiohttpTransport, client_timeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -71,6 +73,19 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         trust_env=False,  # any proxy is the transport's own doing, not httpx's
     ) as http:
         yield http
+
+
+@asynccontextmanager
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    upstream = AiohttpTransport(httpx.Limits(max_connections=10))
+    try:
+        yield upstream
+    finally:
+        await upstream.aclose()
+
+
+TIMEOUTS = client_timeout(connect=5.0, read=5.0, pool=5.0)
+JSON = {"Content-Type": "application/json"}
 
 
 async def test_requests_reuse_one_connection_and_carry_headers_and_body() -> None:
@@ -225,3 +240,122 @@ async def test_a_compressed_answer_is_decoded_once() -> None:
     async with serving(gzipped) as (_, url), client() as http:
         response = await http.post(f"{url}/x", content=b"{}")
     assert response.json() == {"ok": True}
+
+
+# --- the relay's `post` ------------------------------------------------------------
+
+
+async def test_post_sends_its_bytes_and_headers_and_reuses_the_connection() -> None:
+    async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            server.requests.append(request)
+            writer.write(ok_response())
+            await writer.drain()
+
+    async with serving(answer_each) as (server, url), transport() as upstream:
+        for i in range(3):
+            response = await upstream.post(
+                URL(f"{url}/v1/chat"),
+                b'{"n":%d}' % i,
+                {**JSON, "Authorization": "Bearer sk-x"},
+                TIMEOUTS,
+            )
+            assert response.status_code == 200
+            assert response.headers["Content-Type"] == "application/json"
+            assert await response.read() == OK_BODY
+
+    assert server.connections == 1
+    head, body = server.requests[2]
+    assert head.startswith(b"POST /v1/chat HTTP/1.1\r\n")
+    assert b"\r\nAuthorization: Bearer sk-x\r\n" in head
+    assert body == b'{"n":2}'
+
+
+async def test_post_hands_back_an_error_status_with_its_body() -> None:
+    async def too_many(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = b'{"error":{"message":"slow down"}}'
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+
+    async with serving(too_many) as (_, url), transport() as upstream:
+        response = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
+        assert response.status_code == 429
+        assert response.headers.get("Retry-After") == "7"
+        assert await response.read() == b'{"error":{"message":"slow down"}}'
+
+
+async def test_post_decodes_a_compressed_answer() -> None:
+    body = gzip.compress(OK_BODY)
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+
+    async with serving(gzipped) as (_, url), transport() as upstream:
+        response = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
+        assert await response.read() == OK_BODY
+
+
+async def test_a_half_read_post_does_not_hand_its_connection_to_the_next() -> None:
+    async def endless_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if server.connections == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+            await reader.read()  # until the client gives up on this connection
+            return
+        writer.write(ok_response())
+        await writer.drain()
+
+    async with serving(endless_then_ok) as (server, url), transport() as upstream:
+        response = await upstream.post(URL(f"{url}/s"), b"{}", JSON, TIMEOUTS)
+        assert await anext(response.aiter_bytes()) == b"first"
+        await response.aclose()
+        response = await upstream.post(URL(f"{url}/next"), b"{}", JSON, TIMEOUTS)
+        assert await response.read() == OK_BODY
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        pytest.param(b"", httpx.RemoteProtocolError, id="hung-up-before-an-answer"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this",
+            httpx.RemoteProtocolError,
+            id="body-cut-short",
+        ),
+    ],
+)
+async def test_a_broken_post_raises_the_matching_httpx_error(
+    answer: bytes, error: type[httpx.HTTPError]
+) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    async with serving(broken) as (_, url), transport() as upstream:
+        with pytest.raises(error):
+            response = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
+            await response.read()
+
+
+async def test_a_silent_post_is_a_read_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # until the client gives up
+
+    async with serving(silent) as (_, url), transport() as upstream:
+        with pytest.raises(httpx.ReadTimeout):
+            await upstream.post(
+                URL(f"{url}/x"), b"{}", JSON, client_timeout(connect=5.0, read=0.2, pool=5.0)
+            )
