@@ -370,7 +370,9 @@ class Metering:
         statement as the tokens, each within its limit. `admit` runs inside the same
         transaction with the quota as it now stands and what became of `also` (None
         where a limit refused); if it raises, nothing of the request is written. The
-        transaction is shared with other requests starting at the same moment.
+        transaction is shared with other requests starting at the same moment. Leave
+        `admit` out when there is nothing to check: a start without it and without a
+        token limit can commit as one statement.
         """
         now = datetime.now(UTC)
         period = month_period(now)
@@ -404,7 +406,11 @@ class Metering:
                 await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
 
         increments = [Increment(TOKENS, period, prompt_tokens), *also]
-        starting = self.writer.start(RequestStart(row, info.user_id, increments, check))
+        # With no token limit and nothing to admit, `check` has nothing to do: the start
+        # may then commit alone.
+        unchecked = info.token_limit is None and admit is None
+        start = RequestStart(row, info.user_id, increments, None if unchecked else check)
+        starting = self.writer.start(start)
         try:
             tokens, *_ = await asyncio.shield(starting)
         except asyncio.CancelledError:

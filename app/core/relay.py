@@ -143,7 +143,11 @@ class Relay:
             platform=context.platform,
             has_webhooks=user.has_webhooks,
         )
-        meter = await self._metering.begin(info, prompt_tokens, admit, also=requests)
+        # No limit at all (an unlimited tier): nothing to admit.
+        limited = limit is not None or any(inc.limit is not None for inc in requests)
+        meter = await self._metering.begin(
+            info, prompt_tokens, admit if limited else None, also=requests
+        )
         remaining = meter.remaining
         if remaining is not None and not request.stream:
             # A whole answer cannot be cut mid-way: cap what it may cost instead.

@@ -59,8 +59,9 @@ class RequestStart:
     user_id: str
     increments: list[Increment]
     # Runs in the transaction with what became of `increments`; raising refuses the
-    # request, and nothing of it is written.
-    admit: Callable[[AsyncConnection, Counted], Awaitable[None]]
+    # request, and nothing of it is written. None: nothing can refuse the start or has
+    # to be written with it (no limit on any of its counters).
+    admit: Callable[[AsyncConnection, Counted], Awaitable[None]] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,8 @@ class UsageWriter:
     async def _commit_starts(self, starts: list[RequestStart]) -> list[Counted | Exception]:
         """One transaction for all starts admitted; one that is refused is left out and
         the rest run again (refusals are rare: a user out of quota)."""
+        if len(starts) == 1 and starts[0].admit is None and self._postgres:
+            return [await self._start_alone(starts[0])]
         outcomes: dict[int, Counted | Exception] = {}
         singly: set[str] = set()  # users counted start by start (see `_count`)
         while pending := [i for i in range(len(starts)) if i not in outcomes]:
@@ -206,8 +209,11 @@ class UsageWriter:
                 counted = await self._insert_and_count(conn, [starts[i] for i in pending], singly)
                 refused = counted is None
                 for i, counts in zip(pending, counted or (), strict=False):
+                    admit = starts[i].admit
+                    if admit is None:
+                        continue
                     try:
-                        await starts[i].admit(conn, counts)
+                        await admit(conn, counts)
                     except Exception as exc:
                         outcomes[i], refused = exc, True
                         break
@@ -218,6 +224,13 @@ class UsageWriter:
             assert counted is not None
             outcomes.update(zip(pending, counted, strict=True))
         return [outcomes[i] for i in range(len(starts))]
+
+    async def _start_alone(self, start: RequestStart) -> Counted:
+        """A lone start nothing can refuse, on PostgreSQL: its row and its counters in
+        one statement that commits on its own (no BEGIN, no COMMIT)."""
+        async with self._autocommit.connect() as conn:
+            insert = RowInsert(usage_logs, start.row)
+            return await increment_counters(conn, start.user_id, start.increments, insert)
 
     async def _insert_and_count(
         self, conn: AsyncConnection, starts: list[RequestStart], singly: set[str]

@@ -201,14 +201,20 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     assert [(e.event_id, e.event) for e in events] == expected
 
 
+@pytest.mark.parametrize("token_limit", [1000, None])
 async def test_a_start_committed_unbeknown_ends_its_row_billing_nothing(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], token_limit: int | None
 ):
+    """With a limit to check, the start commits in a transaction; without, alone, as one
+    statement that commits on its own."""
     proxy, engine = cutter
     metering = Metering(engine, env.publisher, CONFIG)
     user = await env.user()
-    info = request(user)
-    proxy.armed = True
+    info = request(user, token_limit=token_limit)
+    if token_limit is None:
+        proxy.statement = b"WITH inserted AS (INSERT INTO usage_logs"
+    else:
+        proxy.armed = True
     with pytest.raises(sa.exc.DBAPIError):
         await metering.begin(info, prompt_tokens=4)
     assert proxy.cut == 1
@@ -229,7 +235,7 @@ async def test_a_start_never_committed_leaves_nothing_and_takes_nothing_back(
     first = await metering.begin(request(user), prompt_tokens=3)
     await first.finish(UsageStatus.COMPLETED)
     await assert_counter(env.engine, user, 3)
-    info = request(user)
+    info = request(user, token_limit=1000)  # a limit to check: a transaction to cut
     proxy.armed, proxy.before_commit = True, True
     with pytest.raises(sa.exc.DBAPIError):
         await metering.begin(info, prompt_tokens=4)
