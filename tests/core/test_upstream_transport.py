@@ -140,10 +140,15 @@ async def test_a_streamed_body_arrives_as_it_is_written() -> None:
         assert b"".join([part async for part in parts]) == b"data:2"
 
 
-async def test_a_half_read_stream_does_not_hand_its_connection_to_the_next_request() -> None:
-    async def endless_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def endless_then_ok() -> Handler:
+    """On the first connection a chunked answer that never ends; on the next, a whole one."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
         await read_request(reader)
-        if server.connections == 1:
+        if connections == 1:
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
             await writer.drain()
             await reader.read()  # until the client gives up on this connection
@@ -151,7 +156,11 @@ async def test_a_half_read_stream_does_not_hand_its_connection_to_the_next_reque
         writer.write(ok_response())
         await writer.drain()
 
-    async with serving(endless_then_ok) as (server, url), client() as http:
+    return handler
+
+
+async def test_a_half_read_stream_does_not_hand_its_connection_to_the_next_request() -> None:
+    async with serving(endless_then_ok()) as (server, url), client() as http:
         async with http.stream("POST", f"{url}/s", content=b"{}") as response:
             assert await anext(response.aiter_bytes()) == b"first"
         response = await http.post(f"{url}/next", content=b"{}")
@@ -226,7 +235,7 @@ async def test_a_proxy_from_the_environment_carries_the_request(
     assert head.startswith(b"POST http://upstream.invalid/v1/chat HTTP/1.1\r\n")
 
 
-async def test_a_compressed_answer_is_decoded_once() -> None:
+async def test_a_compressed_answer_is_decoded_once_either_way() -> None:
     body = gzip.compress(OK_BODY)
 
     async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -237,9 +246,11 @@ async def test_a_compressed_answer_is_decoded_once() -> None:
         )
         await writer.drain()
 
-    async with serving(gzipped) as (_, url), client() as http:
+    async with serving(gzipped) as (_, url), client() as http, transport() as upstream:
         response = await http.post(f"{url}/x", content=b"{}")
-    assert response.json() == {"ok": True}
+        assert response.json() == {"ok": True}
+        answer = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
+        assert await answer.read() == OK_BODY
 
 
 # --- the relay's `post` ------------------------------------------------------------
@@ -288,34 +299,8 @@ async def test_post_hands_back_an_error_status_with_its_body() -> None:
         assert await response.read() == b'{"error":{"message":"slow down"}}'
 
 
-async def test_post_decodes_a_compressed_answer() -> None:
-    body = gzip.compress(OK_BODY)
-
-    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
-            % (len(body), body)
-        )
-        await writer.drain()
-
-    async with serving(gzipped) as (_, url), transport() as upstream:
-        response = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
-        assert await response.read() == OK_BODY
-
-
 async def test_a_half_read_post_does_not_hand_its_connection_to_the_next() -> None:
-    async def endless_then_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        if server.connections == 1:
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-            await writer.drain()
-            await reader.read()  # until the client gives up on this connection
-            return
-        writer.write(ok_response())
-        await writer.drain()
-
-    async with serving(endless_then_ok) as (server, url), transport() as upstream:
+    async with serving(endless_then_ok()) as (server, url), transport() as upstream:
         response = await upstream.post(URL(f"{url}/s"), b"{}", JSON, TIMEOUTS)
         assert await anext(response.aiter_bytes()) == b"first"
         await response.aclose()
