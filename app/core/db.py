@@ -1,14 +1,16 @@
-"""The async engine and schema migrations."""
+"""The async engine, statements run by the driver itself, and schema migrations."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
+import asyncpg
+from sqlalchemy import TextClause, event, exc, text
+from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 if TYPE_CHECKING:
@@ -55,6 +57,56 @@ def single_reads(engine: AsyncEngine) -> AsyncEngine:
     if engine.dialect.name == "postgresql":
         return engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine
+
+
+class DriverStatement:
+    """A PostgreSQL statement run by asyncpg itself, on a connection of the engine's pool.
+
+    For the statements of the hot path that commit on their own (a connection in
+    autocommit): SQLAlchemy's execution layer costs more CPU than asyncpg's whole
+    work on such a statement (measured here: ~150 µs against ~80 µs per statement).
+    SQLAlchemy still compiles the statement, once: its SQL, the order of its
+    parameters and their types' bind processing. The driver's errors come out as
+    SQLAlchemy's `DBAPIError`, as from any other statement; a connection that failed
+    otherwise than by the statement's own error is invalidated, as SQLAlchemy would.
+    """
+
+    def __init__(self, statement: TextClause, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self._names: Sequence[str] = compiled.positiontup or ()
+        self._processors: list[tuple[int, Callable[[Any], Any]]] = []
+        for i, name in enumerate(self._names):
+            bind_type = compiled.binds[name].type
+            processor = bind_type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self._processors.append((i, processor))
+
+    async def fetch(
+        self, conn: AsyncConnection, params: Mapping[str, object]
+    ) -> list[asyncpg.Record]:
+        """Run on `conn` (in autocommit: no transaction is opened); the rows returned."""
+        args = [params[name] for name in self._names]
+        for i, processor in self._processors:
+            args[i] = processor(args[i])
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None  # a connection checked out of the pool
+        try:
+            rows: list[asyncpg.Record] = await driver.fetch(self.sql, *args)
+        except asyncpg.PostgresError as error:
+            # The statement's own (a connection left open is fine: no transaction to
+            # abort), or the server's goodbye.
+            lost = driver.is_closed()
+            if lost:
+                await conn.invalidate()
+            raise exc.DBAPIError(self.sql, None, error, connection_invalidated=lost) from error
+        except BaseException as error:
+            # Lost, broken, or cancelled mid-statement: the connection's state is unknown.
+            await conn.invalidate()
+            if isinstance(error, Exception):
+                raise exc.DBAPIError(self.sql, None, error, connection_invalidated=True) from error
+            raise
+        return rows
 
 
 def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -154,6 +154,38 @@ def _counters_upsert(
 _MAX_ROWS = 64
 
 
+def _applicable(changes: Sequence[CounterChange]) -> list[CounterChange]:
+    """The changes a limit does not refuse outright, in the order counter rows are
+    locked (see `apply_increments`)."""
+    return sorted(
+        (
+            c
+            for c in changes
+            if c.increment.limit is None or c.increment.amount <= c.increment.limit
+        ),
+        key=lambda c: (c.subject, c.increment.metric, c.increment.period),
+    )
+
+
+def _upsert(
+    changes: Sequence[CounterChange], insert: RowInsert | None
+) -> tuple[sa.TextClause, dict[str, object]]:
+    """The statement applying `changes` (and inserting `insert` first), and its parameters."""
+    params: dict[str, object] = {}
+    for n, change in enumerate(changes):
+        inc = change.increment
+        params[f"subject_{n}"] = change.subject
+        params[f"metric_{n}"] = inc.metric
+        params[f"period_{n}"] = inc.period
+        params[f"amount_{n}"] = inc.amount
+        params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
+        params[f"steps_{n}"] = change.steps
+    if insert is None:
+        return _counters_upsert(len(changes)), params
+    params.update(insert.values)
+    return _counters_upsert(len(changes), (insert.table, tuple(insert.values))), params
+
+
 async def apply_increments(
     conn: AsyncConnection, changes: Sequence[CounterChange], insert: RowInsert | None = None
 ) -> dict[CounterKey, tuple[int, int]]:
@@ -165,39 +197,33 @@ async def apply_increments(
     caller, so concurrent transactions touching several cannot deadlock; concurrent
     callers serialize on the rows, so limits hold exactly whatever the concurrency.
     """
-    wanted = sorted(
-        (
-            c
-            for c in changes
-            if c.increment.limit is None or c.increment.amount <= c.increment.limit
-        ),
-        key=lambda c: (c.subject, c.increment.metric, c.increment.period),
-    )
+    wanted = _applicable(changes)
     found: dict[CounterKey, tuple[int, int]] = {}
     start = 0
     while start < len(wanted):
         size = min(_MAX_ROWS, 1 << ((len(wanted) - start).bit_length() - 1))
-        params: dict[str, object] = {}
-        for n, change in enumerate(wanted[start : start + size]):
-            inc = change.increment
-            params[f"subject_{n}"] = change.subject
-            params[f"metric_{n}"] = inc.metric
-            params[f"period_{n}"] = inc.period
-            params[f"amount_{n}"] = inc.amount
-            params[f"limit_{n}"] = UNLIMITED if inc.limit is None else inc.limit
-            params[f"steps_{n}"] = change.steps
-        if insert is None:
-            statement = _counters_upsert(size)
-        else:  # the first statement carries it
-            statement = _counters_upsert(size, (insert.table, tuple(insert.values)))
-            params.update(insert.values)
-            insert = None
+        statement, params = _upsert(wanted[start : start + size], insert)
+        insert = None  # the first statement carries it
         for row in await conn.execute(statement, params):
             found[(row.user_id, row.metric, row.period)] = (int(row.used), int(row.seq))
         start += size
     if insert is not None:  # no change to carry it
         await conn.execute(insert.table.insert(), insert.values)
     return found
+
+
+def increments_upsert(
+    subject: str, increments: Sequence[Increment], insert: RowInsert | None = None
+) -> tuple[sa.TextClause, dict[str, object]]:
+    """`increment_counters` as one statement, for a caller that runs it itself: the
+    statement and its parameters. It returns a row (`user_id`, `metric`, `period`,
+    `used`, `seq`) per counter changed; as one statement it is all or nothing even
+    outside a transaction. An increment larger than its limit is left out (as by
+    `increment_counters`); at least one must remain."""
+    wanted = _applicable([CounterChange(subject, i) for i in increments])
+    if not wanted or len(wanted) > _MAX_ROWS:
+        raise ValueError(f"one statement takes 1 to {_MAX_ROWS} increments, not {len(wanted)}")
+    return _upsert(wanted, insert)
 
 
 async def increment_counters(

@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.db import DriverStatement
 from app.core.quota import (
     TOKENS,
     CounterChange,
@@ -37,6 +38,7 @@ from app.core.quota import (
     add_tokens_many,
     apply_increments,
     increment_counters,
+    increments_upsert,
 )
 from app.core.tables import usage_logs
 from app.core.webhooks import QuotaWarnings
@@ -178,6 +180,8 @@ class UsageWriter:
         self._postgres = engine.dialect.name == "postgresql"
         # Where a lone write runs as one statement (`_update_alone`): no BEGIN or COMMIT.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The lone paths' statements, compiled once for the driver (see `DriverStatement`).
+        self._driven: dict[sa.TextClause, DriverStatement] = {}
         self._starts = _GroupCommit("usage-starts", self._commit_starts)
         self._updates = _GroupCommit(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
@@ -225,12 +229,20 @@ class UsageWriter:
             outcomes.update(zip(pending, counted, strict=True))
         return [outcomes[i] for i in range(len(starts))]
 
+    def _driver(self, statement: sa.TextClause) -> DriverStatement:
+        if (driven := self._driven.get(statement)) is None:
+            driven = self._driven[statement] = DriverStatement(statement, self._engine.dialect)
+        return driven
+
     async def _start_alone(self, start: RequestStart) -> Counted:
         """A lone start nothing can refuse, on PostgreSQL: its row and its counters in
         one statement that commits on its own (no BEGIN, no COMMIT)."""
+        insert = RowInsert(usage_logs, start.row)
+        statement, params = increments_upsert(start.user_id, start.increments, insert)
         async with self._autocommit.connect() as conn:
-            insert = RowInsert(usage_logs, start.row)
-            return await increment_counters(conn, start.user_id, start.increments, insert)
+            rows = await self._driver(statement).fetch(conn, params)
+        found = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
+        return [found.get((i.metric, i.period)) for i in start.increments]
 
     async def _insert_and_count(
         self, conn: AsyncConnection, starts: list[RequestStart], singly: set[str]
@@ -291,10 +303,11 @@ class UsageWriter:
                 "period": write.period,
                 "delta": write.delta,
             }
-            found = (await conn.execute(_update_and_count(frozenset(write.row)), params)).first()
-        if found is None:
+            statement = self._driver(_update_and_count(frozenset(write.row)))
+            rows = await statement.fetch(conn, params)
+        if not rows:
             return {}
-        return {(write.user_id, write.period): (int(found.used), int(found.seq))}
+        return {(write.user_id, write.period): (rows[0]["used"], rows[0]["seq"])}
 
 
 @functools.cache

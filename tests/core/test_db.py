@@ -1,13 +1,23 @@
 """`single_reads`: hot-path reads without transaction round trips on PostgreSQL, and
-the pool they share still hands out transactional connections afterwards."""
+the pool they share still hands out transactional connections afterwards.
+`DriverStatement`: a statement run by asyncpg itself, with SQLAlchemy's bind
+processing and exceptions, and a lost connection taken out of the pool."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.db import create_engine, single_reads
+from app.core.db import DriverStatement, create_engine, single_reads
+from app.core.tables import UTCDateTime
 
 TXID = sa.text("SELECT txid_current()")
 
@@ -35,3 +45,86 @@ async def test_single_reads_on_sqlite_is_the_engine_itself(tmp_path: Path):
         assert single_reads(engine) is engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def autocommit(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(postgres_url)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("DROP TABLE IF EXISTS driven"))
+        await conn.execute(sa.text("CREATE TABLE driven (id text PRIMARY KEY, at timestamptz)"))
+    try:
+        yield engine.execution_options(isolation_level="AUTOCOMMIT")
+    finally:
+        await engine.dispose()
+
+
+INSERT = sa.text("INSERT INTO driven (id, at) VALUES (:id, :at) RETURNING id, at").bindparams(
+    sa.bindparam("at", type_=UTCDateTime())
+)
+
+
+async def test_a_driver_statement_commits_alone_with_its_binds_processed(autocommit: AsyncEngine):
+    statement = DriverStatement(INSERT, autocommit.dialect)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    async with autocommit.connect() as conn:
+        [row] = await statement.fetch(conn, {"id": "a", "at": at})
+        assert (row["id"], row["at"]) == ("a", at)
+        with pytest.raises(ValueError, match="naive"):  # UTCDateTime's own check
+            await statement.fetch(conn, {"id": "b", "at": datetime(2026, 1, 2)})
+    async with autocommit.connect() as conn:  # committed without a COMMIT
+        found = (await conn.execute(sa.text("SELECT id FROM driven"))).scalars().all()
+    assert found == ["a"]
+
+
+async def test_a_failing_driver_statement_is_a_dbapi_error_and_keeps_a_sound_connection(
+    autocommit: AsyncEngine,
+):
+    statement = DriverStatement(INSERT, autocommit.dialect)
+    at = datetime.now(UTC)
+    async with autocommit.connect() as conn:
+        await statement.fetch(conn, {"id": "a", "at": at})
+        with pytest.raises(sa.exc.DBAPIError) as refused:
+            await statement.fetch(conn, {"id": "a", "at": at})  # the same key again
+        assert isinstance(refused.value.orig, asyncpg.UniqueViolationError)
+        assert not refused.value.connection_invalidated
+        assert not conn.invalidated
+        await statement.fetch(conn, {"id": "b", "at": at})
+
+
+SLEEPING = sa.text(
+    "SELECT 1 FROM pg_stat_activity WHERE pid = :pid AND query LIKE 'SELECT pg_sleep%'"
+)
+
+
+@pytest.mark.parametrize("mid_statement", [False, True])
+async def test_a_connection_lost_under_a_driver_statement_leaves_the_pool(
+    autocommit: AsyncEngine, mid_statement: bool
+):
+    """Lost before the statement (the driver knows it is closed) or while it runs (the
+    server's own goodbye, as a PostgreSQL error): invalidated either way."""
+    statement = DriverStatement(INSERT, autocommit.dialect)
+    sleep = DriverStatement(sa.text("SELECT pg_sleep(30)"), autocommit.dialect)
+    async with autocommit.connect() as conn:
+        pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+
+        async def terminate(once_sleeping: bool) -> None:
+            async with autocommit.connect() as admin:
+                for _ in range(1000 if once_sleeping else 0):
+                    if (await admin.execute(SLEEPING, {"pid": pid})).first():
+                        break
+                    await asyncio.sleep(0.01)
+                await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+        with pytest.raises(sa.exc.DBAPIError) as lost:
+            if mid_statement:
+                sleeping = asyncio.create_task(sleep.fetch(conn, {}))
+                await terminate(once_sleeping=True)
+                await sleeping
+            else:
+                await terminate(once_sleeping=False)
+                await statement.fetch(conn, {"id": uuid.uuid4().hex, "at": datetime.now(UTC)})
+        assert lost.value.connection_invalidated and conn.invalidated
+    async with autocommit.connect() as conn:  # not the dead one
+        [row] = await statement.fetch(conn, {"id": "after", "at": datetime.now(UTC)})
+    assert row["id"] == "after"
