@@ -231,7 +231,7 @@ class UsageWriter:
 
     def _driver(self, statement: sa.TextClause) -> DriverStatement:
         if (driven := self._driven.get(statement)) is None:
-            driven = self._driven[statement] = DriverStatement(statement, self._engine.dialect)
+            driven = self._driven[statement] = DriverStatement(statement, self._engine)
         return driven
 
     async def _start_alone(self, start: RequestStart) -> Counted:
@@ -239,8 +239,7 @@ class UsageWriter:
         one statement that commits on its own (no BEGIN, no COMMIT)."""
         insert = RowInsert(usage_logs, start.row)
         statement, params = increments_upsert(start.user_id, start.increments, insert)
-        async with self._autocommit.connect() as conn:
-            rows = await self._driver(statement).fetch(conn, params)
+        rows = await self._driver(statement).fetch(params)
         found = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
         return [found.get((i.metric, i.period)) for i in start.increments]
 
@@ -293,18 +292,17 @@ class UsageWriter:
         The counter moves only if the row exists, as the counter must stay the sum of
         the rows. Not for a write that must also queue events or read the row first.
         """
-        async with self._autocommit.connect() as conn:
-            if not write.delta:
+        if not write.delta:
+            async with self._autocommit.connect() as conn:
                 await conn.execute(_UPDATE_ROW, write.row)
-                return {}
-            params = {
-                **write.row,
-                "user_id": write.user_id,
-                "period": write.period,
-                "delta": write.delta,
-            }
-            statement = self._driver(_update_and_count(frozenset(write.row)))
-            rows = await statement.fetch(conn, params)
+            return {}
+        params = {
+            **write.row,
+            "user_id": write.user_id,
+            "period": write.period,
+            "delta": write.delta,
+        }
+        rows = await self._driver(_update_and_count(frozenset(write.row))).fetch(params)
         if not rows:
             return {}
         return {(write.user_id, write.period): (rows[0]["used"], rows[0]["seq"])}

@@ -48,13 +48,13 @@ async def test_single_reads_on_sqlite_is_the_engine_itself(tmp_path: Path):
 
 
 @pytest.fixture
-async def autocommit(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(postgres_url)
     async with engine.begin() as conn:
         await conn.execute(sa.text("DROP TABLE IF EXISTS driven"))
         await conn.execute(sa.text("CREATE TABLE driven (id text PRIMARY KEY, at timestamptz)"))
     try:
-        yield engine.execution_options(isolation_level="AUTOCOMMIT")
+        yield engine
     finally:
         await engine.dispose()
 
@@ -62,69 +62,76 @@ async def autocommit(postgres_url: str) -> AsyncIterator[AsyncEngine]:
 INSERT = sa.text("INSERT INTO driven (id, at) VALUES (:id, :at) RETURNING id, at").bindparams(
     sa.bindparam("at", type_=UTCDateTime())
 )
+PID = sa.text("SELECT pg_backend_pid() AS pid")
 
 
-async def test_a_driver_statement_commits_alone_with_its_binds_processed(autocommit: AsyncEngine):
-    statement = DriverStatement(INSERT, autocommit.dialect)
+async def test_a_driver_statement_commits_alone_with_its_binds_processed(engine: AsyncEngine):
+    statement = DriverStatement(INSERT, engine)
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    async with autocommit.connect() as conn:
-        [row] = await statement.fetch(conn, {"id": "a", "at": at})
-        assert (row["id"], row["at"]) == ("a", at)
-        with pytest.raises(ValueError, match="naive"):  # UTCDateTime's own check
-            await statement.fetch(conn, {"id": "b", "at": datetime(2026, 1, 2)})
-    async with autocommit.connect() as conn:  # committed without a COMMIT
+    [row] = await statement.fetch({"id": "a", "at": at})
+    assert (row["id"], row["at"]) == ("a", at)
+    with pytest.raises(ValueError, match="naive"):  # UTCDateTime's own check
+        await statement.fetch({"id": "b", "at": datetime(2026, 1, 2)})
+    async with engine.connect() as conn:  # another connection: committed without a COMMIT
         found = (await conn.execute(sa.text("SELECT id FROM driven"))).scalars().all()
     assert found == ["a"]
 
 
-async def test_a_failing_driver_statement_is_a_dbapi_error_and_keeps_a_sound_connection(
-    autocommit: AsyncEngine,
+async def test_a_failing_driver_statement_is_a_dbapi_error_and_keeps_its_connection(
+    engine: AsyncEngine,
 ):
-    statement = DriverStatement(INSERT, autocommit.dialect)
+    statement, pid = DriverStatement(INSERT, engine), DriverStatement(PID, engine)
     at = datetime.now(UTC)
-    async with autocommit.connect() as conn:
-        await statement.fetch(conn, {"id": "a", "at": at})
-        with pytest.raises(sa.exc.DBAPIError) as refused:
-            await statement.fetch(conn, {"id": "a", "at": at})  # the same key again
-        assert isinstance(refused.value.orig, asyncpg.UniqueViolationError)
-        assert not refused.value.connection_invalidated
-        assert not conn.invalidated
-        await statement.fetch(conn, {"id": "b", "at": at})
+    [before] = await pid.fetch({})
+    await statement.fetch({"id": "a", "at": at})
+    with pytest.raises(sa.exc.DBAPIError) as refused:
+        await statement.fetch({"id": "a", "at": at})  # the same key again
+    assert isinstance(refused.value.orig, asyncpg.UniqueViolationError)
+    assert not refused.value.connection_invalidated
+    await statement.fetch({"id": "b", "at": at})
+    [after] = await pid.fetch({})
+    assert after["pid"] == before["pid"]  # the pool's one connection all along
+
+
+@pytest.mark.parametrize("mid_statement", [False, True])
+async def test_a_connection_lost_under_a_driver_statement_leaves_the_pool(
+    engine: AsyncEngine, postgres_url: str, mid_statement: bool
+):
+    """Lost before the statement (the driver knows it is closed) or while it runs (the
+    server's own goodbye, as a PostgreSQL error): invalidated either way, so the next
+    statement gets a new connection."""
+    statement, pid = DriverStatement(INSERT, engine), DriverStatement(PID, engine)
+    sleep = DriverStatement(sa.text("SELECT pg_sleep(30)"), engine)
+    [victim] = await pid.fetch({})  # the pool's one connection
+    admin = create_engine(postgres_url)
+    try:
+
+        async def terminate(once_sleeping: bool) -> None:
+            async with admin.connect() as conn:
+                for _ in range(1000 if once_sleeping else 0):
+                    if (await conn.execute(SLEEPING, {"pid": victim["pid"]})).first():
+                        break
+                    await asyncio.sleep(0.01)
+                await conn.execute(TERMINATE, {"pid": victim["pid"]})
+
+        with pytest.raises(sa.exc.DBAPIError) as lost:
+            if mid_statement:
+                sleeping = asyncio.create_task(sleep.fetch({}))
+                await terminate(once_sleeping=True)
+                await sleeping
+            else:
+                await terminate(once_sleeping=False)
+                await statement.fetch({"id": uuid.uuid4().hex, "at": datetime.now(UTC)})
+    finally:
+        await admin.dispose()
+    assert lost.value.connection_invalidated
+    [row] = await statement.fetch({"id": "after", "at": datetime.now(UTC)})
+    assert row["id"] == "after"
+    [fresh] = await pid.fetch({})
+    assert fresh["pid"] != victim["pid"]
 
 
 SLEEPING = sa.text(
     "SELECT 1 FROM pg_stat_activity WHERE pid = :pid AND query LIKE 'SELECT pg_sleep%'"
 )
-
-
-@pytest.mark.parametrize("mid_statement", [False, True])
-async def test_a_connection_lost_under_a_driver_statement_leaves_the_pool(
-    autocommit: AsyncEngine, mid_statement: bool
-):
-    """Lost before the statement (the driver knows it is closed) or while it runs (the
-    server's own goodbye, as a PostgreSQL error): invalidated either way."""
-    statement = DriverStatement(INSERT, autocommit.dialect)
-    sleep = DriverStatement(sa.text("SELECT pg_sleep(30)"), autocommit.dialect)
-    async with autocommit.connect() as conn:
-        pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-
-        async def terminate(once_sleeping: bool) -> None:
-            async with autocommit.connect() as admin:
-                for _ in range(1000 if once_sleeping else 0):
-                    if (await admin.execute(SLEEPING, {"pid": pid})).first():
-                        break
-                    await asyncio.sleep(0.01)
-                await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-
-        with pytest.raises(sa.exc.DBAPIError) as lost:
-            if mid_statement:
-                sleeping = asyncio.create_task(sleep.fetch(conn, {}))
-                await terminate(once_sleeping=True)
-                await sleeping
-            else:
-                await terminate(once_sleeping=False)
-                await statement.fetch(conn, {"id": uuid.uuid4().hex, "at": datetime.now(UTC)})
-        assert lost.value.connection_invalidated and conn.invalidated
-    async with autocommit.connect() as conn:  # not the dead one
-        [row] = await statement.fetch(conn, {"id": "after", "at": datetime.now(UTC)})
-    assert row["id"] == "after"
+TERMINATE = sa.text("SELECT pg_terminate_backend(:pid)")
