@@ -10,6 +10,7 @@ after yielding it, so a chunk lost to a disconnect is never billed.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -103,9 +104,21 @@ class Relay:
         self._metering = metering
         self._policy = policy
 
-    async def _begin(
-        self, principal: Principal, request: ChatRequest, context: RequestContext
-    ) -> tuple[list[Target], UsageMeter]:
+    async def _started(
+        self,
+        principal: Principal,
+        request: ChatRequest,
+        context: RequestContext,
+        call: Callable[[Target], Awaitable[T]],
+    ) -> tuple[UsageMeter, T]:
+        """The request's meter, once its start is written, and the first target's answer.
+
+        A start that a limit may refuse is written before any upstream is called: a
+        user out of quota costs the upstream nothing. A start that nothing can refuse
+        (no limit at all) is written while the upstream is called, so the answer does
+        not wait for the database too. Either way nothing reaches the client before
+        the start is written, and a request no target answered is not billed.
+        """
         chain = self._router.chain(request.model)
         user = principal.user
         limit = self._settings.tier(user.tier).monthly_tokens
@@ -143,26 +156,15 @@ class Relay:
             platform=context.platform,
             has_webhooks=user.has_webhooks,
         )
-        # No limit at all (an unlimited tier): nothing to admit.
-        limited = limit is not None or any(inc.limit is not None for inc in requests)
-        meter = await self._metering.begin(
-            info, prompt_tokens, admit if limited else None, also=requests
-        )
+        if limit is None and all(inc.limit is None for inc in requests):
+            # Nothing to admit: the start goes beside the upstream call.
+            begin = self._metering.begin(info, prompt_tokens, also=requests)
+            return await self._answered_beside(asyncio.ensure_future(begin), chain, call)
+        meter = await self._metering.begin(info, prompt_tokens, admit, also=requests)
         remaining = meter.remaining
         if remaining is not None and not request.stream:
             # A whole answer cannot be cut mid-way: cap what it may cost instead.
             _cap_completion(request.body, remaining)
-        return chain, meter
-
-    async def _refused(self, meter: UsageMeter, status: UsageStatus, error: str) -> None:
-        """The upstream never delivered: bill nothing and give the request back."""
-        await meter.discard(status, error)
-        await self._policy.refund_ai_request(meter.info.user_id, meter.started_at)
-
-    async def _first_answer(
-        self, chain: list[Target], meter: UsageMeter, call: Callable[[Target], Awaitable[T]]
-    ) -> T:
-        """The first target's answer; a request no target answered is not billed."""
         try:
             target, answer = await first_answer(chain, call)
         except asyncio.CancelledError:
@@ -172,17 +174,54 @@ class Relay:
             await self._refused(meter, UsageStatus.ERROR, _describe(exc))
             raise
         meter.answered_by(target)
-        return answer
+        return meter, answer
+
+    async def _answered_beside(
+        self,
+        starting: asyncio.Future[UsageMeter],
+        chain: list[Target],
+        call: Callable[[Target], Awaitable[T]],
+    ) -> tuple[UsageMeter, T]:
+        """The first target's answer and the meter of the start written meanwhile."""
+        answered: tuple[Target, T] | None = None
+        try:
+            answered = await first_answer(chain, call)
+            meter = await asyncio.shield(starting)
+        except BaseException as exc:
+            answer = answered[1] if answered is not None else None
+            await run_to_completion(functools.partial(self._abandoned, starting, answer, exc))
+            raise
+        target, answer = answered
+        meter.answered_by(target)
+        return meter, answer
+
+    async def _abandoned(
+        self, starting: asyncio.Future[UsageMeter], answer: object, exc: BaseException
+    ) -> None:
+        """No answer, no start, or no client: close what came, give back what was written."""
+        if isinstance(answer, _OpenedStream):
+            await answer.aclose()
+        try:
+            meter = await starting
+        except Exception:
+            return  # not written (the metering ends what it may have left)
+        if isinstance(exc, Exception):
+            await self._refused(meter, UsageStatus.ERROR, _describe(exc))
+        else:  # cancelled: the client left
+            await self._refused(meter, UsageStatus.CANCELLED, "client disconnected")
+
+    async def _refused(self, meter: UsageMeter, status: UsageStatus, error: str) -> None:
+        """The upstream never delivered: bill nothing and give the request back."""
+        await meter.discard(status, error)
+        await self._policy.refund_ai_request(meter.info.user_id, meter.started_at)
 
     async def complete(
         self, principal: Principal, request: ChatRequest, context: RequestContext
     ) -> bytes:
-        chain, meter = await self._begin(principal, request, context)
-
         async def call(target: Target) -> Completion:
             return await target.provider.complete({**request.body, "model": target.model})
 
-        completion = await self._first_answer(chain, meter, call)
+        meter, completion = await self._started(principal, request, context, call)
         usage = completion.usage or Usage(
             prompt_tokens=meter.prompt_tokens,
             completion_tokens=estimate_tokens(completion.completion_text),
@@ -199,12 +238,11 @@ class Relay:
         fmt: StreamFormat,
     ) -> AsyncGenerator[bytes, None]:
         """The client's stream, once a provider has sent its first event."""
-        chain, meter = await self._begin(principal, request, context)
 
         async def call(target: Target) -> _OpenedStream:
             return await _open_stream(target, {**request.body, "model": target.model})
 
-        opened = await self._first_answer(chain, meter, call)
+        meter, opened = await self._started(principal, request, context, call)
         return relay_stream(opened, meter, fmt)
 
 

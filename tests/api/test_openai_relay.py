@@ -37,13 +37,22 @@ async def wait_for_status(livegate: Livegate, user_id: str, status: str) -> sa.R
     raise AssertionError(f"no usage row reached {status!r}: {rows}")
 
 
+@pytest.fixture(params=["free", "enterprise"], ids=["limited", "unlimited"])
+def tier(request: pytest.FixtureRequest) -> str:
+    """A tier with limits, whose starts are written before the upstream is called, and
+    one without any, whose starts are written while it is called."""
+    return str(request.param)
+
+
 def client(livegate: Livegate, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{livegate.base_url}/v1", api_key=key, max_retries=0)
 
 
-async def test_non_stream_bills_upstream_usage(livegate: Livegate, fake_upstream: FakeUpstream):
+async def test_non_stream_bills_upstream_usage(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
+):
     fake_upstream.script.tokens = 7
-    account = await livegate.account()
+    account = await livegate.account(tier)
     result = await client(livegate, account.api_key).chat.completions.create(
         model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
     )
@@ -72,10 +81,10 @@ async def test_a_body_past_the_fast_encoder_reaches_the_upstream_as_sent(
 
 
 async def test_stream_bills_upstream_usage_and_hides_it_unless_asked(
-    livegate: Livegate, fake_upstream: FakeUpstream
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
     fake_upstream.script.tokens = 12
-    account = await livegate.account()
+    account = await livegate.account(tier)
     stream = await client(livegate, account.api_key).chat.completions.create(
         model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -126,11 +135,11 @@ async def test_stream_without_upstream_usage_counts_delivered_tokens(
 
 
 async def test_disconnect_after_k_chunks_bills_exactly_k(
-    livegate: Livegate, fake_upstream: FakeUpstream
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
     fake_upstream.script.tokens = 50
     fake_upstream.script.hold_after = 4
-    account = await livegate.account()
+    account = await livegate.account(tier)
     received = 0
     async with (
         httpx.AsyncClient(base_url=livegate.base_url) as http,
@@ -162,10 +171,10 @@ async def test_disconnect_after_k_chunks_bills_exactly_k(
 
 
 async def test_upstream_failure_before_stream_is_502_and_not_billed(
-    livegate: Livegate, fake_upstream: FakeUpstream
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
     fake_upstream.script.status = 503
-    account = await livegate.account()
+    account = await livegate.account(tier)
     with pytest.raises(openai.APIStatusError) as caught:
         await client(livegate, account.api_key).chat.completions.create(
             model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
@@ -179,14 +188,18 @@ async def test_upstream_failure_before_stream_is_502_and_not_billed(
             "/api/usage/quota", headers={"Authorization": f"Bearer {account.token}"}
         )
     assert quota.json()["used"] == 0
+    # The request is given back too, to every window.
+    windows = await livegate.services.policy.ai_request_usage(account.user.id, tier)
+    assert {name: usage.used for name, usage in windows.items()} == dict.fromkeys(windows, 0)
+    assert windows
 
 
 async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
-    livegate: Livegate, fake_upstream: FakeUpstream
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
     fake_upstream.script.tokens = 10
     fake_upstream.script.fail_after = 3
-    account = await livegate.account()
+    account = await livegate.account(tier)
     stream = await client(livegate, account.api_key).chat.completions.create(
         model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -200,10 +213,10 @@ async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
     assert row.completion_tokens == 3
 
 
-async def test_unreachable_upstream_is_502(start_livegate: StartLivegate):
+async def test_unreachable_upstream_is_502(start_livegate: StartLivegate, tier: str):
     dead = ProviderConfig(name="dead", base_url="http://127.0.0.1:9/v1", models=[FAKE_MODEL])
     livegate = await start_livegate(providers=[dead])
-    account = await livegate.account()
+    account = await livegate.account(tier)
     with pytest.raises(openai.APIStatusError) as caught:
         await client(livegate, account.api_key).chat.completions.create(
             model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
@@ -212,10 +225,10 @@ async def test_unreachable_upstream_is_502(start_livegate: StartLivegate):
 
 
 async def test_non_stream_disconnect_cancels_upstream_and_bills_nothing(
-    livegate: Livegate, fake_upstream: FakeUpstream
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
     fake_upstream.script.hold_after = 0
-    account = await livegate.account()
+    account = await livegate.account(tier)
     async with httpx.AsyncClient(base_url=livegate.base_url) as http:
         request = asyncio.create_task(
             http.post(
@@ -241,12 +254,12 @@ async def test_non_stream_disconnect_cancels_upstream_and_bills_nothing(
 
 
 async def test_stream_cut_by_server_shutdown_is_interrupted(
-    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream, tier: str
 ):
     livegate = await start_livegate()
     fake_upstream.script.tokens = 50
     fake_upstream.script.hold_after = 3
-    account = await livegate.account()
+    account = await livegate.account(tier)
     received = 0
 
     async def consume() -> None:
