@@ -13,7 +13,9 @@ so the transactions of two instances cannot deadlock.
 On PostgreSQL, what goes alone (the common case when the server is not busy) takes
 fewer round trips: a start's row and counters are one statement, and a checkpoint or
 an end with nothing else to do in its transaction (no event to queue, no row to read
-first) is one statement committing on its own, where a transaction takes four.
+first) is one statement committing on its own, where a transaction takes four. So is
+a start that nothing can refuse (no limit on any of its counters). The statements
+that commit on their own are run by the driver itself (`DriverStatement`).
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ class UsageWriter:
 
     async def _commit_starts(self, starts: list[RequestStart]) -> list[Counted | Exception]:
         """One transaction for all starts admitted; one that is refused is left out and
-        the rest run again (refusals are rare: a user out of quota)."""
+        the rest run again (refusals are rare: a user out of quota). A lone start with
+        nothing to admit commits on its own (PostgreSQL)."""
         if len(starts) == 1 and starts[0].admit is None and self._postgres:
             return [await self._start_alone(starts[0])]
         outcomes: dict[int, Counted | Exception] = {}
