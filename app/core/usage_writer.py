@@ -10,12 +10,12 @@ per request (requests of one user otherwise queue behind each other's commits).
 Counter rows are locked in the order of their user ids, in starts and updates alike,
 so the transactions of two instances cannot deadlock.
 
-On PostgreSQL, what goes alone (the common case when the server is not busy) takes
-fewer round trips: a start's row and counters are one statement, and a checkpoint or
-an end with nothing else to do in its transaction (no event to queue, no row to read
-first) is one statement committing on its own, where a transaction takes four. So is
-a start that nothing can refuse (no limit on any of its counters). The statements
-that commit on their own are run by the driver itself (`DriverStatement`).
+On PostgreSQL, the writes that need nothing but their rows and counters have queues
+of their own, and each of their batches is one statement committing on its own, run
+by the driver itself (`DriverStatement`): the starts nothing can refuse (no limit on
+any counter, nothing to admit), and the checkpoints and ends with no event to queue
+and no row to read first. A transaction takes at least four round trips. The other
+writes keep their transactions, so a refusal still takes back its row and counts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
@@ -40,7 +40,6 @@ from app.core.quota import (
     add_tokens_many,
     apply_increments,
     increment_counters,
-    increments_upsert,
 )
 from app.core.tables import usage_logs
 from app.core.webhooks import QuotaWarnings
@@ -67,6 +66,12 @@ class RequestStart:
     # to be written with it (no limit on any of its counters).
     admit: Callable[[AsyncConnection, Counted], Awaitable[None]] | None
 
+    @property
+    def unlimited(self) -> bool:
+        """Whether nothing can refuse the start: nothing to admit, no limit on any of its
+        counters (on PostgreSQL such starts are batched as one statement)."""
+        return self.admit is None and all(i.limit is None for i in self.increments)
+
 
 @dataclass(frozen=True, slots=True)
 class UsageWrite:
@@ -90,7 +95,8 @@ class UsageWrite:
     @property
     def alone(self) -> bool:
         """Whether the write needs nothing in its transaction besides its row and its
-        counter, so that on PostgreSQL one statement can do it (`_update_alone`)."""
+        counter, so that on PostgreSQL one statement can do it with others like it
+        (`_commit_alone_updates`)."""
         return self.then is None and not self.rebase and not self.warnings
 
 
@@ -180,13 +186,16 @@ class UsageWriter:
         self._engine = engine
         self._warnings = warnings
         self._postgres = engine.dialect.name == "postgresql"
-        # Where a lone write runs as one statement (`_update_alone`): no BEGIN or COMMIT.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        # The lone paths' statements, compiled once for the driver (see `DriverStatement`).
+        # The statements of the one-statement paths, compiled once for the driver.
         self._driven: dict[sa.TextClause, DriverStatement] = {}
         self._starts = _GroupCommit("usage-starts", self._commit_starts)
         self._updates = _GroupCommit(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
+        )
+        # PostgreSQL only: SQLite has one writer, which a second queue would wait for.
+        self._unlimited_starts = _GroupCommit("usage-starts-unlimited", self._commit_unlimited)
+        self._alone_updates = _GroupCommit(
+            "usage-updates-alone", self._commit_alone_updates, lambda w: replace(w, rebase=True)
         )
 
     def start(self, start: RequestStart) -> asyncio.Future[Counted]:
@@ -195,19 +204,19 @@ class UsageWriter:
         What became of each increment: the counter's (used, seq), or None where its
         limit refused it.
         """
+        if self._postgres and start.unlimited:
+            return self._unlimited_starts.submit(start)
         return self._starts.submit(start)
 
     async def write(self, write: UsageWrite) -> tuple[int, int] | None:
         """Commit `write`; its user's token counter after it, or None if it added nothing."""
-        counters = await self._updates.submit(write)
+        queue = self._alone_updates if self._postgres and write.alone else self._updates
+        counters = await queue.submit(write)
         return counters.get((write.user_id, write.period)) if write.delta else None
 
     async def _commit_starts(self, starts: list[RequestStart]) -> list[Counted | Exception]:
         """One transaction for all starts admitted; one that is refused is left out and
-        the rest run again (refusals are rare: a user out of quota). A lone start with
-        nothing to admit commits on its own (PostgreSQL)."""
-        if len(starts) == 1 and starts[0].admit is None and self._postgres:
-            return [await self._start_alone(starts[0])]
+        the rest run again (refusals are rare: a user out of quota)."""
         outcomes: dict[int, Counted | Exception] = {}
         singly: set[str] = set()  # users counted start by start (see `_count`)
         while pending := [i for i in range(len(starts)) if i not in outcomes]:
@@ -237,14 +246,29 @@ class UsageWriter:
             driven = self._driven[statement] = DriverStatement(statement, self._engine)
         return driven
 
-    async def _start_alone(self, start: RequestStart) -> Counted:
-        """A lone start nothing can refuse, on PostgreSQL: its row and its counters in
-        one statement that commits on its own (no BEGIN, no COMMIT)."""
-        insert = RowInsert(usage_logs, start.row)
-        statement, params = increments_upsert(start.user_id, start.increments, insert)
-        rows = await self._driver(statement).fetch(params)
-        found = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
-        return [found.get((i.metric, i.period)) for i in start.increments]
+    async def _commit_unlimited(self, starts: list[RequestStart]) -> list[Counted | Exception]:
+        """Starts nothing can refuse, on PostgreSQL: all their rows and all their
+        counters (one change per counter, as folded by `_fold`) in one statement that
+        commits on its own."""
+        by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
+        for start in starts:
+            by_keys.setdefault(tuple(start.row), []).append(start.row)
+        keysets = tuple(sorted(by_keys))
+        params = _columns(keysets, [by_keys[keys] for keys in keysets])
+        by_user = _by_user(starts)
+        changes = list(_fold(starts, by_user, by_user).values())
+        params["subjects"] = [c.subject for c in changes]
+        params["metrics"] = [c.increment.metric for c in changes]
+        params["periods"] = [c.increment.period for c in changes]
+        params["amounts"] = [c.increment.amount for c in changes]
+        params["steps"] = [c.steps for c in changes]
+        rows = await self._driver(_rows_inserted_and_counted(keysets, self._engine.dialect)).fetch(
+            params
+        )
+        found = {(r["user_id"], r["metric"], r["period"]): (r["used"], r["seq"]) for r in rows}
+        counted: list[Counted] = [[] for _ in starts]
+        _views(starts, by_user, by_user, found, counted)
+        return list(counted)
 
     async def _insert_and_count(
         self, conn: AsyncConnection, starts: list[RequestStart], singly: set[str]
@@ -259,8 +283,6 @@ class UsageWriter:
         return await _count(conn, starts, singly)
 
     async def _commit_updates(self, writes: list[UsageWrite]) -> list[Counters | Exception]:
-        if len(writes) == 1 and writes[0].alone and self._postgres:
-            return [await self._update_alone(writes[0])]
         by_keys: dict[frozenset[str], list[dict[str, object]]] = {}
         for write in writes:
             by_keys.setdefault(frozenset(write.row), []).append(write.row)
@@ -289,48 +311,128 @@ class UsageWriter:
                 )
         return [counters] * len(writes)
 
-    async def _update_alone(self, write: UsageWrite) -> Counters:
-        """A lone write on PostgreSQL: its row and its counter in one statement.
+    async def _commit_alone_updates(self, writes: list[UsageWrite]) -> list[Counters | Exception]:
+        """Writes that need nothing but their rows and counters, on PostgreSQL: all of
+        them in one statement that commits on its own.
 
-        The counter moves only if the row exists, as the counter must stay the sum of
-        the rows. Not for a write that must also queue events or read the row first.
+        A counter moves only with rows that exist, as it must stay the sum of the rows.
+        A write retried after its batch failed must read its row first (`rebase`), and
+        two writes of one row cannot share the statement: those go in a transaction.
         """
-        if not write.delta:
-            async with self._autocommit.connect() as conn:
-                await conn.execute(_UPDATE_ROW, write.row)
-            return {}
-        params = {
-            **write.row,
-            "user_id": write.user_id,
-            "period": write.period,
-            "delta": write.delta,
-        }
-        rows = await self._driver(_update_and_count(frozenset(write.row))).fetch(params)
-        if not rows:
-            return {}
-        return {(write.user_id, write.period): (rows[0]["used"], rows[0]["seq"])}
+        rows = [write.row for write in writes]
+        if not all(write.alone for write in writes) or len({r["row_id"] for r in rows}) < len(rows):
+            return await self._commit_updates(writes)
+        by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
+        for write in writes:
+            by_keys.setdefault((*sorted(write.row), "delta"), []).append(
+                {**write.row, "delta": write.delta}
+            )
+        keysets = tuple(sorted(by_keys))  # one statement per combination, whatever the order
+        params = _columns(keysets, [by_keys[keys] for keys in keysets])
+        found = await self._driver(_rows_updated_and_counted(keysets, self._engine.dialect)).fetch(
+            params
+        )
+        counters = {(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}
+        return [counters] * len(writes)
+
+
+def _columns(
+    keysets: tuple[tuple[str, ...], ...], rows: list[list[dict[str, object]]]
+) -> dict[str, object]:
+    """The parameters of `_unnest`: for the `n`th keyset, an array per column, `name_n`."""
+    params: dict[str, object] = {}
+    for n, (keys, group) in enumerate(zip(keysets, rows, strict=True)):
+        for key in keys:
+            params[f"{key}_{n}"] = [row[key] for row in group]
+    return params
+
+
+def _unnest(
+    keys: tuple[str, ...], n: int, dialect: sa.Dialect
+) -> tuple[str, list[sa.BindParameter[object]]]:
+    """`unnest(...)` of one array per column of `usage_logs` (`row_id` as `id`, and
+    `delta`), named as `_columns` names them, with the binds that type them."""
+    arrays: list[str] = []
+    binds: list[sa.BindParameter[object]] = []
+    for key in keys:
+        column_type = (
+            sa.BigInteger()
+            if key == "delta"
+            else usage_logs.c["id" if key == "row_id" else key].type
+        )
+        arrays.append(f"CAST(:{key}_{n} AS {column_type.compile(dialect=dialect)}[])")
+        binds.append(sa.bindparam(f"{key}_{n}", type_=sa.ARRAY(column_type)))
+    return f"unnest({', '.join(arrays)}) AS d_{n} ({', '.join(keys)})", binds
+
+
+# Adds a SELECT's rows (user_id, metric, period, amount, steps), in the order counter
+# rows are to be locked, to their counters, without limits.
+_ADD_TO_COUNTERS = (
+    "INSERT INTO quota_counters (user_id, metric, period, used, seq) {rows} "
+    "ON CONFLICT (user_id, metric, period) DO UPDATE "
+    "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + excluded.seq "
+    "RETURNING user_id, metric, period, used, seq"
+)
 
 
 @functools.cache
-def _update_and_count(keys: frozenset[str]) -> sa.TextClause:
-    """PostgreSQL: update the row `row_id` and add `delta` to its user's token counter,
-    in one statement; the counter's `used` and `seq` after it (no row: nothing).
-
-    Written out, as a data-modifying WITH is PostgreSQL's own; one per set of keys
-    (a checkpoint's, a finalize's), so each is prepared once per connection.
-    """
-    columns = sorted(keys - {"row_id"})
-    assignments = ", ".join(f"{name} = :{name}" for name in columns)
+def _rows_inserted_and_counted(
+    keysets: tuple[tuple[str, ...], ...], dialect: sa.Dialect
+) -> sa.TextClause:
+    """PostgreSQL: insert rows of `usage_logs` (each keyset's columns as arrays, see
+    `_columns`) and add the arrays `subjects`, `metrics`, `periods`, `amounts`, `steps`
+    to their counters, in one statement; each counter's `used` and `seq` after it.
+    Written out, as a data-modifying WITH is PostgreSQL's own."""
+    inserts: list[str] = []
+    binds: list[sa.BindParameter[object]] = []
+    for n, keys in enumerate(keysets):
+        source, typed = _unnest(keys, n, dialect)
+        inserts.append(
+            f"inserted_{n} AS (INSERT INTO usage_logs ({', '.join(keys)}) SELECT * FROM {source})"
+        )
+        binds.extend(typed)
+    changes = (
+        "SELECT * FROM unnest(CAST(:subjects AS VARCHAR[]), CAST(:metrics AS VARCHAR[]), "
+        "CAST(:periods AS VARCHAR[]), CAST(:amounts AS BIGINT[]), CAST(:steps AS BIGINT[]))"
+    )
     return sa.text(
-        f"WITH updated AS (UPDATE usage_logs SET {assignments} WHERE id = :row_id RETURNING id) "
-        "INSERT INTO quota_counters (user_id, metric, period, used, seq) "
-        f"SELECT :user_id, '{TOKENS}', :period, :delta, 1 FROM updated "
-        "ON CONFLICT (user_id, metric, period) DO UPDATE "
-        "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + 1 "
-        "RETURNING used, seq"
+        f"WITH {', '.join(inserts)} " + _ADD_TO_COUNTERS.format(rows=changes)
     ).bindparams(
-        *(sa.bindparam(name, type_=usage_logs.c[name].type) for name in columns),
-        sa.bindparam("delta", type_=sa.BigInteger),
+        *binds,
+        sa.bindparam("amounts", type_=sa.ARRAY(sa.BigInteger())),
+        sa.bindparam("steps", type_=sa.ARRAY(sa.BigInteger())),
+    )
+
+
+@functools.cache
+def _rows_updated_and_counted(
+    keysets: tuple[tuple[str, ...], ...], dialect: sa.Dialect
+) -> sa.TextClause:
+    """PostgreSQL: update rows of `usage_logs` (each keyset's columns as arrays, see
+    `_columns`, `row_id` naming the row) and add each row's `delta` to its user's token
+    counter, in one statement; each counter's `used` and `seq` after it (a row that does
+    not exist moves nothing). One statement per combination of keysets (checkpoints',
+    ends'), so each is prepared once per connection."""
+    updates: list[str] = []
+    binds: list[sa.BindParameter[object]] = []
+    for n, keys in enumerate(keysets):
+        source, typed = _unnest(keys, n, dialect)
+        assignments = ", ".join(f"{k} = d_{n}.{k}" for k in keys if k not in ("row_id", "delta"))
+        updates.append(
+            f"updated_{n} AS (UPDATE usage_logs SET {assignments} FROM {source} "
+            f"WHERE usage_logs.id = d_{n}.row_id "
+            f"RETURNING usage_logs.user_id, usage_logs.period, d_{n}.delta)"
+        )
+        binds.extend(typed)
+    updated = " UNION ALL ".join(f"SELECT * FROM updated_{n}" for n in range(len(keysets)))
+    # One step per counter and statement, as per transaction on the other path.
+    sums = (
+        f"SELECT user_id, '{TOKENS}', period, CAST(sum(delta) AS BIGINT), 1 "
+        f"FROM ({updated}) AS updated WHERE delta <> 0 "
+        "GROUP BY user_id, period ORDER BY user_id, period"
+    )
+    return sa.text(f"WITH {', '.join(updates)} " + _ADD_TO_COUNTERS.format(rows=sums)).bindparams(
+        *binds
     )
 
 
@@ -365,52 +467,21 @@ async def _added(conn: AsyncConnection, writes: list[UsageWrite]) -> list[int]:
     return added
 
 
-async def _count(
-    conn: AsyncConnection, starts: list[RequestStart], singly: set[str]
-) -> list[Counted] | None:
-    """Apply the starts' increments; what each start saw, as if they ran one by one.
-
-    A user's starts are folded into one change per counter (one row in one statement
-    for all users), and each start's view is taken back out of the sum. Where a folded
-    change would pass a limit that some of them fit in, the user joins `singly` and
-    None is returned: the caller rolls back and runs again, and that user's starts are
-    then counted one statement each, each getting in as far as its limit allows.
-    Users are taken in sorted order, so counter rows are locked in sorted order.
-    """
+def _by_user(starts: list[RequestStart]) -> dict[str, list[int]]:
+    """The starts' positions, by user."""
     by_user: dict[str, list[int]] = {}
     for n, start in enumerate(starts):
         by_user.setdefault(start.user_id, []).append(n)
-    counted: list[Counted] = [[] for _ in starts]
+    return by_user
+
+
+def _fold(
+    starts: list[RequestStart], by_user: dict[str, list[int]], users: Iterable[str]
+) -> dict[CounterKey, CounterChange]:
+    """The increments of `users`' starts folded into one change per counter, each
+    limit folded to the smallest; in the order counter rows are locked."""
     folded: dict[CounterKey, CounterChange] = {}
-
-    async def apply_folded() -> bool:
-        found = await apply_increments(conn, list(folded.values()))
-        for key, change in folded.items():
-            if change.increment.limit is not None and key not in found and change.steps > 1:
-                singly.add(key[0])
-                return False
-        # Each start's view: the counter after the sum, less what later starts added.
-        later: dict[CounterKey, tuple[int, int]] = {}
-        for user in {key[0] for key in folded}:
-            for n in reversed(by_user[user]):
-                views: Counted = []
-                for inc in starts[n].increments:
-                    key = (user, inc.metric, inc.period)
-                    after = found.get(key)
-                    amount, steps = later.get(key, (0, 0))
-                    views.append(None if after is None else (after[0] - amount, after[1] - steps))
-                    later[key] = (amount + inc.amount, steps + 1)
-                counted[n] = views
-        folded.clear()
-        return True
-
-    for user in sorted(by_user):
-        if user in singly:
-            if folded and not await apply_folded():
-                return None
-            for n in by_user[user]:
-                counted[n] = await increment_counters(conn, user, starts[n].increments)
-            continue
+    for user in sorted(users):
         for n in by_user[user]:
             for inc in starts[n].increments:
                 key = (user, inc.metric, inc.period)
@@ -426,6 +497,63 @@ async def _count(
                     min(limits, default=None),
                 )
                 folded[key] = CounterChange(user, total, change.steps + 1)
-    if folded and not await apply_folded():
-        return None
+    return dict(sorted(folded.items()))
+
+
+def _views(
+    starts: list[RequestStart],
+    by_user: dict[str, list[int]],
+    users: Iterable[str],
+    found: dict[CounterKey, tuple[int, int]],
+    counted: list[Counted],
+) -> None:
+    """Into `counted`, the view of each of `users`' starts of its counters after their
+    folded changes (`found`): the counter after the sum, less what later starts of its
+    user added, as if they ran one by one."""
+    later: dict[CounterKey, tuple[int, int]] = {}
+    for user in users:
+        for n in reversed(by_user[user]):
+            views: Counted = []
+            for inc in starts[n].increments:
+                key = (user, inc.metric, inc.period)
+                after = found.get(key)
+                amount, steps = later.get(key, (0, 0))
+                views.append(None if after is None else (after[0] - amount, after[1] - steps))
+                later[key] = (amount + inc.amount, steps + 1)
+            counted[n] = views
+
+
+async def _count(
+    conn: AsyncConnection, starts: list[RequestStart], singly: set[str]
+) -> list[Counted] | None:
+    """Apply the starts' increments; what each start saw, as if they ran one by one.
+
+    A user's starts are folded into one change per counter (one row in one statement
+    for all users), and each start's view is taken back out of the sum. Where a folded
+    change would pass a limit that some of them fit in, the user joins `singly` and
+    None is returned: the caller rolls back and runs again, and that user's starts are
+    then counted one statement each, each getting in as far as its limit allows.
+    Users are taken in sorted order, so counter rows are locked in sorted order.
+    """
+    counted: list[Counted] = [[] for _ in starts]
+    by_user = _by_user(starts)
+    # Runs of users folded together, split where a user is counted singly.
+    batch: list[str] = []
+    for user in [*sorted(by_user), None]:
+        if user is not None and user not in singly:
+            batch.append(user)
+            continue
+        if batch:
+            folded = _fold(starts, by_user, batch)
+            found = await apply_increments(conn, list(folded.values()))
+            for key, change in folded.items():
+                limited = change.increment.limit is not None
+                if limited and key not in found and change.steps > 1:
+                    singly.add(key[0])
+                    return None
+            _views(starts, by_user, batch, found, counted)
+            batch = []
+        if user is not None:
+            for n in by_user[user]:
+                counted[n] = await increment_counters(conn, user, starts[n].increments)
     return counted

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,14 +121,19 @@ async def test_a_failing_write_does_not_fail_the_writes_committed_with_it(env: E
     await assert_counter(env.engine, user, 6 * 3 + 1)
 
 
-async def test_checkpoints_and_ends_of_many_users_on_two_instances_stay_exact(env: Env):
-    """Two instances write counters of the same users at once: no deadlock, no drift."""
+@pytest.mark.parametrize("has_webhooks", [True, False], ids=["transactions", "statements"])
+async def test_checkpoints_and_ends_of_many_users_on_two_instances_stay_exact(
+    env: Env, has_webhooks: bool
+):
+    """Two instances write counters of the same users at once: no deadlock, no drift.
+    Without webhooks, on PostgreSQL, each batch is one statement committing on its own."""
     instances = [env.metering(), env.metering()]
     users = [await env.user() for _ in range(6)]
 
     async def stream(i: int) -> int:
         metering = instances[i % 2]
-        meter = await metering.begin(request(users[i % len(users)]), prompt_tokens=2)
+        info = dataclasses.replace(request(users[i % len(users)]), has_webhooks=has_webhooks)
+        meter = await metering.begin(info, prompt_tokens=2)
         for _ in range(4):
             deliver(meter, 5)  # a checkpoint each time (checkpoint_tokens=5)
             await asyncio.sleep(0)
@@ -284,3 +290,91 @@ async def test_a_lone_start_refused_by_a_limit_leaves_neither_its_row_nor_its_co
     async with env.engine.connect() as conn:
         assert await read_counter(conn, user, "requests", "all") == 1
     await first.finish(UsageStatus.COMPLETED)
+
+
+async def test_starts_with_nothing_to_refuse_arriving_together_see_the_counters_one_by_one(
+    env: Env,
+):
+    """Starts with no limit and nothing to admit go together as one statement on
+    PostgreSQL (no transaction), beside starts that have a limit to check; each still
+    sees its counters as if the starts ran one by one."""
+    metering = env.metering()
+    users = [await env.user() for _ in range(3)]
+    requests_ = Increment("requests", "all", 1)
+
+    async def admit(conn: AsyncConnection, quota: QuotaSnapshot, counted: Counted) -> None:
+        pass
+
+    def start(i: int) -> asyncio.Future[UsageMeter] | asyncio.Task[UsageMeter]:
+        checked = i % 5 == 4  # these have something to admit: a transaction
+        return asyncio.ensure_future(
+            metering.begin(
+                request(users[i % 3]),
+                prompt_tokens=i + 1,
+                admit=admit if checked else None,
+                also=[requests_],
+            )
+        )
+
+    with counting_commits(env.engine) as commits:
+        meters = await asyncio.gather(*(start(i) for i in range(15)))
+    if env.engine.dialect.name == "postgresql":
+        assert len(commits) == 1, "only the starts with something to admit use a transaction"
+    for user in users:
+        mine = [m for m in meters if m.info.user_id == user]
+        rows = await rows_of(env.engine, user)
+        assert sorted(r.prompt_tokens for r in rows) == sorted(m.prompt_tokens for m in mine)
+        await assert_counter(env.engine, user, sum(m.prompt_tokens for m in mine))
+        async with env.engine.connect() as conn:
+            assert await read_counter(conn, user, "requests", "all") == 5
+            used, seq = await read_counter_state(conn, user, TOKENS, mine[0].period)
+        # Each start saw the counter with its own prompt counted and a step of its own.
+        seen = sorted((m._snapshot.seq, m._snapshot.used, m.prompt_tokens) for m in mine)
+        assert [s for s, _, _ in seen] == list(range(1, 6)) and seq == 5
+        assert seen[0][1] == seen[0][2] and seen[-1][1] == used
+        for (_, before, _), (_, after, prompt) in itertools.pairwise(seen):
+            assert after - before == prompt
+    for meter in meters:
+        await meter.finish(UsageStatus.COMPLETED)
+
+
+async def test_checkpoints_and_ends_arriving_together_move_each_counter_once(env: Env):
+    """Writes of users without webhooks, of several kinds (checkpoints, ends) and
+    users, submitted together: one statement on PostgreSQL, one transaction on SQLite.
+    Every row takes its own values; each user's counter moves once, by the sum."""
+    metering = env.metering()
+    users = [await env.user() for _ in range(2)]
+    quiet = [dataclasses.replace(request(u), has_webhooks=False) for u in users]
+    meters = [await metering.begin(quiet[i % 2], prompt_tokens=1) for i in range(5)]
+    async with env.engine.connect() as conn:
+        before = [await read_counter_state(conn, u, TOKENS, meters[0].period) for u in users]
+
+    def write(i: int, meter: UsageMeter) -> UsageWrite:
+        row: dict[str, object] = {
+            "row_id": meter.row_id,
+            "completion_tokens": i,
+            "total_tokens": 1 + i,
+        }
+        if i % 2:
+            row.update(status=UsageStatus.COMPLETED, finish_reason="stop")
+        user = meter.info.user_id
+        return UsageWrite(row, user, meter.period, i, None, warnings=False)
+
+    with counting_commits(env.engine) as commits:
+        outcomes = await asyncio.gather(
+            *(metering.writer.write(write(i, m)) for i, m in enumerate(meters))
+        )
+    assert len(commits) == (0 if env.engine.dialect.name == "postgresql" else 1)
+    rows = [await row_of(env.engine, m.row_id) for m in meters]
+    assert [(r.completion_tokens, r.total_tokens) for r in rows] == [(i, 1 + i) for i in range(5)]
+    assert [r.status for r in rows] == [
+        UsageStatus.COMPLETED if i % 2 else UsageStatus.STREAMING for i in range(5)
+    ]
+    added = [0 + 2 + 4, 1 + 3]  # the deltas of users[0] (rows 0, 2, 4) and users[1]
+    after = [(before[n][0] + added[n], before[n][1] + 1) for n in range(2)]
+    for n, user in enumerate(users):
+        await assert_counter(env.engine, user, after[n][0])
+        async with env.engine.connect() as conn:
+            assert await read_counter_state(conn, user, TOKENS, meters[0].period) == after[n]
+    # Each write learns its user's counter after the batch; one that added nothing, None.
+    assert outcomes == [None, *(after[i % 2] for i in range(1, 5))]

@@ -46,8 +46,8 @@ class CommitAnswerCutter:
 
     With `statement` set instead, it cuts the answer to the next run of the statement
     whose text starts that way (sent when the statement is prepared, which asyncpg does
-    once per connection): for a statement that commits on its own, outside any
-    transaction, the same as a lost COMMIT answer."""
+    once per connection, and its run names it): for a statement that commits on its
+    own, outside any transaction, the same as a lost COMMIT answer."""
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
@@ -68,17 +68,19 @@ class CommitAnswerCutter:
     async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter):
         server_in, server_out = await asyncio.open_connection(*self._target)
         committing = asyncio.Event()
-        prepared = False  # `statement` was just prepared here: its run comes next
+        prepared: bytes | None = None  # the name `statement` was just prepared by here
 
         async def to_server() -> None:
             nonlocal prepared
             while data := await client_in.read(65536):
-                if prepared:
-                    prepared = False
+                if prepared is not None and data.startswith(b"B") and prepared in data:
+                    # Its run (a Bind): the driver may have looked up types in between.
+                    prepared = None
                     committing.set()
                 elif self.statement is not None and self.statement in data:
                     self.statement = None
-                    prepared = True
+                    # Parse: "P", its length, then the statement's name.
+                    prepared = b"\x00" + data[5 : data.index(b"\x00", 5) + 1]
                 elif self.armed and COMMIT in data:
                     self.armed = False
                     if self.before_commit:
@@ -144,7 +146,7 @@ async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next
     if has_webhooks:
         proxy.armed = True
     else:
-        proxy.statement = b"WITH updated AS (UPDATE usage_logs"
+        proxy.statement = b"WITH updated_0 AS (UPDATE usage_logs"
     deliver(meter, 5)  # a checkpoint: committed, but the meter is told it failed
     await flushed(meter)
     assert proxy.cut == 1
@@ -159,9 +161,12 @@ async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next
     await assert_counter(env.engine, user, 12)
 
 
+@pytest.mark.parametrize("warnings", [True, False], ids=["transaction", "statement"])
 async def test_a_batch_committed_unbeknown_is_retried_without_counting_it_twice(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], warnings: bool
 ):
+    """With warnings to check, the batch is a transaction; without, one statement that
+    commits on its own."""
     proxy, engine = cutter
     metering = Metering(engine, env.publisher, CONFIG)
     user = await env.user()
@@ -169,10 +174,13 @@ async def test_a_batch_committed_unbeknown_is_retried_without_counting_it_twice(
 
     def write(meter: UsageMeter) -> UsageWrite:
         row = {"row_id": meter.row_id, "completion_tokens": 5, "total_tokens": 6}
-        return UsageWrite(row, user, meter.period, 5, None)
+        return UsageWrite(row, user, meter.period, 5, None, warnings=warnings)
 
-    proxy.armed = True
-    # Submitted together: one transaction, whose answer is lost; each is then retried
+    if warnings:
+        proxy.armed = True
+    else:
+        proxy.statement = b"WITH updated_0 AS (UPDATE usage_logs"
+    # Submitted together: one commit, whose answer is lost; each is then retried
     # alone, and each retry must find its row already written.
     outcomes = await asyncio.gather(*(metering.writer.write(write(m)) for m in meters))
     assert proxy.cut == 1
@@ -212,7 +220,7 @@ async def test_a_start_committed_unbeknown_ends_its_row_billing_nothing(
     user = await env.user()
     info = request(user, token_limit=token_limit)
     if token_limit is None:
-        proxy.statement = b"WITH inserted AS (INSERT INTO usage_logs"
+        proxy.statement = b"WITH inserted_0 AS (INSERT INTO usage_logs"
     else:
         proxy.armed = True
     with pytest.raises(sa.exc.DBAPIError):
