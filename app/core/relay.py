@@ -369,9 +369,8 @@ async def relay_stream(
         yield b"".join(fmt.finish(_meta(first, last), meter.counted, usage))
     finally:
         await run_to_completion(upstream.aclose)
-        await run_to_completion(
-            lambda: meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
-        )
+        # Runs to its end by itself, cancelled or not.
+        await meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
 
 
 def _meta(first: StreamChunk | None, last: StreamChunk | None) -> dict[str, Any]:
