@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 
+import orjson
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -76,7 +77,7 @@ class _QuotaSocket:
             await self.websocket.send_text(text)
 
     async def send_quota(self, message: str) -> None:
-        fields = json.loads(message)
+        fields = orjson.loads(message)  # each push, on every socket of the user
         position = (fields["resetDate"], fields["seq"])
         if position <= self._position:
             return  # an older value overtaken by one already sent
