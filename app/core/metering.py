@@ -371,8 +371,8 @@ class Metering:
         transaction with the quota as it now stands and what became of `also` (None
         where a limit refused); if it raises, nothing of the request is written. The
         transaction is shared with other requests starting at the same moment. Leave
-        `admit` out when there is nothing to check: a start without it and without a
-        token limit can commit as one statement.
+        `admit` out when there is nothing to check: starts without it and without any
+        limit (token or `also`) commit together as one statement on PostgreSQL.
         """
         now = datetime.now(UTC)
         period = month_period(now)
@@ -406,8 +406,8 @@ class Metering:
                 await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
 
         increments = [Increment(TOKENS, period, prompt_tokens), *also]
-        # With no token limit and nothing to admit, `check` has nothing to do: the start
-        # may then commit alone.
+        # With no token limit and nothing to admit, `check` has nothing to do, and no
+        # transaction need wait for it (see `RequestStart.unlimited`).
         unchecked = info.token_limit is None and admit is None
         start = RequestStart(row, info.user_id, increments, None if unchecked else check)
         starting = self.writer.start(start)
