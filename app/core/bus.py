@@ -23,12 +23,12 @@ import enum
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+if TYPE_CHECKING:
+    # redis-py is imported by a server with a Redis only (~6 MiB of memory).
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
 
 logger = logging.getLogger("livegate.bus")
 
@@ -170,6 +170,10 @@ class RedisBus(Bus):
     def __init__(
         self, url: str, prefix: str, *, publisher: Redis, max_backoff: float = 5.0
     ) -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         super().__init__()
         self._prefix = f"{prefix}:"
         self._publisher = publisher  # shared, owned by the caller

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
-from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.anki import Anki
@@ -31,6 +31,9 @@ from app.core.sessions import Sessions, TokenDenylist
 from app.core.upstream_transport import AiohttpTransport
 from app.core.users import User, anonymous_user
 from app.core.webhooks import QuotaWarnings, WebhookDispatcher
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 
 @dataclass(slots=True)
@@ -77,6 +80,8 @@ async def open_services(
         bus: Bus
         limiter: RateLimiter
         if settings.redis_url:
+            from redis.asyncio import BlockingConnectionPool, Redis
+
             # Blocking: past the pool size a request waits for a connection instead of
             # failing, so a burst of requests slows down rather than erroring.
             pool = BlockingConnectionPool.from_url(

@@ -6,16 +6,18 @@ import secrets as random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from redis.asyncio import Redis
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.errors import Unauthorized
 from app.core.security import JWT_LIFETIME, Secrets, hash_key
 from app.core.tables import refresh_tokens, revoked_tokens
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 REFRESH_LIFETIME = timedelta(days=30)
 REFRESH_PREFIX = "rt_"
