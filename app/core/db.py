@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from sqlalchemy import TextClause, event, exc, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -15,6 +14,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import greenlet_spawn
 
 if TYPE_CHECKING:
+    import asyncpg
     from alembic.config import Config as AlembicConfig
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -75,6 +75,10 @@ class DriverStatement:
     """
 
     def __init__(self, statement: TextClause, engine: AsyncEngine) -> None:
+        # Here, not at the top: a server on SQLite never loads asyncpg (~3 MiB).
+        from asyncpg import PostgresError
+
+        self._postgres_error = PostgresError
         dialect = engine.dialect
         compiled = statement.compile(dialect=dialect)
         self.sql = compiled.string
@@ -98,7 +102,7 @@ class DriverStatement:
             assert driver is not None  # a connection checked out of the pool
             try:
                 rows: list[asyncpg.Record] = await driver.fetch(self.sql, *args)
-            except asyncpg.PostgresError as error:
+            except self._postgres_error as error:
                 # The statement's own (a connection left open is fine: no transaction
                 # to abort), or the server's goodbye.
                 lost = driver.is_closed()
