@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -33,6 +33,12 @@ def period_reset(period: str) -> datetime:
 
 def iso_z(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@functools.lru_cache(maxsize=16)
+def reset_date(period: str) -> str:
+    """`period_reset` as clients see it; one per month, and wanted by every push."""
+    return iso_z(period_reset(period))
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +67,14 @@ class QuotaSnapshot:
             "total": self.total,
             "used": self.used,
             "remaining": self.remaining,
-            "resetDate": iso_z(period_reset(self.period)),
+            "resetDate": reset_date(self.period),
         }
 
     def as_message(self) -> str:
         """The `/ws/quota` message, encoded once and fanned out as is."""
-        return json.dumps(
-            {"type": "quota", **self.as_dict(), "unlimited": self.limit is None, "seq": self.seq},
-            separators=(",", ":"),
-        )
+        return orjson.dumps(
+            {"type": "quota", **self.as_dict(), "unlimited": self.limit is None, "seq": self.seq}
+        ).decode()
 
 
 @dataclass(frozen=True, slots=True)
