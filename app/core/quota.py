@@ -217,6 +217,20 @@ async def apply_increments(
     return found
 
 
+def increments_upsert(
+    subject: str, increments: Sequence[Increment], insert: RowInsert | None = None
+) -> tuple[sa.TextClause, dict[str, object]]:
+    """`increment_counters` as one statement, for a caller that runs it itself: the
+    statement and its parameters. It returns a row (`user_id`, `metric`, `period`,
+    `used`, `seq`) per counter changed; as one statement it is all or nothing even
+    outside a transaction. An increment larger than its limit is left out (as by
+    `increment_counters`); at least one must remain."""
+    wanted = _applicable([CounterChange(subject, i) for i in increments])
+    if not wanted or len(wanted) > _MAX_ROWS:
+        raise ValueError(f"one statement takes 1 to {_MAX_ROWS} increments, not {len(wanted)}")
+    return _upsert(wanted, insert)
+
+
 async def increment_counters(
     conn: AsyncConnection,
     subject: str,

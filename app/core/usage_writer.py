@@ -40,6 +40,7 @@ from app.core.quota import (
     add_tokens_many,
     apply_increments,
     increment_counters,
+    increments_upsert,
 )
 from app.core.tables import usage_logs
 from app.core.webhooks import QuotaWarnings
@@ -249,7 +250,15 @@ class UsageWriter:
     async def _commit_unlimited(self, starts: list[RequestStart]) -> list[Counted | Exception]:
         """Starts nothing can refuse, on PostgreSQL: all their rows and all their
         counters (one change per counter, as folded by `_fold`) in one statement that
-        commits on its own."""
+        commits on its own. A lone start (the server not busy) takes a statement of
+        its own shape: one without arrays runs in two thirds of the time."""
+        if len(starts) == 1:
+            [start] = starts
+            insert = RowInsert(usage_logs, start.row)
+            statement, params = increments_upsert(start.user_id, start.increments, insert)
+            rows = await self._driver(statement).fetch(params)
+            counters = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
+            return [[counters.get((i.metric, i.period)) for i in start.increments]]
         by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
         for start in starts:
             by_keys.setdefault(tuple(start.row), []).append(start.row)
@@ -322,6 +331,11 @@ class UsageWriter:
         rows = [write.row for write in writes]
         if not all(write.alone for write in writes) or len({r["row_id"] for r in rows}) < len(rows):
             return await self._commit_updates(writes)
+        if len(writes) == 1:  # the server not busy: a statement without arrays is faster
+            [write] = writes
+            params = {**write.row, "delta": write.delta}
+            found = await self._driver(_row_updated_and_counted(frozenset(write.row))).fetch(params)
+            return [{(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}]
         by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
         for write in writes:
             by_keys.setdefault((*sorted(write.row), "delta"), []).append(
@@ -373,6 +387,25 @@ _ADD_TO_COUNTERS = (
     "SET used = quota_counters.used + excluded.used, seq = quota_counters.seq + excluded.seq "
     "RETURNING user_id, metric, period, used, seq"
 )
+
+
+@functools.cache
+def _row_updated_and_counted(keys: frozenset[str]) -> sa.TextClause:
+    """PostgreSQL: `_rows_updated_and_counted` for one row, its values as they are."""
+    columns = sorted(keys - {"row_id"})
+    assignments = ", ".join(f"{name} = :{name}" for name in columns)
+    updated = (
+        f"updated AS (UPDATE usage_logs SET {assignments} WHERE id = :row_id "
+        "RETURNING user_id, period)"
+    )
+    counted = (
+        f"SELECT user_id, '{TOKENS}', period, delta, 1 "
+        "FROM updated, (SELECT CAST(:delta AS BIGINT) AS delta) AS d WHERE delta <> 0"
+    )
+    return sa.text(f"WITH {updated} " + _ADD_TO_COUNTERS.format(rows=counted)).bindparams(
+        *(sa.bindparam(name, type_=usage_logs.c[name].type) for name in columns),
+        sa.bindparam("delta", type_=sa.BigInteger()),
+    )
 
 
 @functools.cache

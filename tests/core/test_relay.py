@@ -51,7 +51,7 @@ async def test_a_start_lost_beside_an_answered_stream_hangs_up_and_bills_nothing
     chat = parse_chat_request(
         {"model": FAKE_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     )
-    proxy.statement = b"WITH inserted_0 AS (INSERT INTO usage_logs"
+    proxy.statement = b"WITH inserted AS (INSERT INTO usage_logs"
     try:
         with pytest.raises(sa.exc.DBAPIError):
             await relay.open_stream(

@@ -378,3 +378,28 @@ async def test_checkpoints_and_ends_arriving_together_move_each_counter_once(env
             assert await read_counter_state(conn, user, TOKENS, meters[0].period) == after[n]
     # Each write learns its user's counter after the batch; one that added nothing, None.
     assert outcomes == [None, *(after[i % 2] for i in range(1, 5))]
+
+
+@pytest.mark.parametrize("billed", [0, -2], ids=["nothing more", "less"])
+async def test_a_lone_end_adding_nothing_or_taking_back_keeps_row_and_counter_together(
+    env: Env, billed: int
+):
+    """An end that adds nothing leaves the counter as it is, one step and all; one
+    that bills less than its checkpoints did (the upstream's own count) takes back."""
+    metering = env.metering()
+    user = await env.user()
+    info = dataclasses.replace(request(user), has_webhooks=False)
+    meter = await metering.begin(info, prompt_tokens=2)
+    deliver(meter, 5)  # a checkpoint: 7 tokens
+    await wait_row(env.engine, meter.row_id, lambda r: r.total_tokens == 7, "7 tokens")
+    await meter._flusher
+    async with env.engine.connect() as conn:
+        before = await read_counter_state(conn, user, TOKENS, meter.period)
+    usage = Usage(prompt_tokens=2 + billed, completion_tokens=5)
+    await meter.finish(UsageStatus.COMPLETED, usage=usage)
+    row = await row_of(env.engine, meter.row_id)
+    assert (row.status, row.total_tokens) == (UsageStatus.COMPLETED, 7 + billed)
+    await assert_counter(env.engine, user, 7 + billed)
+    async with env.engine.connect() as conn:
+        after = await read_counter_state(conn, user, TOKENS, meter.period)
+    assert after == (before if billed == 0 else (7 + billed, before[1] + 1))

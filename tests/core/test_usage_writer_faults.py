@@ -146,7 +146,7 @@ async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next
     if has_webhooks:
         proxy.armed = True
     else:
-        proxy.statement = b"WITH updated_0 AS (UPDATE usage_logs"
+        proxy.statement = b"WITH updated AS (UPDATE usage_logs"
     deliver(meter, 5)  # a checkpoint: committed, but the meter is told it failed
     await flushed(meter)
     assert proxy.cut == 1
@@ -209,28 +209,39 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     assert [(e.event_id, e.event) for e in events] == expected
 
 
-@pytest.mark.parametrize("token_limit", [1000, None])
+@pytest.mark.parametrize(
+    ("token_limit", "starts"),
+    [(1000, 1), (None, 1), (None, 3)],
+    ids=["transaction", "statement", "batch statement"],
+)
 async def test_a_start_committed_unbeknown_ends_its_row_billing_nothing(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], token_limit: int | None
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], token_limit: int | None, starts: int
 ):
     """With a limit to check, the start commits in a transaction; without, alone, as one
-    statement that commits on its own."""
+    statement that commits on its own, and with others arriving together, as one
+    statement for all."""
     proxy, engine = cutter
     metering = Metering(engine, env.publisher, CONFIG)
     user = await env.user()
-    info = request(user, token_limit=token_limit)
-    if token_limit is None:
-        proxy.statement = b"WITH inserted_0 AS (INSERT INTO usage_logs"
-    else:
+    infos = [request(user, token_limit=token_limit) for _ in range(starts)]
+    if token_limit is not None:
         proxy.armed = True
-    with pytest.raises(sa.exc.DBAPIError):
-        await metering.begin(info, prompt_tokens=4)
+    elif starts == 1:
+        proxy.statement = b"WITH inserted AS (INSERT INTO usage_logs"
+    else:
+        proxy.statement = b"WITH inserted_0 AS (INSERT INTO usage_logs"
+    outcomes = await asyncio.gather(
+        *(metering.begin(info, prompt_tokens=4) for info in infos), return_exceptions=True
+    )
+    assert all(isinstance(o, sa.exc.DBAPIError) for o in outcomes)
     assert proxy.cut == 1
     await metering.close()  # waits for the clean-up, which runs in the background
     async with env.engine.connect() as conn:
-        query = sa.select(usage_logs).where(usage_logs.c.request_id == info.request_id)
-        [row] = (await conn.execute(query)).all()
-    assert (row.status, row.total_tokens) == (UsageStatus.ERROR, 0)
+        query = sa.select(usage_logs).where(
+            usage_logs.c.request_id.in_([info.request_id for info in infos])
+        )
+        rows = (await conn.execute(query)).all()
+    assert [(row.status, row.total_tokens) for row in rows] == [(UsageStatus.ERROR, 0)] * starts
     await assert_counter(env.engine, user, 0)
 
 
