@@ -14,8 +14,10 @@ On PostgreSQL, the writes that need nothing but their rows and counters have que
 of their own, and each of their batches is one statement committing on its own, run
 by the driver itself (`DriverStatement`): the starts nothing can refuse (no limit on
 any counter, nothing to admit), and the checkpoints and ends with no event to queue
-and no row to read first. A transaction takes at least four round trips. The other
-writes keep their transactions, so a refusal still takes back its row and counts.
+and no row to read first. A batch passes its rows as arrays; a write alone, as plain
+values, which PostgreSQL runs faster for one row. A transaction takes at least four
+round trips. The other writes keep their transactions, so a refusal still takes back
+its row and counts.
 """
 
 from __future__ import annotations
