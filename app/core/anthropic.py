@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -157,17 +158,18 @@ class _AnthropicStream:
     async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
         self._prompt_tokens = self._completion_tokens = 0
         try:
-            async for batch in iter_sse_batches(self._response.aiter_bytes()):
-                chunks: list[StreamChunk] = []
-                done = False
-                for data in batch:
-                    done = self._translate(data, chunks)
+            async with aclosing(iter_sse_batches(self._response.aiter_bytes())) as batches:
+                async for batch in batches:
+                    chunks: list[StreamChunk] = []
+                    done = False
+                    for data in batch:
+                        done = self._translate(data, chunks)
+                        if done:
+                            break
+                    if chunks:
+                        yield chunks
                     if done:
-                        break
-                if chunks:
-                    yield chunks
-                if done:
-                    return
+                        return
         except httpx.HTTPError as exc:
             raise transport_error(self._provider, exc) from exc
 

@@ -12,7 +12,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -140,25 +141,34 @@ def parse_chunk(data: bytes) -> StreamChunk:
     )
 
 
-async def iter_sse_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+async def iter_sse_batches(
+    chunks: AsyncGenerator[bytes, None],
+) -> AsyncGenerator[list[bytes], None]:
     """The `data` payloads of an SSE byte stream (multi-line data joined by newlines),
-    as a list per network read that completed any."""
+    as a list per network read that completed any. Closes `chunks` when it ends or is
+    closed.
+
+    Close it (`contextlib.aclosing`) rather than leave it mid-stream: an async
+    generator dropped unfinished is closed later by a task of the event loop's, one
+    per generator and stream.
+    """
     partial = b""  # an event not yet ended by its blank line
-    async for chunk in chunks:
-        # One split per read: an unpaced upstream packs hundreds of events in one.
-        buffer = partial + chunk if partial else chunk
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        events = buffer.split(b"\n\n")
-        partial = events.pop()
-        batch: list[bytes] = []
-        for event in events:
-            if event.startswith(b"data: ") and b"\n" not in event:
-                batch.append(event[6:])  # the usual event: a single data line
-            elif (data := _event_data(event.split(b"\n"))) is not None:
-                batch.append(data)
-        if batch:
-            yield batch
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            # One split per read: an unpaced upstream packs hundreds of events in one.
+            buffer = partial + chunk if partial else chunk
+            if b"\r" in buffer:
+                buffer = buffer.replace(b"\r\n", b"\n")
+            events = buffer.split(b"\n\n")
+            partial = events.pop()
+            batch: list[bytes] = []
+            for event in events:
+                if event.startswith(b"data: ") and b"\n" not in event:
+                    batch.append(event[6:])  # the usual event: a single data line
+                elif (data := _event_data(event.split(b"\n"))) is not None:
+                    batch.append(data)
+            if batch:
+                yield batch
     # At the end, an event whose blank line never came still counts its ended lines.
     if (data := _event_data(partial.split(b"\n")[:-1])) is not None:
         yield [data]
@@ -208,16 +218,17 @@ class _OpenAIStream:
 
     async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
         try:
-            async for batch in iter_sse_batches(self._response.aiter_bytes()):
-                chunks: list[StreamChunk] = []
-                for data in batch:
-                    if data == DONE:
-                        break
-                    chunks.append(parse_chunk(data))
-                if chunks:
-                    yield chunks
-                if len(chunks) < len(batch):
-                    return  # [DONE]
+            async with aclosing(iter_sse_batches(self._response.aiter_bytes())) as batches:
+                async for batch in batches:
+                    chunks: list[StreamChunk] = []
+                    for data in batch:
+                        if data == DONE:
+                            break
+                        chunks.append(parse_chunk(data))
+                    if chunks:
+                        yield chunks
+                    if len(chunks) < len(batch):
+                        return  # [DONE]
         except httpx.HTTPError as exc:
             raise transport_error(self._provider, exc) from exc
 

@@ -29,7 +29,7 @@ exception tree:
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,7 +76,7 @@ def client_timeout(
     )
 
 
-async def _iter_body(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _iter_body(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
     # Whatever each read brought, unsplit: a relayed stream handles the events of one
     # read together.
     with _httpx_errors():
@@ -110,7 +110,7 @@ class UpstreamResponse:
         with _httpx_errors():
             return await self._response.read()
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
+    def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         return _iter_body(self._response)
 
     async def aclose(self) -> None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 import pytest
 
+from app.core.config import ProviderConfig
 from app.core.errors import UpstreamError
-from app.core.providers import iter_sse_batches, parse_chunk
+from app.core.providers import OpenAIProvider, iter_sse_batches, parse_chunk
+from app.core.upstream_transport import AiohttpTransport
+from tests.fake_upstream import FakeUpstream
 
 
 async def reads(*parts: bytes) -> AsyncIterator[bytes]:
@@ -67,3 +74,40 @@ def test_the_usage_chunk_carries_the_upstream_counts() -> None:
 def test_malformed_or_error_events_are_upstream_errors(data: bytes) -> None:
     with pytest.raises(UpstreamError):
         parse_chunk(data)
+
+
+@pytest.mark.parametrize("read", ["to its end", "in part"])
+async def test_a_stream_closes_its_own_readers(fake_upstream: FakeUpstream, read: str) -> None:
+    """Whether read to `[DONE]` or closed mid-way, a stream leaves no async generator
+    half-read: the event loop would close each later with a task of its own."""
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+    left_to_the_loop: list[str] = []
+
+    def finalize(agen: Any) -> None:
+        left_to_the_loop.append(agen.__qualname__)
+        if finalizer is not None:
+            finalizer(agen)
+
+    # Hooks are taken by each generator when first iterated: set before the stream.
+    sys.set_asyncgen_hooks(firstiter, finalize)
+    transport = AiohttpTransport(httpx.Limits(max_connections=2))
+    try:
+        config = ProviderConfig(name="fake", base_url=fake_upstream.base_url, models=["m"])
+        provider = OpenAIProvider(config, transport)
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        stream = await provider.open_stream(body)
+        events = aiter(stream)
+        tokens = 0
+        async for batch in events:
+            tokens += sum(chunk.tokens for chunk in batch)
+            if read == "in part":
+                break
+        await events.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
+        del events, stream
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+        await transport.aclose()
+    assert tokens >= 1
+    assert left_to_the_loop == []
