@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from app.core.errors import ApiError
@@ -28,8 +29,8 @@ def _dumps(value: object) -> bytes:
 
 
 class StreamFormat(Protocol):
-    def chunk(self, chunk: StreamChunk) -> bytes | None:
-        """The bytes for one upstream chunk, or None to send nothing for it."""
+    def encode(self, chunks: Sequence[StreamChunk]) -> bytes:
+        """The bytes for upstream chunks (those of one read: one write to the client)."""
 
     def cut(self, meta: dict[str, Any], usage: Usage) -> list[bytes]:
         """The clean end of a stream cut at the quota."""
@@ -47,10 +48,11 @@ class OpenAIFormat:
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
 
-    def chunk(self, chunk: StreamChunk) -> bytes | None:
-        if chunk.usage_only and not self.include_usage:
-            return None  # we asked for it; the client did not
-        return sse(chunk.data)
+    def encode(self, chunks: Sequence[StreamChunk]) -> bytes:
+        # The usage chunk: we asked for it; the client may not have.
+        data = [c.data for c in chunks if self.include_usage or not c.usage_only]
+        # One join for the whole read: the upstream's bytes, framed again as they came.
+        return b"data: " + b"\n\ndata: ".join(data) + b"\n\n" if data else b""
 
     def cut(self, meta: dict[str, Any], usage: Usage) -> list[bytes]:
         out = [
@@ -77,8 +79,8 @@ class OpenAIFormat:
 class ContentFormat:
     """`data: {"content": "..."}` per delta, then `data: [DONE]`."""
 
-    def chunk(self, chunk: StreamChunk) -> bytes | None:
-        return sse(_dumps({"content": chunk.text})) if chunk.text else None
+    def encode(self, chunks: Sequence[StreamChunk]) -> bytes:
+        return b"".join([sse(_dumps({"content": c.text})) for c in chunks if c.text])
 
     def cut(self, meta: dict[str, Any], usage: Usage) -> list[bytes]:
         return [SSE_DONE]

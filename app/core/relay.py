@@ -327,36 +327,30 @@ async def relay_stream(
         try:
             async for batch in upstream:
                 first = first or batch[0]
-                out: list[bytes] = []
-                pending = 0  # tokens in `out`: counted once the client has them
+                tokens = sum([chunk.tokens for chunk in batch])
+                budget = meter.remaining
+                if budget is not None and tokens > budget:
+                    # More tokens than the quota holds: end here, cleanly, as a length cut.
+                    sent = _within(batch, budget)
+                    if sent:
+                        yield fmt.encode(sent)
+                        meter.deliver(sum([chunk.tokens for chunk in sent]))
+                    last = batch[len(sent)]
+                    status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
+                    yield b"".join(fmt.cut(_meta(first, last), meter.counted))
+                    return
+                last = batch[-1]
                 for chunk in batch:
-                    last = chunk
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.finish_reason:
                         finish_reason = chunk.finish_reason
-                    if chunk.tokens and meter.exhausted_after(pending):
-                        # More tokens than the quota holds: end here, cleanly, as a length cut.
-                        if out:
-                            yield b"".join(out)
-                            meter.deliver(pending)
-                        status, finish_reason, error = (
-                            UsageStatus.COMPLETED,
-                            QUOTA_FINISH_REASON,
-                            None,
-                        )
-                        yield b"".join(fmt.cut(_meta(first, last), meter.counted))
-                        return
-                    encoded = fmt.chunk(chunk)
-                    if encoded is not None:
-                        out.append(encoded)
-                    pending += chunk.tokens
                 # One write for what one upstream read brought.
-                if out:
-                    yield b"".join(out)
+                if data := fmt.encode(batch):
+                    yield data
                 # Resumed: everything above was handed to the client.
-                if pending:
-                    meter.deliver(pending)
+                if tokens:
+                    meter.deliver(tokens)
             if finish_reason is None:
                 raise UpstreamError("provider ended the stream before finishing")
         except Exception as exc:
@@ -368,9 +362,23 @@ async def relay_stream(
         status, error = UsageStatus.COMPLETED, None
         yield b"".join(fmt.finish(_meta(first, last), meter.counted, usage))
     finally:
-        await run_to_completion(upstream.aclose)
-        # Runs to its end by itself, cancelled or not.
-        await meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
+        try:
+            # Closing only ends generators and hands the connection back: it never
+            # waits, so no cancellation can cut it, and it needs no task to shield it.
+            await upstream.aclose()
+        finally:
+            # Runs to its end by itself, cancelled or not.
+            await meter.finish(status, usage=usage, finish_reason=finish_reason, error=error)
+
+
+def _within(batch: list[StreamChunk], budget: int) -> list[StreamChunk]:
+    """The chunks of `batch` before the first token past `budget`."""
+    pending = 0
+    for i, chunk in enumerate(batch):
+        if chunk.tokens and pending >= budget:
+            return batch[:i]
+        pending += chunk.tokens
+    return batch
 
 
 def _meta(first: StreamChunk | None, last: StreamChunk | None) -> dict[str, Any]:
