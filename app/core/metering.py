@@ -190,13 +190,15 @@ class UsageMeter:
                 self._dirty = True
 
     async def _flush_loop(self) -> None:
-        while True:
+        # A stream that ended before its checkpoint ran (an unpaced upstream sends the
+        # whole answer in one read) needs none: its final write counts everything.
+        while not self.finished:
             self._dirty = False
             try:
                 await self._write(status=UsageStatus.STREAMING)
             except Exception:
                 logger.exception("checkpoint of usage row %s failed", self.row_id)
-            if not self._dirty or self.finished:
+            if not self._dirty:
                 return
 
     async def _write(

@@ -345,6 +345,30 @@ async def test_checkpoint_after_checkpoint_ms(env: Env):
     await meter.finish(UsageStatus.COMPLETED)
 
 
+async def test_stream_ending_before_its_checkpoint_ran_writes_no_checkpoint(env: Env):
+    """An unpaced upstream's whole answer arrives in one read: the checkpoint it made
+    due has not started when the stream ends, and the final write alone counts it."""
+    metering = await env.started_metering()
+    user = await env.user()
+    meter = await metering.begin(request(user), prompt_tokens=3)
+    statuses: list[str] = []
+    write = metering.writer.write
+
+    async def recorded(usage: Any) -> Any:
+        statuses.append(str(usage.row.get("status", "streaming")))
+        return await write(usage)
+
+    metering.writer.write = recorded  # type: ignore[method-assign]
+
+    deliver(meter, 3 * CONFIG.checkpoint_tokens)  # a checkpoint is due, not yet run
+    await meter.finish(UsageStatus.COMPLETED)
+
+    assert statuses == ["completed"], f"writes after the start: {statuses}"
+    await assert_counter(env.engine, user, 3 + 3 * CONFIG.checkpoint_tokens)
+    row = await row_of(env.engine, meter.row_id)
+    assert row.status == "completed" and row.completion_tokens == 3 * CONFIG.checkpoint_tokens
+
+
 # (3) crash recovery --------------------------------------------------------------
 
 
