@@ -137,7 +137,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=limits.keepalive_expiry,
             ssl=httpx.create_ssl_context(),
         )
-        self._session = aiohttp.ClientSession(connector=connector)
+        # No cookie jar: the session serves every user's calls, and a cookie an
+        # upstream set for one must not go out with another's (nor cost a lookup each).
+        self._session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        )
         # Proxies come from the environment, as with httpx, read once: aiohttp's own
         # `trust_env` reads the environment and ~/.netrc again on every request.
         self._proxies = urllib.request.getproxies()

@@ -344,3 +344,29 @@ async def test_a_silent_post_is_a_read_timeout() -> None:
             await upstream.post(
                 URL(f"{url}/x"), b"{}", JSON, client_timeout(connect=5.0, read=0.2, pool=5.0)
             )
+
+
+async def test_cookies_an_upstream_sets_are_never_sent_back() -> None:
+    """One session serves every user's calls: a cookie set by an upstream for one user's
+    request must not ride along with the next user's."""
+
+    async def set_cookie_then_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (request := await read_request(reader)) is not None:
+            server.requests.append(request)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nset-cookie: session=user-a; Path=/\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(OK_BODY), OK_BODY)
+            )
+            await writer.drain()
+
+    async with serving(set_cookie_then_answer) as (server, url), transport() as upstream:
+        # A host name: cookies set by a bare IP address are not kept anyway.
+        named = url.replace("127.0.0.1", "localhost")
+        for _ in range(2):
+            response = await upstream.post(URL(f"{named}/v1/chat"), b"{}", JSON, TIMEOUTS)
+            assert await response.read() == OK_BODY
+    assert len(server.requests) == 2
+    assert b"\r\ncookie:" not in server.requests[1][0].lower()
