@@ -332,9 +332,10 @@ async def relay_stream(
                 if budget is not None and tokens > budget:
                     # More tokens than the quota holds: end here, cleanly, as a length cut.
                     sent = _within(batch, budget)
-                    if sent:
-                        yield fmt.encode(sent)
-                        meter.deliver(sum([chunk.tokens for chunk in sent]))
+                    if data := fmt.encode(sent):
+                        yield data
+                    if delivered := sum([chunk.tokens for chunk in sent]):
+                        meter.deliver(delivered)
                     last = batch[len(sent)]
                     status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
                     yield b"".join(fmt.cut(_meta(first, last), meter.counted))
