@@ -492,8 +492,11 @@ class Metering:
         for meter in list(self.active):
             await meter.finish(UsageStatus.INTERRUPTED, error="server shut down")
         await asyncio.gather(*self._cleanups, return_exceptions=True)
-        async with self.engine.begin() as conn:
-            await conn.execute(instances.delete().where(instances.c.id == self.instance_id))
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(instances.delete().where(instances.c.id == self.instance_id))
+        finally:
+            await self.writer.close()
 
     async def _beat(self) -> None:
         while True:

@@ -32,7 +32,7 @@ from typing import Generic, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.db import DriverStatement
+from app.core.db import DriverConnection, DriverStatement
 from app.core.quota import (
     TOKENS,
     CounterChange,
@@ -189,8 +189,11 @@ class UsageWriter:
         self._engine = engine
         self._warnings = warnings
         self._postgres = engine.dialect.name == "postgresql"
-        # The statements of the one-statement paths, compiled once for the driver.
+        # The statements of the one-statement paths, compiled once for the driver, and
+        # the connection each of their queues holds (its batches run one at a time).
         self._driven: dict[sa.TextClause, DriverStatement] = {}
+        self._start_connection = DriverConnection(engine) if self._postgres else None
+        self._update_connection = DriverConnection(engine) if self._postgres else None
         self._starts = _GroupCommit("usage-starts", self._commit_starts)
         self._updates = _GroupCommit(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
@@ -244,9 +247,15 @@ class UsageWriter:
             outcomes.update(zip(pending, counted, strict=True))
         return [outcomes[i] for i in range(len(starts))]
 
+    async def close(self) -> None:
+        """Hand the held connections back to the pool."""
+        for connection in (self._start_connection, self._update_connection):
+            if connection is not None:
+                await connection.close()
+
     def _driver(self, statement: sa.TextClause) -> DriverStatement:
         if (driven := self._driven.get(statement)) is None:
-            driven = self._driven[statement] = DriverStatement(statement, self._engine)
+            driven = self._driven[statement] = DriverStatement(statement, self._engine.dialect)
         return driven
 
     async def _commit_unlimited(self, starts: list[RequestStart]) -> list[Counted | Exception]:
@@ -254,11 +263,13 @@ class UsageWriter:
         counters (one change per counter, as folded by `_fold`) in one statement that
         commits on its own. A lone start (the server not busy) takes a statement of
         its own shape: one without arrays runs in two thirds of the time."""
+        connection = self._start_connection
+        assert connection is not None  # PostgreSQL
         if len(starts) == 1:
             [start] = starts
             insert = RowInsert(usage_logs, start.row)
             statement, params = increments_upsert(start.user_id, start.increments, insert)
-            rows = await self._driver(statement).fetch(params)
+            rows = await connection.fetch(self._driver(statement), params)
             counters = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
             return [[counters.get((i.metric, i.period)) for i in start.increments]]
         by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
@@ -273,9 +284,8 @@ class UsageWriter:
         params["periods"] = [c.increment.period for c in changes]
         params["amounts"] = [c.increment.amount for c in changes]
         params["steps"] = [c.steps for c in changes]
-        rows = await self._driver(_rows_inserted_and_counted(keysets, self._engine.dialect)).fetch(
-            params
-        )
+        driven = self._driver(_rows_inserted_and_counted(keysets, self._engine.dialect))
+        rows = await connection.fetch(driven, params)
         found = {(r["user_id"], r["metric"], r["period"]): (r["used"], r["seq"]) for r in rows}
         counted: list[Counted] = [[] for _ in starts]
         _views(starts, by_user, by_user, found, counted)
@@ -330,13 +340,16 @@ class UsageWriter:
         A write retried after its batch failed must read its row first (`rebase`), and
         two writes of one row cannot share the statement: those go in a transaction.
         """
+        connection = self._update_connection
+        assert connection is not None  # PostgreSQL
         rows = [write.row for write in writes]
         if not all(write.alone for write in writes) or len({r["row_id"] for r in rows}) < len(rows):
             return await self._commit_updates(writes)
         if len(writes) == 1:  # the server not busy: a statement without arrays is faster
             [write] = writes
             params = {**write.row, "delta": write.delta}
-            found = await self._driver(_row_updated_and_counted(frozenset(write.row))).fetch(params)
+            driven = self._driver(_row_updated_and_counted(frozenset(write.row)))
+            found = await connection.fetch(driven, params)
             return [{(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}]
         by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
         for write in writes:
@@ -345,9 +358,8 @@ class UsageWriter:
             )
         keysets = tuple(sorted(by_keys))  # one statement per combination, whatever the order
         params = _columns(keysets, [by_keys[keys] for keys in keysets])
-        found = await self._driver(_rows_updated_and_counted(keysets, self._engine.dialect)).fetch(
-            params
-        )
+        driven = self._driver(_rows_updated_and_counted(keysets, self._engine.dialect))
+        found = await connection.fetch(driven, params)
         counters = {(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}
         return [counters] * len(writes)
 

@@ -1,7 +1,8 @@
 """`single_reads`: hot-path reads without transaction round trips on PostgreSQL, and
 the pool they share still hands out transactional connections afterwards.
-`DriverStatement`: a statement run by asyncpg itself, with SQLAlchemy's bind
-processing and exceptions, and a lost connection taken out of the pool."""
+`DriverConnection`: statements run by asyncpg itself on one held connection, with
+SQLAlchemy's bind processing and exceptions, a lost connection taken out of the pool,
+and the connection handed back when idle or closed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.db import DriverStatement, create_engine, single_reads
+from app.core.db import DriverConnection, DriverStatement, create_engine, single_reads
 from app.core.tables import UTCDateTime
 
 TXID = sa.text("SELECT txid_current()")
@@ -65,44 +66,111 @@ INSERT = sa.text("INSERT INTO driven (id, at) VALUES (:id, :at) RETURNING id, at
 PID = sa.text("SELECT pg_backend_pid() AS pid")
 
 
-async def test_a_driver_statement_commits_alone_with_its_binds_processed(engine: AsyncEngine):
-    statement = DriverStatement(INSERT, engine)
+@pytest.fixture
+async def driver(engine: AsyncEngine) -> AsyncIterator[DriverConnection]:
+    connection = DriverConnection(engine)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+def driven(statement: sa.TextClause, engine: AsyncEngine) -> DriverStatement:
+    return DriverStatement(statement, engine.dialect)
+
+
+async def test_a_driver_statement_commits_alone_with_its_binds_processed(
+    engine: AsyncEngine, driver: DriverConnection
+):
+    statement = driven(INSERT, engine)
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    [row] = await statement.fetch({"id": "a", "at": at})
+    [row] = await driver.fetch(statement, {"id": "a", "at": at})
     assert (row["id"], row["at"]) == ("a", at)
     with pytest.raises(ValueError, match="naive"):  # UTCDateTime's own check
-        await statement.fetch({"id": "b", "at": datetime(2026, 1, 2)})
+        await driver.fetch(statement, {"id": "b", "at": datetime(2026, 1, 2)})
     async with engine.connect() as conn:  # another connection: committed without a COMMIT
         found = (await conn.execute(sa.text("SELECT id FROM driven"))).scalars().all()
     assert found == ["a"]
 
 
 async def test_a_failing_driver_statement_is_a_dbapi_error_and_keeps_its_connection(
-    engine: AsyncEngine,
+    engine: AsyncEngine, driver: DriverConnection
 ):
-    statement, pid = DriverStatement(INSERT, engine), DriverStatement(PID, engine)
+    statement, pid = driven(INSERT, engine), driven(PID, engine)
     at = datetime.now(UTC)
-    [before] = await pid.fetch({})
-    await statement.fetch({"id": "a", "at": at})
+    [before] = await driver.fetch(pid, {})
+    await driver.fetch(statement, {"id": "a", "at": at})
     with pytest.raises(sa.exc.DBAPIError) as refused:
-        await statement.fetch({"id": "a", "at": at})  # the same key again
+        await driver.fetch(statement, {"id": "a", "at": at})  # the same key again
     assert isinstance(refused.value.orig, asyncpg.UniqueViolationError)
     assert not refused.value.connection_invalidated
-    await statement.fetch({"id": "b", "at": at})
-    [after] = await pid.fetch({})
-    assert after["pid"] == before["pid"]  # the pool's one connection all along
+    await driver.fetch(statement, {"id": "b", "at": at})
+    [after] = await driver.fetch(pid, {})
+    assert after["pid"] == before["pid"]  # one connection all along
+
+
+async def test_the_connection_is_held_between_statements_and_handed_back_on_close(
+    engine: AsyncEngine,
+):
+    pool = engine.pool
+    driver = DriverConnection(engine)
+    pid = driven(PID, engine)
+    [first] = await driver.fetch(pid, {})
+    assert pool.checkedout() == 1  # type: ignore[attr-defined]
+    # Other work meanwhile gets another connection of the pool.
+    async with engine.connect() as conn:
+        other = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar()
+    assert other != first["pid"]
+    [second] = await driver.fetch(pid, {})
+    assert second["pid"] == first["pid"]
+    await driver.close()
+    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    [again] = await driver.fetch(pid, {})  # usable after close: takes one again
+    assert pool.checkedout() == 1  # type: ignore[attr-defined]
+    assert again["pid"] in (first["pid"], other)  # from the pool, not a new connection
+    await driver.close()
+
+
+async def test_an_idle_connection_goes_back_to_the_pool(engine: AsyncEngine):
+    pool = engine.pool
+    driver = DriverConnection(engine, idle=0.05)
+    pid = driven(PID, engine)
+    try:
+        # Busy for several idle periods: held throughout.
+        for _ in range(8):
+            await driver.fetch(pid, {})
+            await asyncio.sleep(0.02)
+            assert pool.checkedout() == 1  # type: ignore[attr-defined]
+        for _ in range(200):
+            if pool.checkedout() == 0:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        assert pool.checkedout() == 0  # type: ignore[attr-defined]
+        await driver.fetch(pid, {})
+        assert pool.checkedout() == 1  # type: ignore[attr-defined]
+    finally:
+        await driver.close()
+
+
+async def test_statements_on_one_driver_connection_wait_for_each_other(
+    engine: AsyncEngine, driver: DriverConnection
+):
+    sleep = driven(sa.text("SELECT pg_sleep(0.05), pg_backend_pid() AS pid"), engine)
+    rows = await asyncio.gather(*(driver.fetch(sleep, {}) for _ in range(4)))
+    assert len({row["pid"] for [row] in rows}) == 1
+    assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("mid_statement", [False, True])
 async def test_a_connection_lost_under_a_driver_statement_leaves_the_pool(
-    engine: AsyncEngine, postgres_url: str, mid_statement: bool
+    engine: AsyncEngine, driver: DriverConnection, postgres_url: str, mid_statement: bool
 ):
     """Lost before the statement (the driver knows it is closed) or while it runs (the
     server's own goodbye, as a PostgreSQL error): invalidated either way, so the next
     statement gets a new connection."""
-    statement, pid = DriverStatement(INSERT, engine), DriverStatement(PID, engine)
-    sleep = DriverStatement(sa.text("SELECT pg_sleep(30)"), engine)
-    [victim] = await pid.fetch({})  # the pool's one connection
+    statement, pid = driven(INSERT, engine), driven(PID, engine)
+    sleep = driven(sa.text("SELECT pg_sleep(30)"), engine)
+    [victim] = await driver.fetch(pid, {})  # the held connection
     admin = create_engine(postgres_url)
     try:
 
@@ -116,18 +184,18 @@ async def test_a_connection_lost_under_a_driver_statement_leaves_the_pool(
 
         with pytest.raises(sa.exc.DBAPIError) as lost:
             if mid_statement:
-                sleeping = asyncio.create_task(sleep.fetch({}))
+                sleeping = asyncio.create_task(driver.fetch(sleep, {}))
                 await terminate(once_sleeping=True)
                 await sleeping
             else:
                 await terminate(once_sleeping=False)
-                await statement.fetch({"id": uuid.uuid4().hex, "at": datetime.now(UTC)})
+                await driver.fetch(statement, {"id": uuid.uuid4().hex, "at": datetime.now(UTC)})
     finally:
         await admin.dispose()
     assert lost.value.connection_invalidated
-    [row] = await statement.fetch({"id": "after", "at": datetime.now(UTC)})
+    [row] = await driver.fetch(statement, {"id": "after", "at": datetime.now(UTC)})
     assert row["id"] == "after"
-    [fresh] = await pid.fetch({})
+    [fresh] = await driver.fetch(pid, {})
     assert fresh["pid"] != victim["pid"]
 
 

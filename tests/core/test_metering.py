@@ -36,7 +36,7 @@ from app.core.tables import (
     webhooks,
 )
 from app.core.users import create_user
-from app.core.webhooks import create_endpoint, validate_secret
+from app.core.webhooks import QuotaWarnings, create_endpoint, validate_secret
 from tests.conftest import Backend
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -54,10 +54,20 @@ class Env:
     bus: Bus
     publisher: QuotaPublisher
     started: list[Metering] = field(default_factory=list)
+    created: list[Metering] = field(default_factory=list)
 
-    def metering(self, config: MeteringConfig = CONFIG, instance_id: str | None = None) -> Metering:
+    def metering(
+        self,
+        config: MeteringConfig = CONFIG,
+        instance_id: str | None = None,
+        warnings: QuotaWarnings | None = None,
+    ) -> Metering:
         """A metering service, not started (an instance that never registered)."""
-        return Metering(self.engine, self.publisher, config, instance_id=instance_id)
+        metering = Metering(
+            self.engine, self.publisher, config, instance_id=instance_id, warnings=warnings
+        )
+        self.created.append(metering)
+        return metering
 
     async def started_metering(self, config: MeteringConfig = CONFIG) -> Metering:
         metering = self.metering(config)
@@ -91,6 +101,8 @@ async def env(backend: Backend) -> AsyncIterator[Env]:
     finally:
         for metering in reversed(env.started):
             await metering.close()
+        for metering in env.created:  # connections held by their writers
+            await metering.writer.close()
         await publisher.close()
         await bus.close()
         if redis_publisher is not None:

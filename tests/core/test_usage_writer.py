@@ -16,13 +16,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.errors import QuotaExceeded
-from app.core.metering import Admission, Metering, Usage, UsageMeter
+from app.core.metering import Admission, Usage, UsageMeter
 from app.core.quota import TOKENS, Increment, QuotaSnapshot, read_counter, read_counter_state
 from app.core.tables import UsageStatus, usage_logs
 from app.core.usage_writer import Counted, UsageWrite
 from app.core.webhooks import QuotaWarnings
 from tests.core.test_metering import (
-    CONFIG,
     Env,
     assert_counter,
     deliver,
@@ -250,7 +249,7 @@ async def test_a_checkpoint_passing_a_warning_threshold_queues_a_warning_if_the_
 ):
     """A user without a webhook when the request started gets no `quota.warning` from
     its writes (as no `ai.task.*` event): their subscribers were looked for then."""
-    metering = Metering(env.engine, env.publisher, CONFIG, warnings=QuotaWarnings([50]))
+    metering = env.metering(warnings=QuotaWarnings([50]))
     user = await env.user()
     await subscribe_webhook(env, user, "quota.warning")
     info = dataclasses.replace(request(user, token_limit=20), has_webhooks=has_webhooks)

@@ -123,6 +123,18 @@ async def cutter(backend: Backend) -> AsyncIterator[tuple[CommitAnswerCutter, As
         await proxy.close()
 
 
+@pytest.fixture
+async def cut_metering(
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+) -> AsyncIterator[Metering]:
+    """A metering service whose database connections all go through the proxy."""
+    metering = Metering(cutter[1], env.publisher, CONFIG)
+    try:
+        yield metering
+    finally:
+        await metering.writer.close()  # before the proxy goes
+
+
 async def flushed(meter: UsageMeter) -> None:
     """Until the meter's checkpoint in flight, if any, has ended (however it ended)."""
     for _ in range(500):
@@ -134,12 +146,15 @@ async def flushed(meter: UsageMeter) -> None:
 
 @pytest.mark.parametrize("has_webhooks", [True, False])
 async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], has_webhooks: bool
+    env: Env,
+    cutter: tuple[CommitAnswerCutter, AsyncEngine],
+    cut_metering: Metering,
+    has_webhooks: bool,
 ):
     """With webhooks, a checkpoint runs in a transaction (it may have to queue a quota
     warning); without, alone, as one statement that commits on its own."""
-    proxy, engine = cutter
-    metering = Metering(engine, env.publisher, CONFIG)
+    proxy = cutter[0]
+    metering = cut_metering
     user = await env.user()
     info = dataclasses.replace(request(user), has_webhooks=has_webhooks)
     meter = await metering.begin(info, prompt_tokens=2)
@@ -163,12 +178,15 @@ async def test_a_checkpoint_committed_unbeknown_is_not_counted_again_by_the_next
 
 @pytest.mark.parametrize("warnings", [True, False], ids=["transaction", "statement"])
 async def test_a_batch_committed_unbeknown_is_retried_without_counting_it_twice(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], warnings: bool
+    env: Env,
+    cutter: tuple[CommitAnswerCutter, AsyncEngine],
+    cut_metering: Metering,
+    warnings: bool,
 ):
     """With warnings to check, the batch is a transaction; without, one statement that
     commits on its own."""
-    proxy, engine = cutter
-    metering = Metering(engine, env.publisher, CONFIG)
+    proxy = cutter[0]
+    metering = cut_metering
     user = await env.user()
     meters = [await metering.begin(request(user), prompt_tokens=1) for _ in range(3)]
 
@@ -190,10 +208,10 @@ async def test_a_batch_committed_unbeknown_is_retried_without_counting_it_twice(
 
 
 async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_once(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], cut_metering: Metering
 ):
-    proxy, engine = cutter
-    metering = Metering(engine, env.publisher, CONFIG)
+    proxy = cutter[0]
+    metering = cut_metering
     user = await env.user()
     await subscribe_webhook(env, user, "ai.task.completed")
     meter = await metering.begin(request(user), prompt_tokens=2)
@@ -215,13 +233,17 @@ async def test_an_end_committed_unbeknown_is_retried_and_its_task_event_queued_o
     ids=["transaction", "statement", "batch statement"],
 )
 async def test_a_start_committed_unbeknown_ends_its_row_billing_nothing(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], token_limit: int | None, starts: int
+    env: Env,
+    cutter: tuple[CommitAnswerCutter, AsyncEngine],
+    cut_metering: Metering,
+    token_limit: int | None,
+    starts: int,
 ):
     """With a limit to check, the start commits in a transaction; without, alone, as one
     statement that commits on its own, and with others arriving together, as one
     statement for all."""
-    proxy, engine = cutter
-    metering = Metering(engine, env.publisher, CONFIG)
+    proxy = cutter[0]
+    metering = cut_metering
     user = await env.user()
     infos = [request(user, token_limit=token_limit) for _ in range(starts)]
     if token_limit is not None:
@@ -246,10 +268,10 @@ async def test_a_start_committed_unbeknown_ends_its_row_billing_nothing(
 
 
 async def test_a_start_never_committed_leaves_nothing_and_takes_nothing_back(
-    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine]
+    env: Env, cutter: tuple[CommitAnswerCutter, AsyncEngine], cut_metering: Metering
 ):
-    proxy, engine = cutter
-    metering = Metering(engine, env.publisher, CONFIG)
+    proxy = cutter[0]
+    metering = cut_metering
     user = await env.user()
     first = await metering.begin(request(user), prompt_tokens=3)
     await first.finish(UsageStatus.COMPLETED)
