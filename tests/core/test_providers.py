@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from app.core.config import ProviderConfig
@@ -69,7 +70,48 @@ def test_the_usage_chunk_carries_the_upstream_counts() -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"{not json", b"[1,2]", b'{"error":{"message":"boom"}}', b'{"choices":5}']
+    ("delta", "tokens"),
+    [
+        ({"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}, 1),
+        ({"reasoning_content": "hm"}, 1),
+        ({"refusal": "no"}, 1),
+        ({"role": "assistant"}, 0),
+        ({"content": ""}, 0),
+        ({"content": [{"type": "text", "text": "Hi"}]}, 1),  # parts: a token, no text
+        (None, 0),
+    ],
+)
+def test_what_a_delta_counts(delta: object, tokens: int) -> None:
+    event = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "system_fingerprint": "fp",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+    }
+    chunk = parse_chunk(orjson.dumps(event))
+    assert (chunk.tokens, chunk.text, chunk.finish_reason) == (tokens, "", None)
+
+
+def test_every_choice_counts_and_the_last_finish_reason_wins() -> None:
+    chunk = parse_chunk(
+        b'{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"},'
+        b'{"index":1,"delta":{"content":"b"},"finish_reason":"length"}]}'
+    )
+    assert (chunk.tokens, chunk.text, chunk.finish_reason) == (2, "a", "length")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"{not json",
+        b"[1,2]",
+        b'{"error":{"message":"boom"}}',
+        b'{"error":null}',
+        b'{"choices":5}',
+        b'{"choices":[5]}',
+        b'{"choices":[{"delta":"text"}]}',
+        b'{"choices":[{"delta":{},"finish_reason":7}]}',
+    ],
 )
 def test_malformed_or_error_events_are_upstream_errors(data: bytes) -> None:
     with pytest.raises(UpstreamError):
