@@ -68,7 +68,7 @@ PID = sa.text("SELECT pg_backend_pid() AS pid")
 
 @pytest.fixture
 async def driver(engine: AsyncEngine) -> AsyncIterator[DriverConnection]:
-    connection = DriverConnection(engine)
+    connection = DriverConnection(engine, idle=3600)  # no release mid-test
     try:
         yield connection
     finally:
@@ -113,7 +113,7 @@ async def test_the_connection_is_held_between_statements_and_handed_back_on_clos
     engine: AsyncEngine,
 ):
     pool = engine.pool
-    driver = DriverConnection(engine)
+    driver = DriverConnection(engine, idle=3600)  # never idle long enough here
     pid = driven(PID, engine)
     [first] = await driver.fetch(pid, {})
     assert pool.checkedout() == 1  # type: ignore[attr-defined]
