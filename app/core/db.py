@@ -102,9 +102,9 @@ class DriverConnection:
     Checking a connection out of SQLAlchemy's pool and back in costs a greenlet each
     way and the pool's bookkeeping: a one-row SELECT took ~200 µs of CPU here with
     them and ~70 µs on a connection held. A group commit runs its statements one
-    after another, so each holds a connection between them instead. It goes back to
-    the pool after `idle` seconds without a statement (an idle server holds none),
-    once older than the pool's recycle age, and on `close`. No transaction is
+    after another, so each holds a connection between them instead. Held or idle in
+    the pool, the connection stays open all the same; it goes back once older than
+    the pool's recycle age (to be replaced) and on `close`. No transaction is
     opened: each statement commits on its own. The driver's errors come out as
     SQLAlchemy's `DBAPIError`, as from any other statement, and a connection lost or
     left in an unknown state is invalidated, as SQLAlchemy would, so the next
@@ -114,19 +114,15 @@ class DriverConnection:
     time on a connection).
     """
 
-    def __init__(self, engine: AsyncEngine, idle: float = 1.0) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         # Here, not at the top: a server on SQLite never loads asyncpg (~3 MiB).
         from asyncpg import PostgresError
 
         self._postgres_error = PostgresError
         self._engine = engine
-        self._idle = idle
         self._lock = asyncio.Lock()
         self._held: PoolProxiedConnection | None = None
         self._held_since = 0.0
-        self._last_used = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._releasing: asyncio.Task[None] | None = None
 
     async def fetch(
         self, statement: DriverStatement, params: Mapping[str, object]
@@ -156,52 +152,21 @@ class DriverConnection:
                         statement.sql, None, error, connection_invalidated=True
                     ) from error
                 raise
-            self._last_used = asyncio.get_running_loop().time()
             return rows
 
     async def close(self) -> None:
         """Hand the connection back to the pool (it may be used again afterwards)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._releasing is not None:
-            await self._releasing
         async with self._lock:
             await self._release()
 
     async def _connection(self) -> PoolProxiedConnection:
-        loop = asyncio.get_running_loop()
-        if self._held is not None and loop.time() - self._held_since > POOL_RECYCLE_SECONDS:
+        now = asyncio.get_running_loop().time()
+        if self._held is not None and now - self._held_since > POOL_RECYCLE_SECONDS:
             await self._release()  # the pool recycles it
         if self._held is None:
             self._held = await self._engine.raw_connection()
-            self._held_since = loop.time()
-            if self._timer is None:
-                self._timer = loop.call_later(self._idle, self._on_idle)
+            self._held_since = now
         return self._held
-
-    def _on_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = None
-        if self._held is None:
-            return
-        left = self._last_used + self._idle - loop.time()
-        if left > 0 or self._lock.locked():
-            self._timer = loop.call_later(max(left, self._idle / 10), self._on_idle)
-            return
-        self._releasing = loop.create_task(self._release_idle())
-
-    async def _release_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            async with self._lock:
-                if loop.time() - self._last_used >= self._idle:
-                    await self._release()
-                elif self._held is not None and self._timer is None:
-                    # Used again while this waited for the lock.
-                    self._timer = loop.call_later(self._idle, self._on_idle)
-        finally:
-            self._releasing = None
 
     async def _release(self) -> None:
         held, self._held = self._held, None

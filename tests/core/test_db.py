@@ -2,7 +2,7 @@
 the pool they share still hands out transactional connections afterwards.
 `DriverConnection`: statements run by asyncpg itself on one held connection, with
 SQLAlchemy's bind processing and exceptions, a lost connection taken out of the pool,
-and the connection handed back when idle or closed."""
+and the connection handed back when it gets old or is closed."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core import db
 from app.core.db import DriverConnection, DriverStatement, create_engine, single_reads
 from app.core.tables import UTCDateTime
 
@@ -68,7 +69,7 @@ PID = sa.text("SELECT pg_backend_pid() AS pid")
 
 @pytest.fixture
 async def driver(engine: AsyncEngine) -> AsyncIterator[DriverConnection]:
-    connection = DriverConnection(engine, idle=3600)  # no release mid-test
+    connection = DriverConnection(engine)
     try:
         yield connection
     finally:
@@ -113,7 +114,7 @@ async def test_the_connection_is_held_between_statements_and_handed_back_on_clos
     engine: AsyncEngine,
 ):
     pool = engine.pool
-    driver = DriverConnection(engine, idle=3600)  # never idle long enough here
+    driver = DriverConnection(engine)
     pid = driven(PID, engine)
     [first] = await driver.fetch(pid, {})
     assert pool.checkedout() == 1  # type: ignore[attr-defined]
@@ -131,24 +132,27 @@ async def test_the_connection_is_held_between_statements_and_handed_back_on_clos
     await driver.close()
 
 
-async def test_an_idle_connection_goes_back_to_the_pool(engine: AsyncEngine):
-    """Not while a statement runs past the idle time; soon after the last one ended."""
-    pool = engine.pool
-    driver = DriverConnection(engine, idle=0.05)
-    slow = driven(sa.text("SELECT pg_sleep(0.3), pg_backend_pid() AS pid"), engine)
+async def test_a_held_connection_past_the_recycle_age_goes_back_to_the_pool(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+):
+    """So that the pool can recycle it, as it does the connections it keeps."""
+    moves: list[str] = []
+    sa.event.listen(engine.sync_engine, "checkout", lambda *_: moves.append("out"))
+    sa.event.listen(engine.sync_engine, "checkin", lambda *_: moves.append("in"))
+    driver = DriverConnection(engine)
+    pid = driven(PID, engine)
     try:
-        await driver.fetch(slow, {})  # the idle timer fires meanwhile
-        assert pool.checkedout() == 1  # type: ignore[attr-defined]  # kept through it
-        for _ in range(500):
-            if pool.checkedout() == 0:  # type: ignore[attr-defined]
-                break
-            await asyncio.sleep(0.01)
-        assert pool.checkedout() == 0  # type: ignore[attr-defined]
-        await driver.fetch(slow, {})  # taken again when needed
-        assert pool.checkedout() == 1  # type: ignore[attr-defined]
+        await driver.fetch(pid, {})
+        await driver.fetch(pid, {})
+        assert moves == ["out"]  # held
+        monkeypatch.setattr(db, "POOL_RECYCLE_SECONDS", 0)  # now past the age
+        await asyncio.sleep(0.01)
+        await driver.fetch(pid, {})
+        assert moves == ["out", "in", "out"]
+        assert engine.pool.checkedout() == 1  # type: ignore[attr-defined]
     finally:
         await driver.close()
-    assert pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_statements_on_one_driver_connection_wait_for_each_other(
