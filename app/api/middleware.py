@@ -6,7 +6,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 
@@ -21,6 +20,7 @@ from app.api.requests import client_ip, resolve_principal, services
 from app.api.responses import iso_millis
 from app.core.errors import ApiError, BadRequest, RateLimited
 from app.core.ratelimit import Decision
+from app.core.security import new_id
 
 logger = logging.getLogger("livegate")
 
@@ -34,7 +34,7 @@ def _request_id(scope: Scope) -> str:
             if _CLIENT_ID.match(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return new_id()
 
 
 class RequestIdMiddleware:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -30,6 +29,7 @@ from app.core.providers import (
     parse_chunk,
     transport_error,
 )
+from app.core.security import new_id
 from app.core.upstream_transport import AiohttpTransport, UpstreamResponse
 
 API_VERSION = "2023-06-01"
@@ -113,7 +113,7 @@ class AnthropicProvider(HttpProvider):
             completion_tokens=int(raw_usage.get("output_tokens") or 0),
         )
         payload = {
-            "id": f"chatcmpl-{answer.get('id') or uuid.uuid4().hex}",
+            "id": f"chatcmpl-{answer.get('id') or new_id()}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": answer.get("model") or body["model"],
@@ -140,7 +140,7 @@ class _AnthropicStream:
         self._provider = provider
         self._response = response
         self._meta = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": f"chatcmpl-{new_id()}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +28,14 @@ from app.core.config import Environment, IssuerConfig, Settings
 from app.core.db import single_reads
 from app.core.errors import Forbidden, Unauthorized
 from app.core.keys import KeyUsageRecorder
-from app.core.security import JWT_ISSUER, InvalidTokenError, Secrets, hash_key, looks_like_api_key
+from app.core.security import (
+    JWT_ISSUER,
+    InvalidTokenError,
+    Secrets,
+    hash_key,
+    looks_like_api_key,
+    new_id,
+)
 from app.core.sessions import TokenDenylist
 from app.core.tables import api_keys, external_identities, users
 from app.core.users import USER_COLUMNS, User, get_user, row_to_user
@@ -286,15 +292,15 @@ class Authenticator:
             return await get_user(self._engine, user_id)
         profile = profile or {}
         now = datetime.now(UTC)
-        new_id = uuid.uuid4().hex
+        created_id = new_id()
         address = email if isinstance(email, str) and "@" in email else None
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(
                     users.insert().values(
-                        id=new_id,
+                        id=created_id,
                         # A placeholder on the reserved .invalid domain until one is known.
-                        email=(address or f"{new_id}@{provider}.invalid").lower(),
+                        email=(address or f"{created_id}@{provider}.invalid").lower(),
                         tier=self._settings.server.default_tier,
                         role="user",
                         first_name=_str(profile.get("given_name") or profile.get("first_name")),
@@ -306,7 +312,7 @@ class Authenticator:
                 )
                 await conn.execute(
                     external_identities.insert().values(
-                        provider=provider, subject=subject, user_id=new_id, created_at=now
+                        provider=provider, subject=subject, user_id=created_id, created_at=now
                     )
                 )
         except IntegrityError:
@@ -321,7 +327,7 @@ class Authenticator:
             raise IdentityConflict(
                 "this identity's email belongs to another account", code="identity_conflict"
             ) from None
-        return await get_user(self._engine, new_id)
+        return await get_user(self._engine, created_id)
 
     async def _link(self, provider: str, subject: str, email: str) -> User:
         """Link the identity to the account holding its email, if that is safe.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.core.auth_cache import NEUTRAL
 from app.core.errors import BadRequest, NotFound
 from app.core.pagination import Page
-from app.core.security import generate_api_key
+from app.core.security import generate_api_key, new_id
 from app.core.tables import KeyKind, api_keys
 
 logger = logging.getLogger("livegate.keys")
@@ -111,7 +110,7 @@ async def create_key(
 ) -> CreatedKey:
     issued = generate_api_key()
     now = datetime.now(UTC)
-    key_id = f"key_{uuid.uuid4().hex}"
+    key_id = f"key_{new_id()}"
     async with engine.begin() as conn:
         await conn.execute(
             api_keys.insert().values(

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +35,7 @@ from app.core.quota import (
     QuotaSnapshot,
     month_period,
 )
+from app.core.security import new_id
 from app.core.tables import UsageStatus, instances, usage_logs
 from app.core.usage_writer import RequestStart, UsageWrite, UsageWriter
 from app.core.webhooks import Event, QuotaWarnings, enqueue
@@ -348,7 +348,7 @@ class Metering:
         self.config = config
         self.warnings = warnings or QuotaWarnings(())
         self.writer = UsageWriter(engine, self.warnings)
-        self.instance_id = instance_id or uuid.uuid4().hex
+        self.instance_id = instance_id or new_id()
         self.active: set[UsageMeter] = set()
         # Set once the server starts cancelling requests to shut down.
         self.draining = False
@@ -378,7 +378,7 @@ class Metering:
         """
         now = datetime.now(UTC)
         period = month_period(now)
-        row_id = uuid.uuid4().hex
+        row_id = new_id()
         row: dict[str, object] = {
             "id": row_id,
             "request_id": info.request_id,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from app.core.errors import (
     UpstreamTimeout,
 )
 from app.core.metering import Usage
+from app.core.security import new_id
 from app.core.upstream_transport import AiohttpTransport, UpstreamResponse, client_timeout
 
 ECHO_MODEL = "echo"
@@ -372,7 +372,7 @@ class EchoProvider:
         text = "".join(tokens)
         usage = Usage(prompt_tokens=prompt, completion_tokens=len(tokens))
         payload = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": f"chatcmpl-{new_id()}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": ECHO_MODEL,
@@ -401,7 +401,7 @@ class _EchoStream:
         self._prompt_tokens = prompt_tokens
         self._delay = delay
         self._meta = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": f"chatcmpl-{new_id()}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": ECHO_MODEL,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from app.core.security import new_id
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -190,7 +191,7 @@ class RedisRateLimiter:
 
     async def hit_window(self, key: str, limit: int, window: float) -> Decision:
         allowed, remaining, seconds_ms = await self._window_script(
-            keys=[f"{self._prefix}w:{key}"], args=[window, limit, uuid.uuid4().hex]
+            keys=[f"{self._prefix}w:{key}"], args=[window, limit, new_id()]
         )
         wait = float(seconds_ms) / 1000
         return Decision(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets as random
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -13,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.errors import Unauthorized
-from app.core.security import JWT_LIFETIME, Secrets, hash_key
+from app.core.security import JWT_LIFETIME, Secrets, hash_key, new_id
 from app.core.tables import refresh_tokens, revoked_tokens
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ class Sessions:
     ) -> tuple[str, dict[str, object]]:
         plaintext = REFRESH_PREFIX + random.token_urlsafe(32)
         row = {
-            "id": uuid.uuid4().hex,
+            "id": new_id(),
             "user_id": user_id,
             "family_id": family_id,
             "token_hash": hash_key(plaintext),
@@ -102,7 +101,7 @@ class Sessions:
     async def issue(self, user_id: str) -> SessionTokens:
         """A new session: an access token and the first refresh token of a new family."""
         now = datetime.now(UTC)
-        family_id = uuid.uuid4().hex
+        family_id = new_id()
         plaintext, row = self._new_refresh(user_id, family_id, now)
         async with self._engine.begin() as conn:
             await conn.execute(refresh_tokens.insert().values(**row))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, Unauthorized
-from app.core.security import Secrets, generate_api_key, hash_password
+from app.core.security import Secrets, generate_api_key, hash_password, new_id
 from app.core.tables import KeyKind, api_keys, users, webhooks
 
 ROLES = ("user", "admin", "super_admin")
@@ -80,7 +79,7 @@ async def create_user(
         raise BadRequest(f"role must be one of {', '.join(ROLES)}", details={"field": "role"})
     now = datetime.now(UTC)
     values = {
-        "id": uuid.uuid4().hex,
+        "id": new_id(),
         "email": email,
         "username": username,
         "password_hash": hash_password(password) if password else None,
@@ -127,7 +126,7 @@ async def get_or_create_relay_key(engine: AsyncEngine, secrets: Secrets, user_id
         async with engine.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
-                    id=uuid.uuid4().hex,
+                    id=new_id(),
                     user_id=user_id,
                     kind=KeyKind.RELAY,
                     name="relay",

@@ -24,7 +24,6 @@ import json
 import logging
 import secrets as random
 import socket
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,7 +37,7 @@ from app.core.config import WebhooksConfig
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.pagination import Page
-from app.core.security import Secrets
+from app.core.security import Secrets, new_id
 from app.core.tables import webhook_deliveries, webhook_subscriptions, webhooks
 
 if TYPE_CHECKING:
@@ -238,7 +237,7 @@ async def create_endpoint(
     max_per_user: int,
 ) -> CreatedEndpoint:
     now = datetime.now(UTC)
-    webhook_id = f"wh-{uuid.uuid4().hex}"
+    webhook_id = f"wh-{new_id()}"
     async with engine.begin() as conn:
         count = await conn.scalar(
             sa.select(sa.func.count()).select_from(webhooks).where(webhooks.c.user_id == user_id)
@@ -382,7 +381,7 @@ async def enqueue(
         },
         separators=(",", ":"),
     )
-    event_id = event_id or f"evt_{uuid.uuid4().hex}"
+    event_id = event_id or f"evt_{new_id()}"
     await conn.execute(
         dialect_insert(conn)(webhook_deliveries).on_conflict_do_nothing(),
         [

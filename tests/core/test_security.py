@@ -27,6 +27,7 @@ from app.core.security import (
     hash_password,
     looks_like_api_key,
     mask_key,
+    new_id,
     verify_password,
 )
 
@@ -346,3 +347,9 @@ def test_password_hashes_are_salted():
 @pytest.mark.parametrize("bad_hash", ["", "not-a-hash", "$argon2id$v=19$m=1$broken"])
 def test_verify_password_against_garbage_hash_is_false(bad_hash: str):
     assert verify_password(bad_hash, "whatever") is False
+
+
+def test_new_id_is_32_hex_digits_and_never_repeats() -> None:
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
