@@ -92,16 +92,21 @@ async def run_to_completion(step: Callable[[], Awaitable[None]]) -> None:
     """Run a clean-up step to its end even if the surrounding task is being cancelled.
 
     Both kinds of cancellation: asyncio's (once; `shield` absorbs it) and anyio's
-    (sse-starlette's task groups cancel again at every await; the shielded scope
-    holds that off until the step is done).
+    (sse-starlette's task groups cancel again at every await; a shielded scope holds
+    that off until the step is done). The scope is entered only once cancelled: it
+    costs more than the rest of this together, and most steps are never cancelled.
     """
     task = asyncio.ensure_future(step())
-    with anyio.CancelScope(shield=True):
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                # A cancellation still on its way (anyio's, sent before the scope
+                # was entered) must not end the wait, nor reach the step.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+        raise
 
 
 class UsageMeter:
