@@ -73,21 +73,32 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T | None
 
     For non-streamed relays: nothing else would notice the client leaving while the
     upstream is still thinking. Call it only after the request body has been read.
+    `work` runs in the calling task; only the watch for the disconnect has one of
+    its own, which cancels the caller.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.create_task(_wait_for_disconnect(receive))
+    caller = asyncio.current_task()
+    assert caller is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        await _wait_for_disconnect(receive)
+        disconnected = True
+        caller.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        result = await work
+    except asyncio.CancelledError:
+        # Ours, and no one else's too (`uncancel` counts the cancellations left).
+        if disconnected and caller.uncancel() == 0:
+            return None
+        raise
     finally:
         watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
+    if disconnected:
+        caller.uncancel()  # the work got to its end all the same
+    return result
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

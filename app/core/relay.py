@@ -186,7 +186,8 @@ class Relay:
         answered: tuple[Target, T] | None = None
         try:
             answered = await first_answer(chain, call)
-            meter = await asyncio.shield(starting)
+            # Most starts are committed by the time the answer is in.
+            meter = starting.result() if starting.done() else await asyncio.shield(starting)
         except BaseException as exc:
             answer = answered[1] if answered is not None else None
             await run_to_completion(functools.partial(self._abandoned, starting, answer, exc))
