@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ from app.core.quota import (
 )
 from app.core.security import new_id
 from app.core.tables import UsageStatus, instances, usage_logs
-from app.core.usage_writer import RequestStart, UsageWrite, UsageWriter
+from app.core.usage_writer import Counted, RequestStart, UsageWrite, UsageWriter
 from app.core.webhooks import Event, QuotaWarnings, enqueue
 
 if TYPE_CHECKING:
@@ -337,6 +337,18 @@ class UsageMeter:
         await self.finish(status, error=error)
 
 
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """A start queued with the usage writer: what its meter is made of once committed."""
+
+    info: RequestInfo
+    row_id: str
+    period: str
+    prompt_tokens: int
+    at: datetime
+    counted: asyncio.Future[Counted]  # the writer's outcome (see `UsageWriter.start`)
+
+
 class Metering:
     """The per-process metering service, created in the lifespan."""
 
@@ -381,6 +393,60 @@ class Metering:
         `admit` out when there is nothing to check: starts without it and without any
         limit (token or `also`) commit together as one statement on PostgreSQL.
         """
+        start = self._start(info, prompt_tokens, admit, also)
+        try:
+            tokens, *_ = await asyncio.shield(start.counted)
+        except asyncio.CancelledError:
+            # The caller left (a client disconnecting) while its start was queued: the
+            # start may still commit, and its row must then end, billing nothing.
+            await run_to_completion(lambda: self._end_abandoned(start))
+            raise
+        except ApiError:
+            raise  # refused: rolled back, nothing written
+        except Exception:
+            self._end_failed_start_later(start)
+            raise
+        assert tokens is not None
+        return self._started(start, tokens)
+
+    def begin_beside(
+        self, info: RequestInfo, prompt_tokens: int, also: Sequence[Increment] = ()
+    ) -> asyncio.Future[UsageMeter]:
+        """`begin` for a start nothing can refuse (no limit, nothing to admit), written
+        beside the upstream call: the meter once the row is committed.
+
+        The row is queued at once and the meter made as it commits, with no task in
+        between. Await the future shielded; a caller that gives up on the request
+        discards the meter it resolves to.
+        """
+        start = self._start(info, prompt_tokens, None, also)
+        meter: asyncio.Future[UsageMeter] = asyncio.get_running_loop().create_future()
+
+        def committed(counted: asyncio.Future[Counted]) -> None:
+            if meter.cancelled():  # no one will take the meter: end the row now
+                self._in_background(self._end_abandoned(start))
+                return
+            error = counted.exception()
+            if error is None:
+                tokens, *_ = counted.result()
+                assert tokens is not None
+                meter.set_result(self._started(start, tokens))
+                return
+            if not isinstance(error, ApiError):
+                self._end_failed_start_later(start)
+            meter.set_exception(error)
+
+        start.counted.add_done_callback(committed)
+        return meter
+
+    def _start(
+        self,
+        info: RequestInfo,
+        prompt_tokens: int,
+        admit: Admission | None,
+        also: Sequence[Increment],
+    ) -> _Start:
+        """Queue the row of a starting request and its counters (see `begin`)."""
         now = datetime.now(UTC)
         period = month_period(now)
         row_id = new_id()
@@ -417,68 +483,63 @@ class Metering:
         # transaction need wait for it (see `RequestStart.unlimited`).
         unchecked = info.token_limit is None and admit is None
         start = RequestStart(row, info.user_id, increments, None if unchecked else check)
-        starting = self.writer.start(start)
-        try:
-            tokens, *_ = await asyncio.shield(starting)
-        except asyncio.CancelledError:
-            # The caller left (a client disconnecting) while its start was queued: the
-            # start may still commit, and its row must then end, billing nothing.
-            await run_to_completion(
-                lambda: self._end_abandoned(starting, info, row_id, period, prompt_tokens, now)
-            )
-            raise
-        except ApiError:
-            raise  # refused: rolled back, nothing written
-        except Exception:
-            # In the background: with the database away, its retries take seconds, and
-            # the request's error need not wait for them.
-            cleanup = asyncio.create_task(
-                self._end_failed_start(info, row_id, period, prompt_tokens, now)
-            )
-            self._cleanups.add(cleanup)
-            cleanup.add_done_callback(self._cleanups.discard)
-            raise
-        assert tokens is not None
-        snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
+        return _Start(info, row_id, period, prompt_tokens, now, self.writer.start(start))
+
+    def _started(self, start: _Start, tokens: tuple[int, int]) -> UsageMeter:
+        """The meter of a start now committed, with the quota it left pushed."""
+        info = start.info
+        snapshot = QuotaSnapshot(info.token_limit, tokens[0], start.period, tokens[1])
         self.publisher.push(info.user_id, snapshot)
-        meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, now)
+        meter = UsageMeter(
+            self, info, start.row_id, start.period, start.prompt_tokens, snapshot, start.at
+        )
         self.active.add(meter)
         return meter
 
-    async def _end_abandoned(
-        self,
-        starting: asyncio.Future[list[tuple[int, int] | None]],
-        info: RequestInfo,
-        row_id: str,
-        period: str,
-        prompt_tokens: int,
-        started_at: datetime,
-    ) -> None:
+    def _end_failed_start_later(self, start: _Start) -> None:
+        # In the background: with the database away, its retries take seconds, and
+        # the request's error need not wait for them.
+        self._in_background(self._end_failed_start(start))
+
+    def _in_background(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Run `cleanup` in a task of its own, which `close` waits for."""
+        task = asyncio.create_task(cleanup)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _end_abandoned(self, start: _Start) -> None:
         try:
-            tokens, *_ = await starting
+            tokens, *_ = await start.counted
         except ApiError:
             return  # refused: nothing was written
         except Exception:
-            await self._end_failed_start(info, row_id, period, prompt_tokens, started_at)
+            await self._end_failed_start(start)
             return
         assert tokens is not None
-        snapshot = QuotaSnapshot(info.token_limit, tokens[0], period, tokens[1])
-        meter = UsageMeter(self, info, row_id, period, prompt_tokens, snapshot, started_at)
+        snapshot = QuotaSnapshot(start.info.token_limit, tokens[0], start.period, tokens[1])
+        meter = UsageMeter(
+            self, start.info, start.row_id, start.period, start.prompt_tokens, snapshot, start.at
+        )
         await meter.discard(UsageStatus.CANCELLED, "client disconnected")
 
-    async def _end_failed_start(
-        self, info: RequestInfo, row_id: str, period: str, prompt_tokens: int, started_at: datetime
-    ) -> None:
+    async def _end_failed_start(self, start: _Start) -> None:
         """End the row of a start that failed other than by a refusal, billing nothing.
 
         It may have been committed all the same, if only its COMMIT's answer was lost;
         if it was not, there is nothing to end. Either way no webhook event: the
         request failed before it began.
         """
-        quiet = dataclasses.replace(info, has_webhooks=False)
-        unknown = QuotaSnapshot(info.token_limit, 0, period, 0)
+        quiet = dataclasses.replace(start.info, has_webhooks=False)
+        unknown = QuotaSnapshot(start.info.token_limit, 0, start.period, 0)
         meter = UsageMeter(
-            self, quiet, row_id, period, prompt_tokens, unknown, started_at, unsure=True
+            self,
+            quiet,
+            start.row_id,
+            start.period,
+            start.prompt_tokens,
+            unknown,
+            start.at,
+            unsure=True,
         )
         await meter.discard(UsageStatus.ERROR, "the request could not start")
 

@@ -158,8 +158,8 @@ class Relay:
         )
         if limit is None and all(inc.limit is None for inc in requests):
             # Nothing to admit: the start goes beside the upstream call.
-            begin = self._metering.begin(info, prompt_tokens, also=requests)
-            return await self._answered_beside(asyncio.ensure_future(begin), chain, call)
+            starting = self._metering.begin_beside(info, prompt_tokens, also=requests)
+            return await self._answered_beside(starting, chain, call)
         meter = await self._metering.begin(info, prompt_tokens, admit, also=requests)
         remaining = meter.remaining
         if remaining is not None and not request.stream:
