@@ -348,6 +348,10 @@ class _Start:
     at: datetime
     counted: asyncio.Future[Counted]  # the writer's outcome (see `UsageWriter.start`)
 
+    def snapshot(self, tokens: tuple[int, int]) -> QuotaSnapshot:
+        """The quota as the start left it: its token counter's (used, seq)."""
+        return QuotaSnapshot(self.info.token_limit, tokens[0], self.period, tokens[1])
+
 
 class Metering:
     """The per-process metering service, created in the lifespan."""
@@ -426,15 +430,18 @@ class Metering:
             if meter.cancelled():  # no one will take the meter: end the row now
                 self._in_background(self._end_abandoned(start))
                 return
-            error = counted.exception()
-            if error is None:
+            if counted.cancelled():
+                meter.cancel()
+                return
+            # Whatever happens here must settle `meter`: nothing else would.
+            try:
                 tokens, *_ = counted.result()
                 assert tokens is not None
                 meter.set_result(self._started(start, tokens))
-                return
-            if not isinstance(error, ApiError):
-                self._end_failed_start_later(start)
-            meter.set_exception(error)
+            except Exception as exc:
+                if not isinstance(exc, ApiError):
+                    self._end_failed_start_later(start)
+                meter.set_exception(exc)
 
         start.counted.add_done_callback(committed)
         return meter
@@ -487,14 +494,25 @@ class Metering:
 
     def _started(self, start: _Start, tokens: tuple[int, int]) -> UsageMeter:
         """The meter of a start now committed, with the quota it left pushed."""
-        info = start.info
-        snapshot = QuotaSnapshot(info.token_limit, tokens[0], start.period, tokens[1])
-        self.publisher.push(info.user_id, snapshot)
-        meter = UsageMeter(
-            self, info, start.row_id, start.period, start.prompt_tokens, snapshot, start.at
-        )
+        snapshot = start.snapshot(tokens)
+        self.publisher.push(start.info.user_id, snapshot)
+        meter = self._meter(start, start.info, snapshot)
         self.active.add(meter)
         return meter
+
+    def _meter(
+        self, start: _Start, info: RequestInfo, snapshot: QuotaSnapshot, *, unsure: bool = False
+    ) -> UsageMeter:
+        return UsageMeter(
+            self,
+            info,
+            start.row_id,
+            start.period,
+            start.prompt_tokens,
+            snapshot,
+            start.at,
+            unsure=unsure,
+        )
 
     def _end_failed_start_later(self, start: _Start) -> None:
         # In the background: with the database away, its retries take seconds, and
@@ -516,10 +534,7 @@ class Metering:
             await self._end_failed_start(start)
             return
         assert tokens is not None
-        snapshot = QuotaSnapshot(start.info.token_limit, tokens[0], start.period, tokens[1])
-        meter = UsageMeter(
-            self, start.info, start.row_id, start.period, start.prompt_tokens, snapshot, start.at
-        )
+        meter = self._meter(start, start.info, start.snapshot(tokens))
         await meter.discard(UsageStatus.CANCELLED, "client disconnected")
 
     async def _end_failed_start(self, start: _Start) -> None:
@@ -531,16 +546,7 @@ class Metering:
         """
         quiet = dataclasses.replace(start.info, has_webhooks=False)
         unknown = QuotaSnapshot(start.info.token_limit, 0, start.period, 0)
-        meter = UsageMeter(
-            self,
-            quiet,
-            start.row_id,
-            start.period,
-            start.prompt_tokens,
-            unknown,
-            start.at,
-            unsure=True,
-        )
+        meter = self._meter(start, quiet, unknown, unsure=True)
         await meter.discard(UsageStatus.ERROR, "the request could not start")
 
     async def start(self) -> None:
