@@ -1,0 +1,44 @@
+"""`parse_json`: the JSON a request body may hold, read as `json.loads` reads bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.core.errors import BadRequest
+from app.core.strict_json import parse_json
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "héllo ✓"}], "n": 1.5}
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_bodies_in_each_encoding_json_allows_parse_alike(encoding: str) -> None:
+    raw = json.dumps(BODY, ensure_ascii=False).encode(encoding)
+    assert parse_json(raw) == json.loads(raw) == BODY
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b'{"x": NaN}', "not valid JSON"),
+        (b'{"x": -Infinity}', "not valid JSON"),
+        (b'{"x": 1e999}', "out of range"),
+        (b'{"x": "\xff"}', "not valid UTF-8"),
+        (b'{"x": "\\ud800"}', "surrogate"),
+        (b'{"x": "a\\u0000b"}', "NUL"),
+        (b'{"x": ', "not valid JSON"),
+        (b"[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_what_cannot_be_encoded_again_is_the_clients_error(raw: bytes, says: str) -> None:
+    with pytest.raises(BadRequest) as refused:
+        parse_json(raw)
+    assert says in refused.value.message
+
+
+def test_a_decoder_reused_across_bodies_keeps_no_state() -> None:
+    assert parse_json(b'{"a": 1}') == {"a": 1}
+    with pytest.raises(BadRequest):
+        parse_json(b'{"a": NaN}')
+    assert parse_json(b'[1.25, "\\ud83d\\ude00"]') == [1.25, "\U0001f600"]
