@@ -27,11 +27,11 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.batching import Batcher
 from app.core.db import DriverConnection, DriverStatement
 from app.core.quota import (
     TOKENS,
@@ -52,7 +52,6 @@ logger = logging.getLogger("livegate.metering")
 # Built once: run with many parameter sets (executemany) per transaction.
 _START_ROW = usage_logs.insert()
 _UPDATE_ROW = usage_logs.update().where(usage_logs.c.id == sa.bindparam("row_id"))
-MAX_BATCH = 256
 
 Counted = list[tuple[int, int] | None]
 
@@ -106,80 +105,11 @@ class UsageWrite:
 # (user_id, period) -> the token counter's (used, seq) once the transaction committed.
 Counters = dict[tuple[str, str], tuple[int, int]]
 
-Item = TypeVar("Item")
-Outcome = TypeVar("Outcome")
-
-
-class _GroupCommit(Generic[Item, Outcome]):
-    """Queues items and commits them in batches with `commit`, one batch at a time.
-
-    `commit` returns one outcome per item, or an exception for an item refused on its
-    own. If it raises, the batch is retried item by item, so one bad item cannot fail
-    the others.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        commit: Callable[[list[Item]], Awaitable[list[Outcome | Exception]]],
-        retry: Callable[[Item], Item] = lambda item: item,
-    ) -> None:
-        """`retry`: an item as it is retried alone, after its batch failed (which may
-        have been committed after all, if only the commit's answer was lost)."""
-        self._name = name
-        self._commit = commit
-        self._retry = retry
-        self._queue: list[tuple[Item, asyncio.Future[Outcome]]] = []
-        self._drainer: asyncio.Task[None] | None = None
-
-    def submit(self, item: Item) -> asyncio.Future[Outcome]:
-        """Queue `item`; the future of its outcome (cancelling it leaves the item queued)."""
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._drainer is None:
-            self._drainer = asyncio.create_task(self._drain(), name=self._name)
-        return future
-
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                try:
-                    outcomes = await self._commit([item for item, _ in batch])
-                except Exception as exc:
-                    if len(batch) == 1:
-                        _settle(batch[0][1], exc)
-                        continue
-                    logger.warning(
-                        "%s: a batch of %d failed; retrying each", self._name, len(batch)
-                    )
-                    for item, future in batch:
-                        try:
-                            [outcome] = await self._commit([self._retry(item)])
-                        except Exception as one:
-                            outcome = one
-                        _settle(future, outcome)
-                    continue
-                for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    _settle(future, outcome)
-        finally:
-            self._drainer = None
-
 
 def _one_or_many(rows: list[dict[str, object]]) -> list[dict[str, object]] | dict[str, object]:
     """Parameters for `execute`: a single row runs as a plain statement, cheaper than
     the executemany path (the common case when the server is not busy)."""
     return rows[0] if len(rows) == 1 else rows
-
-
-def _settle(future: asyncio.Future[Outcome], outcome: Outcome | Exception) -> None:
-    """Hand the outcome to a submitter still waiting (one that was cancelled is not)."""
-    if future.done():
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 class UsageWriter:
@@ -194,13 +124,15 @@ class UsageWriter:
         self._driven: dict[sa.TextClause, DriverStatement] = {}
         self._start_connection = DriverConnection(engine) if self._postgres else None
         self._update_connection = DriverConnection(engine) if self._postgres else None
-        self._starts = _GroupCommit("usage-starts", self._commit_starts)
-        self._updates = _GroupCommit(
+        self._starts = Batcher("usage-starts", self._commit_starts, lambda start: start)
+        self._updates = Batcher(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
         )
         # PostgreSQL only: SQLite has one writer, which a second queue would wait for.
-        self._unlimited_starts = _GroupCommit("usage-starts-unlimited", self._commit_unlimited)
-        self._alone_updates = _GroupCommit(
+        self._unlimited_starts = Batcher(
+            "usage-starts-unlimited", self._commit_unlimited, lambda start: start
+        )
+        self._alone_updates = Batcher(
             "usage-updates-alone", self._commit_alone_updates, lambda w: replace(w, rebase=True)
         )
 
