@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from app.core.batching import Batcher
 from app.core.security import new_id
 
 if TYPE_CHECKING:
@@ -138,25 +139,36 @@ class LocalRateLimiter:
         return decision
 
 
-# Same arithmetic as `_decide`, on the Redis server's clock so instances agree.
+# Same arithmetic as `_decide`, on the Redis server's clock so instances agree, for
+# each key in turn: KEYS[i] with ARGV[2i-1] (the interval, ms) and ARGV[2i] (the
+# burst); four values per key. A key twice in one call is decided twice, in order.
 _GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = tonumber(ARGV[1])
-local tolerance = interval * tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-if allow_at > now then
-  local remaining = math.floor((now - (tat - tolerance)) / interval)
-  if remaining < 0 then remaining = 0 end
-  return {0, remaining, tostring(allow_at - now), tostring(tat - now)}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = interval * tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - tolerance
+  local n = #out
+  if allow_at > now then
+    local remaining = math.floor((now - (tat - tolerance)) / interval)
+    if remaining < 0 then remaining = 0 end
+    out[n + 1], out[n + 2] = 0, remaining
+    out[n + 3], out[n + 4] = tostring(allow_at - now), tostring(tat - now)
+  else
+    -- All 17 digits: `tostring` keeps 14, and a TAT rounded up by a fraction of a ms
+    -- costs the next hit in the same call (same clock) a token.
+    redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.ceil(new_tat - now) + 1)
+    local remaining = math.floor((now - (new_tat - tolerance)) / interval)
+    if remaining < 0 then remaining = 0 end
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, remaining, '0', tostring(new_tat - now)
+  end
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
-local remaining = math.floor((now - (new_tat - tolerance)) / interval)
-if remaining < 0 then remaining = 0 end
-return {1, remaining, '0', tostring(new_tat - now)}
+return out
 """
 
 
@@ -181,13 +193,20 @@ return {1, limit - count - 1, tostring(reset)}
 
 
 class RedisRateLimiter:
-    """Shared by every instance: one Lua script call per decision."""
+    """Shared by every instance: a Lua script decides, atomically on the server.
+
+    The buckets hit while a call is out are decided together by the next one: the
+    client's own work is about 0.25 ms of CPU per call, more than the decision, and
+    a busy server would otherwise pay it for every request. The keys of one call may
+    live on different nodes only if Redis is not a cluster (it is not one here).
+    """
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:rl:"
         self._script = redis.register_script(_GCRA_LUA)
         self._window_script = redis.register_script(_WINDOW_LUA)
+        self._hits: Batcher[tuple[str, Rate], Decision] = Batcher("rate-limit", self._decide)
 
     async def hit_window(self, key: str, limit: int, window: float) -> Decision:
         allowed, remaining, seconds_ms = await self._window_script(
@@ -204,14 +223,22 @@ class RedisRateLimiter:
         )
 
     async def hit(self, key: str, rate: Rate) -> Decision:
-        allowed, remaining, retry_ms, reset_ms = await self._script(
-            keys=[self._prefix + key], args=[rate.interval_ms, rate.burst]
-        )
-        return Decision(
-            allowed=bool(allowed),
-            limit=rate.burst,
-            window=rate.window,
-            remaining=int(remaining),
-            retry_after=float(retry_ms) / 1000,
-            reset_after=float(reset_ms) / 1000,
-        )
+        return await self._hits.submit((self._prefix + key, rate))
+
+    async def _decide(self, hits: list[tuple[str, Rate]]) -> list[Decision | Exception]:
+        """One script call for every hit of the batch, in order."""
+        args: list[float] = []
+        for _, rate in hits:
+            args += (rate.interval_ms, rate.burst)
+        values = await self._script(keys=[key for key, _ in hits], args=args)
+        return [
+            Decision(
+                allowed=bool(values[i]),
+                limit=rate.burst,
+                window=rate.window,
+                remaining=int(values[i + 1]),
+                retry_after=float(values[i + 2]) / 1000,
+                reset_after=float(values[i + 3]) / 1000,
+            )
+            for i, (_, rate) in zip(range(0, 4 * len(hits), 4), hits, strict=True)
+        ]

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.core.ratelimit import (
     Decision,
@@ -388,3 +390,51 @@ async def test_local_limiter_matches_the_simulated_arithmetic():
     for r, s in zip(real, simulated, strict=True):
         assert r.retry_after == pytest.approx(s.retry_after, abs=5)
         assert r.reset_after == pytest.approx(s.reset_after, abs=5)
+
+
+# --- Redis: decisions asked for together ----------------------------------------------
+
+
+async def test_redis_hits_asked_together_share_script_calls_and_keep_their_own_buckets(
+    redis_prefix_only: str, redis_clients: list[Redis]
+):
+    client = new_redis()
+    redis_clients.append(client)
+    limiter = RedisRateLimiter(client, redis_prefix_only)
+    small, large = Rate(limit=1, period=HOUR, burst=3), Rate(limit=2, period=HOUR, burst=5)
+    asked = [(key(), small) for _ in range(20)] + [(key(), large) for _ in range(20)]
+    calls_before = await evalsha_calls(client)
+    # Each bucket hit twice in the same moment: both hits land in one call or two.
+    decisions = await asyncio.gather(*(limiter.hit(k, r) for k, r in asked for _ in range(2)))
+    calls = await evalsha_calls(client) - calls_before
+    assert 1 <= calls < len(decisions) // 4
+    for i, (_, rate) in enumerate(asked):
+        pair = decisions[2 * i : 2 * i + 2]
+        assert all(d.allowed and d.limit == rate.burst for d in pair)
+        assert sorted(d.remaining for d in pair) == [rate.burst - 2, rate.burst - 1]
+        assert max(d.reset_after for d in pair) == pytest.approx(
+            2 * rate.interval_ms / 1000, abs=60
+        )
+
+
+async def test_a_redis_failure_reaches_every_hit_asked_together():
+    client = Redis.from_url(f"redis://127.0.0.1:{closed_port()}/0", socket_connect_timeout=2)
+    try:
+        limiter = RedisRateLimiter(client, "unreachable")
+        results = await asyncio.gather(
+            *(limiter.hit(key(), SLOW) for _ in range(5)), return_exceptions=True
+        )
+    finally:
+        await client.aclose()
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+
+
+async def evalsha_calls(client: Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
