@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 import stat
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from app.core.config import ConfigError, Environment, Settings, load_settings
 from app.core.security import (
     API_KEY_PREFIX,
+    JWT_LIFETIME,
+    VERIFIED_TOKENS_KEPT,
     InvalidTokenError,
     Secrets,
     generate_api_key,
@@ -163,6 +166,47 @@ def test_expired_token_is_refused(secrets_: Secrets):
 def test_token_near_the_end_of_its_lifetime_still_verifies(secrets_: Secrets):
     token = secrets_.issue_token("user-1", now=datetime.now(UTC) - timedelta(hours=23, minutes=50))
     assert secrets_.verify_token(token).subject == "user-1"
+
+
+def test_a_verified_token_is_remembered_until_it_expires(secrets_: Secrets):
+    # Issued so that it expires within about two seconds.
+    issued = datetime.now(UTC) - JWT_LIFETIME + timedelta(seconds=2)
+    token = secrets_.issue_token("user-1", now=issued)
+    assert secrets_.verified(token) is None  # never verified: not known
+    claims = secrets_.verify_token(token)
+    assert secrets_.verified(token) == claims
+    assert secrets_.verify_token(token) == claims
+    while datetime.now(UTC) <= claims.expires_at:  # no clock of our own to move
+        time.sleep(0.05)
+    assert secrets_.verified(token) is None
+    with pytest.raises(InvalidTokenError):
+        secrets_.verify_token(token)
+
+
+def test_a_remembered_token_vouches_for_no_other_text(secrets_: Secrets):
+    token = secrets_.issue_token("user-1")
+    secrets_.verify_token(token)
+    header, payload, signature = token.split(".")
+    other = Secrets(OTHER_SECRET).issue_token("user-2")
+    for forged in (
+        f"{header}.{other.split('.')[1]}.{signature}",
+        f"{header}.{payload}.{signature[:-2]}AA",
+        token + " ",
+    ):
+        assert secrets_.verified(forged) is None
+        with pytest.raises(InvalidTokenError):
+            secrets_.verify_token(forged)
+
+
+def test_remembered_tokens_are_bounded_oldest_forgotten_first(secrets_: Secrets):
+    tokens = [secrets_.issue_token(f"user-{i}") for i in range(VERIFIED_TOKENS_KEPT + 1)]
+    for token in tokens:
+        secrets_.verify_token(token)
+    assert secrets_.verified(tokens[0]) is None
+    assert secrets_.verified(tokens[1]) is not None
+    assert secrets_.verified(tokens[-1]) is not None
+    # Forgotten is not refused: it verifies again.
+    assert secrets_.verify_token(tokens[0]).subject == "user-0"
 
 
 @pytest.mark.parametrize("missing", ["sub", "iat", "exp", "jti", "iss"])
