@@ -197,8 +197,8 @@ class RedisRateLimiter:
 
     The buckets hit while a call is out are decided together by the next one: the
     client's own work is about 0.25 ms of CPU per call, more than the decision, and
-    a busy server would otherwise pay it for every request. The keys of one call may
-    live on different nodes only if Redis is not a cluster (it is not one here).
+    a busy server would otherwise pay it for every request. One call's keys must be
+    on one server: a Redis Cluster would refuse them unless they shared a hash slot.
     """
 
     def __init__(self, redis: Redis, prefix: str) -> None:
