@@ -147,6 +147,7 @@ def render(res: R, plots: dict[str, str]) -> str:
     _targets_summary(d)
     _history(d)
     _s1(d, plots)
+    _s1_limited(d)
     _s2(d, plots)
     _s3(d, plots)
     _s4(d, plots)
@@ -413,6 +414,57 @@ def _s1(d: Doc, plots: dict[str, str]) -> None:
         )
     _plot_ref(d, plots, "nonstream_latency", "Non-stream latency distributions")
     _plot_ref(d, plots, "throughput", "Throughput side by side")
+
+
+def _s1_limited(d: Doc) -> None:
+    res = d.res
+    levels = [c for c in ("1", "50") if res.get("s1_limited", {}).get(c)]
+    if not levels:
+        return
+    d.add(
+        "## 1b. Non-stream relay on a limited tier",
+        "",
+        "Scenario 1 again on the same servers for a second user, on tier `bench-limited`: "
+        "a request rate, daily, weekly and monthly request quotas and a token quota, all "
+        "checked on every request and none reached, with a session JWT as Bearer. The bench "
+        "user's tier has no limit at all, so this is the path of a user on a free or paid "
+        "tier. Compared with scenario 1's bench user in the same round.",
+        "",
+    )
+    rows = []
+    for c in levels:
+        for key in LIVEGATE:
+            rr = rounds_of(res, "s1_limited", c, key)
+            if not rr:
+                continue
+            unlimited = rounds_of(res, "s1", c, key)
+            rows.append(
+                [
+                    d.label(key),
+                    c,
+                    cell(r["rps"] for r in rr),
+                    cell(r["p50_ms"] for r in rr),
+                    cell(r.get("cpu_ms_per_req") for r in rr),
+                    cell(per_round(rr, unlimited, ratio("rps")), 3),
+                    cell(per_round(rr, unlimited, diff("p50_ms"))),
+                    cell(per_round(rr, unlimited, diff("cpu_ms_per_req"))),
+                    str(sum(int(r.get("errors", 0)) for r in rr)),
+                ]
+            )
+    d.table(
+        [
+            "target",
+            "concurrency",
+            "req/s",
+            "p50 ms",
+            "server CPU ms/request",
+            "× bench tier req/s",
+            "p50 ms over bench tier",
+            "CPU ms over bench tier",
+            "errors",
+        ],
+        rows,
+    )
 
 
 def _s2(d: Doc, plots: dict[str, str]) -> None:

@@ -108,6 +108,8 @@ FULL = Plan(
     push_rounds=5,
     total_budget=120 * 60,
 )
+# Scenario 1b: the non-stream relay for a user on a limited tier.
+S1_LIMITED_LEVELS = [1, 50]
 PACED_STREAM_SECONDS = 64 * 0.020
 PUSH_MODEL = "t20-d300-p100000"
 PUSH_STREAM_SECONDS = 20 * 0.300
@@ -123,7 +125,9 @@ METHOD = [
     "Livegate: `python -m app serve` (uvicorn, one worker, its defaults), tier `bench` with "
     "no keys (no rate limit, unlimited quotas), `[metering]` defaults, user created with "
     "`python -m app users create --tier bench`, its relay key as Bearer. Fresh database per "
-    "run (`livegate_bench` on PostgreSQL 127.0.0.1:5432; a new SQLite file).",
+    "run (`livegate_bench` on PostgreSQL 127.0.0.1:5432; a new SQLite file). Scenario 1b: a "
+    "second user on tier `bench-limited` (a rate, daily/weekly/monthly request quotas and a "
+    "token quota, none reached), its session JWT as Bearer.",
     "LiteLLM proxy: `litellm[proxy]==1.100.5` in `bench/.venv-litellm`, "
     "`litellm --config ... --num_workers 1`, `LITELLM_LOCAL_MODEL_COST_MAP=True`, no "
     "database, no master key, `model_list` entries `openai/<model>` with `api_base` at the "
@@ -289,10 +293,19 @@ async def setup_targets(run: Run, fake_port: int, fake: Proc) -> dict[str, Targe
         try:
             lg = targets.livegate_env(run.run_dir, key, fake_port, with_services)
             user = targets.create_bench_user(lg, f"bench-{key}@example.com")
+            limited_user = targets.create_bench_user(
+                lg, f"bench-{key}-limited@example.com", tier="bench-limited"
+            )
             proc, port = await targets.start_livegate(lg, run.run_dir, "main")
             run.procs.append(proc)
             t.port, t.auth, t.proc = port, user["api_key"], proc
-            t.extra.update(user_id=user["id"], env=lg)
+            # The same server, for a user on a limited tier signed in with a JWT.
+            limited = Target(
+                f"{key}_limited", f"{label}, limited tier", port, limited_user["token"], proc
+            )
+            t.extra.update(
+                user_id=user["id"], env=lg, limited=limited, limited_user_id=limited_user["id"]
+            )
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
             t.unavailable(f"{type(exc).__name__}: {str(exc)[:300]}")
 
@@ -336,6 +349,8 @@ async def measure_http(run: Run, ts: dict[str, Target]) -> None:
     run.log("warm-up")
     for t in active:
         await scenarios.nonstream(t, 10, plan.warmup, 100_000, plan.timeout)
+        if isinstance(limited := t.extra.get("limited"), Target):
+            await scenarios.nonstream(limited, 10, plan.warmup, 100_000, plan.timeout)
         await scenarios.streams(
             t, "t64-d0", 10, plan.warmup, 100_000, plan.timeout, record_times=False
         )
@@ -360,6 +375,15 @@ async def measure_http(run: Run, ts: dict[str, Target]) -> None:
                 _store(res.setdefault("s1", {}).setdefault(str(c), {}), t.key, r)
                 if c == max(plan.s1_levels):
                     peak(t, r)
+        for c in S1_LIMITED_LEVELS:
+            for t in order:
+                limited = t.extra.get("limited")
+                if not isinstance(limited, Target) or not _alive(run, t):
+                    continue
+                r = await scenarios.nonstream(
+                    limited, c, plan.s1_duration, int(plan.s1_duration * 20_000), plan.timeout
+                )
+                _store(res.setdefault("s1_limited", {}).setdefault(str(c), {}), t.key, r)
         for t in order:
             if not _alive(run, t):
                 continue
@@ -681,9 +705,18 @@ async def main_async(run: Run) -> None:
             for key in ("lg_pg", "lg_sqlite"):
                 t = ts[key]
                 lg = t.extra.get("env")
-                if t.available and isinstance(lg, targets.LivegateEnv):
+                limited = t.extra.get("limited")
+                if (
+                    t.available
+                    and isinstance(lg, targets.LivegateEnv)
+                    and isinstance(limited, Target)
+                ):
                     check = await metering_check(
-                        run, lg, "HTTP scenarios 1-3", [str(t.extra["user_id"])], t.tokens_received
+                        run,
+                        lg,
+                        "HTTP scenarios 1-3",
+                        [str(t.extra["user_id"]), str(t.extra["limited_user_id"])],
+                        t.tokens_received + limited.tokens_received,
                     )
                     res.setdefault("metering", {}).setdefault(key, []).append(check)
             # The HTTP targets are done: stop them so scenario 4 has core 0 to itself.

@@ -212,6 +212,16 @@ models = [{models}]
 
 [tiers.bench]   # no keys: no rate limit, unlimited quotas
 
+# Every limit checked on every request (rate, request quotas, token quota), none
+# reached during a run: the path of a user on a paid or free tier.
+[tiers.bench-limited]
+requests_per_minute = 100000000
+burst = 100000000
+daily_requests = 100000000
+weekly_requests = 100000000
+monthly_requests = 100000000
+monthly_tokens = 1000000000000
+
 [metering]      # the defaults, spelt out
 checkpoint_tokens = 20
 checkpoint_ms = 250
@@ -320,7 +330,7 @@ async def start_livegate(lg: LivegateEnv, run_dir: Path, instance: str) -> tuple
     return proc, port
 
 
-def create_bench_user(lg: LivegateEnv, email: str) -> dict[str, str]:
+def create_bench_user(lg: LivegateEnv, email: str, tier: str = "bench") -> dict[str, str]:
     """The documented way: `python -m app users create ... --tier bench`."""
     out = subprocess.run(
         [
@@ -334,7 +344,7 @@ def create_bench_user(lg: LivegateEnv, email: str) -> dict[str, str]:
             "--password",
             "bench-password-not-secret",
             "--tier",
-            "bench",
+            tier,
         ],
         env=lg.env,
         cwd=ROOT,
