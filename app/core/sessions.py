@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.batching import Batcher
+from app.core.db import single_reads
 from app.core.errors import Unauthorized
 from app.core.security import JWT_LIFETIME, Secrets, hash_key, new_id
 from app.core.tables import refresh_tokens, revoked_tokens
@@ -31,6 +32,11 @@ class SessionTokens:
     expires_in: int  # seconds the access token is valid
 
 
+_REVOKED_AMONG = sa.select(revoked_tokens.c.jti).where(
+    revoked_tokens.c.jti.in_(sa.bindparam("token_ids", expanding=True))
+)
+
+
 class TokenDenylist:
     """Ids of access tokens revoked before they expire, kept until they would have.
 
@@ -40,10 +46,11 @@ class TokenDenylist:
 
     def __init__(self, engine: AsyncEngine, redis: Redis | None, prefix: str) -> None:
         self._engine = engine
+        self._reads = single_reads(engine)
         self._redis = redis
         self._prefix = f"{prefix}:revoked:"
         # Every request with a token asks; those asking while a lookup is out share
-        # the next one (one MGET), as a Redis call costs the client more than the read.
+        # the next one (one MGET or SELECT): the call costs more than what it reads.
         self._lookups: Batcher[str, bool] = Batcher("revoked-tokens", self._revoked)
 
     async def revoke(self, token_id: str, expires_at: datetime) -> None:
@@ -65,17 +72,16 @@ class TokenDenylist:
                 pass  # revoked twice: already denied
 
     async def is_revoked(self, token_id: str) -> bool:
-        if self._redis is not None:
-            return await self._lookups.submit(self._prefix + token_id)
-        async with self._engine.connect() as conn:
-            found = await conn.execute(
-                sa.select(revoked_tokens.c.jti).where(revoked_tokens.c.jti == token_id)
-            )
-            return found.first() is not None
+        return await self._lookups.submit(token_id)
 
-    async def _revoked(self, names: list[str]) -> list[bool | Exception]:
-        assert self._redis is not None
-        return [value is not None for value in await self._redis.mget(names)]
+    async def _revoked(self, token_ids: list[str]) -> list[bool | Exception]:
+        if self._redis is not None:
+            values = await self._redis.mget([self._prefix + t for t in token_ids])
+            return [value is not None for value in values]
+        async with self._reads.connect() as conn:
+            rows = await conn.execute(_REVOKED_AMONG, {"token_ids": token_ids})
+            found = {row.jti for row in rows}
+        return [token_id in found for token_id in token_ids]
 
 
 class Sessions:
