@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,8 @@ from sqlalchemy.util import greenlet_spawn
 if TYPE_CHECKING:
     import asyncpg
     from alembic.config import Config as AlembicConfig
+
+logger = logging.getLogger("livegate.db")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -38,14 +42,19 @@ def async_database_url(url: str) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, checkpoint_in_background: bool = False) -> AsyncEngine:
+    """The engine for `url`. On SQLite, `checkpoint_in_background` leaves the WAL's
+    checkpoints to a `WalCheckpointer` (a server's); without one the WAL would grow."""
     url = async_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
-        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        on_connect = (
+            _sqlite_on_connect_no_autocheckpoint if checkpoint_in_background else _sqlite_on_connect
+        )
+        event.listen(engine.sync_engine, "connect", on_connect)
         return engine
     # No pre-ping: it costs a round trip per checkout on the hot path; recycling
     # connections and asyncpg's own errors on a dead one cover the same ground.
@@ -188,6 +197,66 @@ def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_on_connect_no_autocheckpoint(
+    dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry
+) -> None:
+    _sqlite_on_connect(dbapi_conn, record)
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.close()
+
+
+class WalCheckpointer:
+    """Checkpoints an SQLite database's WAL in the background, off the writers' path.
+
+    By default SQLite checkpoints on the commit that takes the WAL past 1,000 pages,
+    and that commit waits for the copy and its fsync: 20-30 ms here, a spike in every
+    write queued behind it (and in the quota pushes that follow the writes). A
+    server's engine turns that off (`create_engine(..., checkpoint_in_background=True)`)
+    and runs this: a PASSIVE checkpoint every `interval`, which no writer waits for,
+    and a TRUNCATE one, which waits for the writers, once the WAL still held more than
+    `max_pages` after the last (PASSIVE checkpoints may not finish while writes keep
+    coming). Closing the last connection checkpoints what is left, as always.
+    """
+
+    def __init__(self, engine: AsyncEngine, interval: float = 1.0, max_pages: int = 16_384) -> None:
+        self._engine = engine
+        self._interval = interval
+        self._max_pages = max_pages
+        self._wal_pages = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sqlite-wal-checkpoints")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """One checkpoint: the pages the WAL held, and how many of them are now in the
+        database."""
+        mode = "TRUNCATE" if self._wal_pages > self._max_pages else "PASSIVE"
+        async with self._engine.connect() as conn:
+            result = await conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
+            _busy, wal_pages, copied = (int(value) for value in list(result.one()))
+        # After a TRUNCATE (even a busy one) the next checkpoint is PASSIVE again, and
+        # tells what is left.
+        self._wal_pages = 0 if mode == "TRUNCATE" else wal_pages
+        return wal_pages, copied
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.checkpoint()
+            except Exception:
+                logger.warning("WAL checkpoint failed; retrying", exc_info=True)
 
 
 def _alembic_config(connection: Connection) -> AlembicConfig:

@@ -16,7 +16,7 @@ from app.core.auth_cache import AuthCache
 from app.core.billing import Billing, open_billing
 from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.config import Settings
-from app.core.db import create_engine, migrate
+from app.core.db import WalCheckpointer, create_engine, migrate
 from app.core.keys import KeyUsageRecorder
 from app.core.live import QuotaPublisher
 from app.core.metering import Metering
@@ -68,10 +68,14 @@ async def open_services(
     settings: Settings, *, run_migrations: bool = True
 ) -> AsyncIterator[Services]:
     """Create every resource, yield them, and release them in reverse order."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, checkpoint_in_background=True)
     prefix = settings.server.redis_prefix
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(engine.dispose)
+        if engine.dialect.name == "sqlite":
+            checkpoints = WalCheckpointer(engine)
+            checkpoints.start()
+            stack.push_async_callback(checkpoints.close)
         if run_migrations:
             await migrate(engine)
         secrets = Secrets.from_settings(settings)

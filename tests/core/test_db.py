@@ -206,3 +206,77 @@ SLEEPING = sa.text(
     "SELECT 1 FROM pg_stat_activity WHERE pid = :pid AND query LIKE 'SELECT pg_sleep%'"
 )
 TERMINATE = sa.text("SELECT pg_terminate_backend(:pid)")
+
+
+# --- SQLite: WAL checkpoints off the writers' path ---------------------------------------
+
+
+async def autocheckpoint(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one())
+
+
+async def write_pages(engine: AsyncEngine, rows: int) -> None:
+    """Enough rows of 1 KiB to fill about `rows / 4` pages of the WAL."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS filler (pad TEXT)")
+        await conn.exec_driver_sql(
+            "INSERT INTO filler (pad) VALUES (?)", [("x" * 1024,) for _ in range(rows)]
+        )
+
+
+async def test_a_server_engine_leaves_checkpoints_to_the_checkpointer(tmp_path: Path):
+    default = create_engine(f"sqlite:///{tmp_path}/default.db")
+    server = create_engine(f"sqlite:///{tmp_path}/server.db", checkpoint_in_background=True)
+    try:
+        assert await autocheckpoint(default) == 1000  # SQLite's own default
+        assert await autocheckpoint(server) == 0
+        # Past SQLite's 1,000 pages, no commit checkpointed: the WAL keeps them all.
+        await write_pages(server, 6000)
+        wal = tmp_path / "server.db-wal"
+        assert wal.stat().st_size > 1000 * 4096
+    finally:
+        await default.dispose()
+        await server.dispose()
+
+
+async def test_the_checkpointer_copies_the_wal_back_then_truncates_a_large_one(tmp_path: Path):
+    engine = create_engine(f"sqlite:///{tmp_path}/server.db", checkpoint_in_background=True)
+    checkpoints = db.WalCheckpointer(engine, max_pages=100)
+    try:
+        await write_pages(engine, 2000)
+        wal = tmp_path / "server.db-wal"
+        size = wal.stat().st_size
+        pages, copied = await checkpoints.checkpoint()  # PASSIVE: the file stays
+        assert pages > 100 and copied == pages
+        assert wal.stat().st_size == size
+        pages, copied = await checkpoints.checkpoint()  # more than max_pages: TRUNCATE
+        assert wal.stat().st_size == 0
+        await write_pages(engine, 40)
+        pages, copied = await checkpoints.checkpoint()  # small again: PASSIVE
+        assert 0 < pages <= 100 and copied == pages
+        async with engine.connect() as conn:
+            count = (await conn.exec_driver_sql("SELECT count(*) FROM filler")).scalar_one()
+        assert count == 2040
+    finally:
+        await checkpoints.close()
+        await engine.dispose()
+
+
+async def test_the_checkpointer_runs_on_its_own_and_stops_on_close(tmp_path: Path):
+    engine = create_engine(f"sqlite:///{tmp_path}/server.db", checkpoint_in_background=True)
+    checkpoints = db.WalCheckpointer(engine, interval=0.01, max_pages=100)
+    try:
+        await write_pages(engine, 2000)
+        wal = tmp_path / "server.db-wal"
+        checkpoints.start()
+        # PASSIVE, then TRUNCATE. A file has no event to wait on; no deadline of ours.
+        while wal.stat().st_size > 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await checkpoints.close()
+        await write_pages(engine, 2000)
+        await asyncio.sleep(0.05)  # five intervals: nothing runs any more
+        assert wal.stat().st_size > 100 * 4096
+    finally:
+        await checkpoints.close()
+        await engine.dispose()
