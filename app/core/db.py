@@ -213,12 +213,12 @@ class WalCheckpointer:
 
     By default SQLite checkpoints on the commit that takes the WAL past 1,000 pages,
     and that commit waits for the copy and its fsync: 20-30 ms here, a spike in every
-    write queued behind it (and in the quota pushes that follow the writes). A
-    server's engine turns that off (`create_engine(..., checkpoint_in_background=True)`)
-    and runs this: a PASSIVE checkpoint every `interval`, which no writer waits for,
-    and a TRUNCATE one, which waits for the writers, once the WAL still held more than
-    `max_pages` after the last (PASSIVE checkpoints may not finish while writes keep
-    coming). Closing the last connection checkpoints what is left, as always.
+    write queued behind it. A server's engine turns that off
+    (`create_engine(..., checkpoint_in_background=True)`) and runs this: a PASSIVE
+    checkpoint every `interval`, which no writer waits for, and a TRUNCATE one, which
+    waits for the writers, once the WAL still held more than `max_pages` after the
+    last (PASSIVE checkpoints may not finish while writes keep coming). Closing the
+    last connection checkpoints what is left, as always.
     """
 
     def __init__(self, engine: AsyncEngine, interval: float = 1.0, max_pages: int = 16_384) -> None:
