@@ -70,8 +70,9 @@ class Secrets:
             algorithm=hashes.SHA256(), length=32, salt=None, info=b"livegate relay-key encryption"
         ).derive(self._jwt_key)
         self._fernet = Fernet(base64.urlsafe_b64encode(derived))
-        # By the token's SHA-256, as API keys are: memory holds no usable credential.
-        self._verified: dict[bytes, TokenClaims] = {}  # oldest first
+        # By the token's hash (`hash_key`, as API keys are): memory holds no usable
+        # credential.
+        self._verified: dict[str, TokenClaims] = {}  # oldest first
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Secrets:
@@ -99,7 +100,8 @@ class Secrets:
     def verify_token(self, token: str) -> TokenClaims:
         """The claims of one of our tokens, or `InvalidTokenError`. A token verified
         before is taken from memory (`verified`) until it expires."""
-        if (claims := self.verified(token)) is not None:
+        token_hash = hash_key(token)
+        if (claims := self._remembered(token_hash)) is not None:
             return claims
         try:
             payload = jwt.decode(
@@ -127,17 +129,19 @@ class Secrets:
         )
         if len(self._verified) >= VERIFIED_TOKENS_KEPT:
             del self._verified[next(iter(self._verified))]
-        self._verified[_digest(token)] = claims
+        self._verified[token_hash] = claims
         return claims
 
     def verified(self, token: str) -> TokenClaims | None:
         """The claims of `token` if `verify_token` accepted it lately and it has not
         expired since; None otherwise. Revocation is the caller's to check, as after
         `verify_token`."""
-        digest = _digest(token)
-        claims = self._verified.get(digest)
+        return self._remembered(hash_key(token))
+
+    def _remembered(self, token_hash: str) -> TokenClaims | None:
+        claims = self._verified.get(token_hash)
         if claims is not None and claims.expires_at <= datetime.now(UTC):
-            del self._verified[digest]
+            del self._verified[token_hash]
             return None
         return claims
 
@@ -167,10 +171,6 @@ def _development_secret(data_dir: Path) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(secret)
     return secret
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 def hash_key(key: str) -> str:
