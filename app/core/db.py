@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
+from app.core import sqlite_connection
+
 if TYPE_CHECKING:
     import asyncpg
     from alembic.config import Config as AlembicConfig
@@ -50,7 +52,9 @@ def create_engine(url: str, *, checkpoint_in_background: bool = False) -> AsyncE
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30, "async_creator_fn": sqlite_connection.connect}
+        )
         on_connect = (
             _sqlite_on_connect_no_autocheckpoint if checkpoint_in_background else _sqlite_on_connect
         )
