@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Dialect, TextClause, event, exc, text
 from sqlalchemy.engine import Connection, make_url
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 logger = logging.getLogger("livegate.db")
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -80,7 +83,7 @@ def single_reads(engine: AsyncEngine) -> AsyncEngine:
 
 
 class DriverStatement:
-    """A PostgreSQL statement for the driver itself to run (see `DriverConnection`).
+    """A statement for the driver itself to run (see `DriverConnection`).
 
     SQLAlchemy compiles it, once: its SQL, the order of its parameters and their
     types' bind processing. For the statements of the hot path that commit on their
@@ -110,28 +113,32 @@ class DriverStatement:
 
 
 class DriverConnection:
-    """A connection of the engine's pool, held for driver statements run one at a time.
+    """A connection of the engine's pool, held for the driver to run statements on, one
+    batch at a time: `fetch` on PostgreSQL, `transaction` on SQLite.
 
     Checking a connection out of SQLAlchemy's pool and back in costs a greenlet each
     way and the pool's bookkeeping: a one-row SELECT took ~200 µs of CPU here with
     them and ~70 µs on a connection held. A group commit runs its statements one
     after another, so each holds a connection between them instead. Held or idle in
     the pool, the connection stays open all the same; it goes back once older than
-    the pool's recycle age (to be replaced) and on `close`. No transaction is
-    opened: each statement commits on its own. The driver's errors come out as
-    SQLAlchemy's `DBAPIError`, as from any other statement, and a connection lost or
-    left in an unknown state is invalidated, as SQLAlchemy would, so the next
-    statement takes a new one.
+    the pool's recycle age (to be replaced) and on `close`. The driver's errors come
+    out as SQLAlchemy's `DBAPIError`, as from any other statement, and a connection
+    lost or left in an unknown state is invalidated, as SQLAlchemy would, so the next
+    call takes a new one.
 
-    Statements on one `DriverConnection` wait for each other (asyncpg runs one at a
-    time on a connection).
+    Calls on one `DriverConnection` wait for each other (asyncpg runs one statement at
+    a time on a connection; SQLite one transaction).
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        # Here, not at the top: a server on SQLite never loads asyncpg (~3 MiB).
-        from asyncpg import PostgresError
+        self._driver_error: type[Exception]
+        if engine.dialect.name == "postgresql":
+            # Here, not at the top: a server on SQLite never loads asyncpg (~3 MiB).
+            from asyncpg import PostgresError
 
-        self._postgres_error = PostgresError
+            self._driver_error = PostgresError
+        else:
+            self._driver_error = sqlite3.Error
         self._engine = engine
         self._lock = asyncio.Lock()
         self._held: PoolProxiedConnection | None = None
@@ -140,7 +147,8 @@ class DriverConnection:
     async def fetch(
         self, statement: DriverStatement, params: Mapping[str, object]
     ) -> list[asyncpg.Record]:
-        """Run `statement` with `params`; the rows it returned."""
+        """PostgreSQL: run `statement` with `params`, committing on its own (no
+        transaction is opened); the rows it returned."""
         args = statement.arguments(params)
         async with self._lock:
             connection = await self._connection()
@@ -148,7 +156,7 @@ class DriverConnection:
             assert driver is not None  # a connection checked out of the pool
             try:
                 rows: list[asyncpg.Record] = await driver.fetch(statement.sql, *args)
-            except self._postgres_error as error:
+            except self._driver_error as error:
                 # The statement's own (the connection is fine: no transaction to
                 # abort), or the server's goodbye.
                 lost = driver.is_closed()
@@ -166,6 +174,25 @@ class DriverConnection:
                     ) from error
                 raise
             return rows
+
+    async def transaction(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """SQLite: `run` on the connection's own thread, in a transaction that commits
+        when it returns and rolls back when it raises; what it returned. One hand-off
+        to that thread for all of it, where SQLAlchemy takes one per statement and
+        more Python around each than SQLite's own work on it."""
+        async with self._lock:
+            connection = await self._connection()
+            driver = connection.driver_connection
+            assert isinstance(driver, sqlite_connection.SqliteConnection)
+            try:
+                return await driver.transaction(run)
+            except self._driver_error as error:
+                # Rolled back: the connection is fine.
+                raise exc.DBAPIError("(a transaction run by the driver)", None, error) from error
+            except asyncio.CancelledError:
+                # The transaction ends on its thread all the same, unbeknown to us.
+                await self._invalidate()
+                raise
 
     async def close(self) -> None:
         """Hand the connection back to the pool (it may be used again afterwards)."""

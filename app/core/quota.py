@@ -191,6 +191,22 @@ def _upsert(
     return _counters_upsert(len(changes), (insert.table, tuple(insert.values))), params
 
 
+def counter_upserts(
+    changes: Sequence[CounterChange], insert: RowInsert | None = None
+) -> list[tuple[sa.TextClause, dict[str, object]]]:
+    """The statements applying `changes` (see `apply_increments`) and their parameters,
+    in order: each of a few shapes of up to 64 rows; the first carries `insert`."""
+    wanted = _applicable(changes)
+    statements = []
+    start = 0
+    while start < len(wanted):
+        size = min(_MAX_ROWS, 1 << ((len(wanted) - start).bit_length() - 1))
+        statements.append(_upsert(wanted[start : start + size], insert))
+        insert = None
+        start += size
+    return statements
+
+
 async def apply_increments(
     conn: AsyncConnection, changes: Sequence[CounterChange], insert: RowInsert | None = None
 ) -> dict[CounterKey, tuple[int, int]]:
@@ -202,17 +218,12 @@ async def apply_increments(
     caller, so concurrent transactions touching several cannot deadlock; concurrent
     callers serialize on the rows, so limits hold exactly whatever the concurrency.
     """
-    wanted = _applicable(changes)
+    statements = counter_upserts(changes, insert)
     found: dict[CounterKey, tuple[int, int]] = {}
-    start = 0
-    while start < len(wanted):
-        size = min(_MAX_ROWS, 1 << ((len(wanted) - start).bit_length() - 1))
-        statement, params = _upsert(wanted[start : start + size], insert)
-        insert = None  # the first statement carries it
+    for statement, params in statements:
         for row in await conn.execute(statement, params):
             found[(row.user_id, row.metric, row.period)] = (int(row.used), int(row.seq))
-        start += size
-    if insert is not None:  # no change to carry it
+    if insert is not None and not statements:  # no change to carry it
         await conn.execute(insert.table.insert(), insert.values)
     return found
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from aiosqlite.context import contextmanager
+
+T = TypeVar("T")
 
 
 class SqliteCursor(aiosqlite.Cursor):
@@ -99,6 +101,23 @@ class SqliteConnection(aiosqlite.Connection):
         if self.idle and not self._conn.in_transaction:
             return
         await super().rollback()
+
+    async def transaction(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """`run` on the connection's thread, in a transaction that commits when it
+        returns and rolls back when it raises: one hand-off for all of it."""
+
+        def in_transaction() -> T:
+            connection = self._conn
+            try:
+                result = run(connection)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+            return result
+
+        result: T = await self._execute(in_transaction)
+        return result
 
     @contextmanager
     async def cursor(self) -> aiosqlite.Cursor:

@@ -10,14 +10,16 @@ per request (requests of one user otherwise queue behind each other's commits).
 Counter rows are locked in the order of their user ids, in starts and updates alike,
 so the transactions of two instances cannot deadlock.
 
-On PostgreSQL, the writes that need nothing but their rows and counters have queues
-of their own, and each of their batches is one statement committing on its own, run
-by the driver itself (`DriverStatement`): the starts nothing can refuse (no limit on
-any counter, nothing to admit), and the checkpoints and ends with no event to queue
-and no row to read first. A batch passes its rows as arrays; a write alone, as plain
-values, which PostgreSQL runs faster for one row. A transaction takes at least four
-round trips. The other writes keep their transactions, so a refusal still takes back
-its row and counts.
+The writes that need nothing but their rows and counters (the starts nothing can
+refuse: no limit on any counter, nothing to admit; the checkpoints and ends with no
+event to queue and no row to read first) are run by the driver itself, on a
+connection their queue holds (`DriverConnection`). On PostgreSQL they have queues of
+their own, and each of their batches is one statement committing on its own: a batch
+passes its rows as arrays; a write alone, as plain values, which PostgreSQL runs
+faster for one row. A transaction takes at least four round trips. On SQLite, which
+has one writer that a second queue would wait for, a batch made only of such writes
+is one transaction run on the driver's thread. The other writes keep SQLAlchemy's
+transactions, so a refusal still takes back its row and counts.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
@@ -41,6 +44,7 @@ from app.core.quota import (
     RowInsert,
     add_tokens_many,
     apply_increments,
+    counter_upserts,
     increment_counters,
     increments_upsert,
 )
@@ -119,11 +123,11 @@ class UsageWriter:
         self._engine = engine
         self._warnings = warnings
         self._postgres = engine.dialect.name == "postgresql"
-        # The statements of the one-statement paths, compiled once for the driver, and
-        # the connection each of their queues holds (its batches run one at a time).
+        # The statements of the driver's paths, compiled once for it, and the
+        # connection each of their queues holds (its batches run one at a time).
         self._driven: dict[sa.TextClause, DriverStatement] = {}
-        self._start_connection = DriverConnection(engine) if self._postgres else None
-        self._update_connection = DriverConnection(engine) if self._postgres else None
+        self._start_connection = DriverConnection(engine)
+        self._update_connection = DriverConnection(engine)
         self._starts = Batcher("usage-starts", self._commit_starts, lambda start: start)
         self._updates = Batcher(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
@@ -155,6 +159,8 @@ class UsageWriter:
     async def _commit_starts(self, starts: list[RequestStart]) -> list[Counted | Exception]:
         """One transaction for all starts admitted; one that is refused is left out and
         the rest run again (refusals are rare: a user out of quota)."""
+        if not self._postgres and all(start.unlimited for start in starts):
+            return await self._commit_unlimited_sqlite(starts)
         outcomes: dict[int, Counted | Exception] = {}
         singly: set[str] = set()  # users counted start by start (see `_count`)
         while pending := [i for i in range(len(starts)) if i not in outcomes]:
@@ -181,9 +187,8 @@ class UsageWriter:
 
     async def close(self) -> None:
         """Hand the held connections back to the pool."""
-        for connection in (self._start_connection, self._update_connection):
-            if connection is not None:
-                await connection.close()
+        await self._start_connection.close()
+        await self._update_connection.close()
 
     def _driver(self, statement: sa.TextClause) -> DriverStatement:
         if (driven := self._driven.get(statement)) is None:
@@ -196,7 +201,6 @@ class UsageWriter:
         commits on its own. A lone start (the server not busy) takes a statement of
         its own shape: one without arrays runs in two thirds of the time."""
         connection = self._start_connection
-        assert connection is not None  # PostgreSQL
         if len(starts) == 1:
             [start] = starts
             insert = RowInsert(usage_logs, start.row)
@@ -223,6 +227,40 @@ class UsageWriter:
         _views(starts, by_user, by_user, found, counted)
         return list(counted)
 
+    async def _commit_unlimited_sqlite(
+        self, starts: list[RequestStart]
+    ) -> list[Counted | Exception]:
+        """Starts nothing can refuse, on SQLite: all their rows and all their counters
+        (one change per counter, as folded by `_fold`) in one transaction on the
+        driver's thread."""
+        by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
+        for start in starts:
+            by_keys.setdefault(tuple(start.row), []).append(start.row)
+        inserts = []
+        for keys, rows in by_keys.items():
+            driven = self._driver(_row_inserted(keys))
+            inserts.append((driven.sql, [driven.arguments(row) for row in rows]))
+        by_user = _by_user(starts)
+        upserts = self._upserts(list(_fold(starts, by_user, by_user).values()))
+
+        def run(connection: sqlite3.Connection) -> dict[CounterKey, tuple[int, int]]:
+            for sql, rows in inserts:
+                connection.executemany(sql, rows)
+            return _counters_after(connection, upserts)
+
+        found = await self._start_connection.transaction(run)
+        counted: list[Counted] = [[] for _ in starts]
+        _views(starts, by_user, by_user, found, counted)
+        return list(counted)
+
+    def _upserts(self, changes: list[CounterChange]) -> list[tuple[str, list[object]]]:
+        """`counter_upserts` of `changes`, as the driver runs them."""
+        upserts = []
+        for statement, params in counter_upserts(changes):
+            driven = self._driver(statement)
+            upserts.append((driven.sql, driven.arguments(params)))
+        return upserts
+
     async def _insert_and_count(
         self, conn: AsyncConnection, starts: list[RequestStart], singly: set[str]
     ) -> list[Counted] | None:
@@ -236,6 +274,8 @@ class UsageWriter:
         return await _count(conn, starts, singly)
 
     async def _commit_updates(self, writes: list[UsageWrite]) -> list[Counters | Exception]:
+        if not self._postgres and _alone_and_distinct(writes):
+            return await self._commit_alone_updates_sqlite(writes)
         by_keys: dict[frozenset[str], list[dict[str, object]]] = {}
         for write in writes:
             by_keys.setdefault(frozenset(write.row), []).append(write.row)
@@ -273,9 +313,7 @@ class UsageWriter:
         two writes of one row cannot share the statement: those go in a transaction.
         """
         connection = self._update_connection
-        assert connection is not None  # PostgreSQL
-        rows = [write.row for write in writes]
-        if not all(write.alone for write in writes) or len({r["row_id"] for r in rows}) < len(rows):
+        if not _alone_and_distinct(writes):
             return await self._commit_updates(writes)
         if len(writes) == 1:  # the server not busy: a statement without arrays is faster
             [write] = writes
@@ -293,6 +331,33 @@ class UsageWriter:
         driven = self._driver(_rows_updated_and_counted(keysets, self._engine.dialect))
         found = await connection.fetch(driven, params)
         counters = {(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}
+        return [counters] * len(writes)
+
+    async def _commit_alone_updates_sqlite(
+        self, writes: list[UsageWrite]
+    ) -> list[Counters | Exception]:
+        """Writes that need nothing but their rows and counters, on SQLite: all of them
+        in one transaction on the driver's thread. As on PostgreSQL, a counter moves
+        only with rows that exist, once per transaction."""
+        updates = []
+        for write in writes:
+            driven = self._driver(_row_updated(frozenset(write.row)))
+            updates.append((driven.sql, driven.arguments(write.row), write))
+
+        def run(connection: sqlite3.Connection) -> dict[CounterKey, tuple[int, int]]:
+            deltas: dict[tuple[str, str], int] = {}
+            for sql, args, write in updates:
+                if connection.execute(sql, args).rowcount and write.delta:
+                    key = (write.user_id, write.period)
+                    deltas[key] = deltas.get(key, 0) + write.delta
+            changes = [
+                CounterChange(user, Increment(TOKENS, period, delta))
+                for (user, period), delta in deltas.items()
+            ]
+            return _counters_after(connection, self._upserts(changes))
+
+        found = await self._update_connection.transaction(run)
+        counters = {(user, period): counter for (user, _, period), counter in found.items()}
         return [counters] * len(writes)
 
 
@@ -413,6 +478,43 @@ def _rows_updated_and_counted(
     return sa.text(f"WITH {', '.join(updates)} " + _ADD_TO_COUNTERS.format(rows=sums)).bindparams(
         *binds
     )
+
+
+def _alone_and_distinct(writes: list[UsageWrite]) -> bool:
+    """Whether the driver may run `writes` together: each needs nothing but its row and
+    its counter, and no two write one row."""
+    rows = {write.row["row_id"] for write in writes}
+    return len(rows) == len(writes) and all(write.alone for write in writes)
+
+
+@functools.cache
+def _row_inserted(keys: tuple[str, ...]) -> sa.TextClause:
+    """SQLite: a row of `usage_logs` inserted with these columns."""
+    return sa.text(
+        f"INSERT INTO usage_logs ({', '.join(keys)}) VALUES ({', '.join(f':{k}' for k in keys)})"
+    ).bindparams(*(sa.bindparam(key, type_=usage_logs.c[key].type) for key in keys))
+
+
+@functools.cache
+def _row_updated(keys: frozenset[str]) -> sa.TextClause:
+    """SQLite: a row of `usage_logs` updated (`row_id` naming it)."""
+    columns = sorted(keys - {"row_id"})
+    assignments = ", ".join(f"{name} = :{name}" for name in columns)
+    return sa.text(f"UPDATE usage_logs SET {assignments} WHERE id = :row_id").bindparams(
+        *(sa.bindparam(name, type_=usage_logs.c[name].type) for name in columns),
+        sa.bindparam("row_id", type_=usage_logs.c.id.type),
+    )
+
+
+def _counters_after(
+    connection: sqlite3.Connection, upserts: list[tuple[str, list[object]]]
+) -> dict[CounterKey, tuple[int, int]]:
+    """SQLite, on the driver's thread: run `upserts`; each counter's (used, seq) after."""
+    found: dict[CounterKey, tuple[int, int]] = {}
+    for sql, args in upserts:
+        for user_id, metric, period, used, seq in connection.execute(sql, args):
+            found[(user_id, metric, period)] = (used, seq)
+    return found
 
 
 async def _added(conn: AsyncConnection, writes: list[UsageWrite]) -> list[int]:

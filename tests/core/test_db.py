@@ -2,11 +2,14 @@
 the pool they share still hands out transactional connections afterwards.
 `DriverConnection`: statements run by asyncpg itself on one held connection, with
 SQLAlchemy's bind processing and exceptions, a lost connection taken out of the pool,
-and the connection handed back when it gets old or is closed."""
+and the connection handed back when it gets old or is closed; on SQLite, transactions
+run whole on the driver's thread, rolled back when they fail."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -19,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core import db
 from app.core.db import DriverConnection, DriverStatement, create_engine, single_reads
+from app.core.sqlite_connection import SqliteConnection
 from app.core.tables import UTCDateTime
 
 TXID = sa.text("SELECT txid_current()")
@@ -280,3 +284,104 @@ async def test_the_checkpointer_runs_on_its_own_and_stops_on_close(tmp_path: Pat
     finally:
         await checkpoints.close()
         await engine.dispose()
+
+
+@pytest.fixture
+async def sqlite_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite:///{tmp_path / 'driven.db'}")
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("CREATE TABLE driven (id TEXT PRIMARY KEY, at TEXT)"))
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def driven_ids(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:  # another connection: only what was committed
+        return list((await conn.execute(sa.text("SELECT id FROM driven ORDER BY id"))).scalars())
+
+
+async def test_a_driver_transaction_on_sqlite_commits_in_one_hand_off(sqlite_engine: AsyncEngine):
+    driver = DriverConnection(sqlite_engine)
+    statement = driven(INSERT, sqlite_engine)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    def insert(connection: sqlite3.Connection) -> list[tuple[str, str]]:
+        rows = connection.execute(statement.sql, statement.arguments({"id": "a", "at": at}))
+        connection.execute("INSERT INTO driven (id) VALUES ('b')")
+        return list(rows)
+
+    try:
+        assert await driver.transaction(insert) == [("a", "2026-01-02 03:04:05.000000")]
+        held = driver._held
+        assert held is not None
+        sqlite = held.driver_connection
+        assert isinstance(sqlite, SqliteConnection)
+        before = sqlite._queued
+        await driver.transaction(lambda c: c.execute("INSERT INTO driven (id) VALUES ('c')"))
+        assert sqlite._queued - before == 1  # statement, commit and all
+        assert not sqlite.in_transaction
+        assert await driven_ids(sqlite_engine) == ["a", "b", "c"]
+    finally:
+        await driver.close()
+    assert sqlite_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_failing_driver_transaction_on_sqlite_rolls_back_and_keeps_its_connection(
+    sqlite_engine: AsyncEngine,
+):
+    driver = DriverConnection(sqlite_engine)
+
+    def insert_twice(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO driven (id) VALUES ('x')")
+        connection.execute("INSERT INTO driven (id) VALUES ('x')")
+
+    def insert_then_fail(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO driven (id) VALUES ('y')")
+        raise RuntimeError("the caller's own")
+
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as refused:
+            await driver.transaction(insert_twice)
+        assert isinstance(refused.value.orig, sqlite3.IntegrityError)
+        assert not refused.value.connection_invalidated
+        held = driver._held
+        with pytest.raises(RuntimeError, match="the caller's own"):
+            await driver.transaction(insert_then_fail)
+        assert driver._held is held  # one connection all along
+        assert held is not None and not held.driver_connection.in_transaction
+        await driver.transaction(lambda c: c.execute("INSERT INTO driven (id) VALUES ('z')"))
+        assert await driven_ids(sqlite_engine) == ["z"]
+    finally:
+        await driver.close()
+
+
+async def test_a_driver_transaction_on_sqlite_cancelled_midway_leaves_the_pool(
+    sqlite_engine: AsyncEngine,
+):
+    """Its caller cannot know how it ended: the connection is invalidated, so the next
+    transaction takes a new one; the one cancelled still ends on its thread."""
+    driver = DriverConnection(sqlite_engine)
+    entered, release = threading.Event(), threading.Event()
+
+    def held_up(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO driven (id) VALUES ('slow')")
+        entered.set()
+        release.wait(10)
+
+    try:
+        running = asyncio.create_task(driver.transaction(held_up))
+        assert await asyncio.to_thread(entered.wait, 10)
+        first = driver._held
+        running.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert driver._held is None
+        await driver.transaction(lambda c: c.execute("INSERT INTO driven (id) VALUES ('next')"))
+        assert driver._held is not first
+        assert await driven_ids(sqlite_engine) == ["next", "slow"]
+    finally:
+        await driver.close()

@@ -339,8 +339,9 @@ async def test_starts_with_nothing_to_refuse_arriving_together_see_the_counters_
 
 async def test_checkpoints_and_ends_arriving_together_move_each_counter_once(env: Env):
     """Writes of users without webhooks, of several kinds (checkpoints, ends) and
-    users, submitted together: one statement on PostgreSQL, one transaction on SQLite.
-    Every row takes its own values; each user's counter moves once, by the sum."""
+    users, submitted together: one statement on PostgreSQL, one transaction run by the
+    driver on SQLite (SQLAlchemy commits nothing). Every row takes its own values; each
+    user's counter moves once, by the sum."""
     metering = env.metering()
     users = [await env.user() for _ in range(2)]
     quiet = [dataclasses.replace(request(u), has_webhooks=False) for u in users]
@@ -363,7 +364,7 @@ async def test_checkpoints_and_ends_arriving_together_move_each_counter_once(env
         outcomes = await asyncio.gather(
             *(metering.writer.write(write(i, m)) for i, m in enumerate(meters))
         )
-    assert len(commits) == (0 if env.engine.dialect.name == "postgresql" else 1)
+    assert commits == []
     rows = [await row_of(env.engine, m.row_id) for m in meters]
     assert [(r.completion_tokens, r.total_tokens) for r in rows] == [(i, 1 + i) for i in range(5)]
     assert [r.status for r in rows] == [
@@ -377,6 +378,49 @@ async def test_checkpoints_and_ends_arriving_together_move_each_counter_once(env
             assert await read_counter_state(conn, user, TOKENS, meters[0].period) == after[n]
     # Each write learns its user's counter after the batch; one that added nothing, None.
     assert outcomes == [None, *(after[i % 2] for i in range(1, 5))]
+
+
+async def test_starts_with_nothing_to_refuse_go_together_without_sqlalchemy(env: Env):
+    """Alone, starts with no limit and nothing to admit are run by the driver: one
+    statement on PostgreSQL, one transaction on SQLite. Each sees its counters as if
+    they ran one by one."""
+    metering = env.metering()
+    users = [await env.user() for _ in range(3)]
+    with counting_commits(env.engine) as commits:
+        meters = await asyncio.gather(
+            *(metering.begin(request(users[i % 3]), prompt_tokens=i + 1) for i in range(12))
+        )
+    assert commits == []
+    for user in users:
+        mine = [m for m in meters if m.info.user_id == user]
+        rows = await rows_of(env.engine, user)
+        assert sorted(r.prompt_tokens for r in rows) == sorted(m.prompt_tokens for m in mine)
+        await assert_counter(env.engine, user, sum(m.prompt_tokens for m in mine))
+        seen = sorted((m._snapshot.seq, m._snapshot.used, m.prompt_tokens) for m in mine)
+        assert [s for s, _, _ in seen] == [1, 2, 3, 4]
+        for (_, before, _), (_, after, prompt) in itertools.pairwise([(0, 0, 0), *seen]):
+            assert after - before == prompt
+    for meter in meters:
+        await meter.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_lone_write_to_a_row_that_does_not_exist_moves_no_counter(env: Env):
+    """A counter stays the sum of the rows: a write of a user without webhooks whose
+    row was never written (its start lost) adds nothing, on either database."""
+    metering = env.metering()
+    user = await env.user()
+    meter = await metering.begin(
+        dataclasses.replace(request(user), has_webhooks=False), prompt_tokens=2
+    )
+    async with env.engine.connect() as conn:
+        before = await read_counter_state(conn, user, TOKENS, meter.period)
+    row = {"row_id": "never-written", "completion_tokens": 9, "total_tokens": 9}
+    ghost = UsageWrite(row, user, meter.period, 9, None, warnings=False)
+    assert await metering.writer.write(ghost) is None
+    async with env.engine.connect() as conn:
+        assert await read_counter_state(conn, user, TOKENS, meter.period) == before
+    await meter.finish(UsageStatus.COMPLETED, usage=Usage(prompt_tokens=2, completion_tokens=3))
+    await assert_counter(env.engine, user, 5)
 
 
 @pytest.mark.parametrize("billed", [0, -2], ids=["nothing more", "less"])
