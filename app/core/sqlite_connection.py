@@ -1,16 +1,17 @@
-"""aiosqlite's connection, with one hand-off to its thread per statement instead of four.
+"""aiosqlite's connection, with fewer hand-offs to its thread.
 
 aiosqlite runs every call on the connection's own thread: the caller queues it, the
 thread runs it and wakes the event loop with the result, two thread switches and a
-pass of the GIL each way. Through SQLAlchemy one statement made four such calls: make
-a cursor, execute, fetch the rows, close the cursor. On one saturated core those
-hand-offs were most of what a usage write cost, and each could wait behind the event
-loop for the GIL.
+pass of the GIL each way. Through SQLAlchemy one statement made four such calls (make
+a cursor, execute, fetch the rows, close the cursor), and every connection handed
+back to the pool a fifth (a rollback, mostly with nothing to undo).
 
 Here a statement takes one: the rows come back with the execute, and the cursor is
 made and closed on the caller's thread, as neither touches the database (a cursor is
-closed there only once nothing of it is left to run on the connection's thread; a
-caller cancelled while its statement still runs closes it behind that statement).
+closed there only once nothing is left to run on the connection's thread; a caller
+cancelled while its statement still runs closes it behind that statement). A
+rollback with no transaction open and nothing queued stays on the caller's thread.
+`transaction` runs a whole transaction in one hand-off, for the driver's own paths.
 """
 
 from __future__ import annotations
