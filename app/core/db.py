@@ -187,8 +187,13 @@ class DriverConnection:
             try:
                 return await driver.transaction(run)
             except self._driver_error as error:
-                # Rolled back: the connection is fine.
-                raise exc.DBAPIError("(a transaction run by the driver)", None, error) from error
+                # Rolled back, unless the connection itself is gone.
+                lost = self._engine.dialect.is_disconnect(error, None, None)
+                if lost:
+                    await self._invalidate()
+                raise exc.DBAPIError(
+                    "(a transaction run by the driver)", None, error, connection_invalidated=lost
+                ) from error
             except asyncio.CancelledError:
                 # The transaction ends on its thread all the same, unbeknown to us.
                 await self._invalidate()

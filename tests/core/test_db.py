@@ -385,3 +385,23 @@ async def test_a_driver_transaction_on_sqlite_cancelled_midway_leaves_the_pool(
         assert await driven_ids(sqlite_engine) == ["next", "slow"]
     finally:
         await driver.close()
+
+
+async def test_a_driver_transaction_on_a_closed_sqlite_connection_takes_a_new_one(
+    sqlite_engine: AsyncEngine,
+):
+    driver = DriverConnection(sqlite_engine)
+    try:
+        await driver.transaction(lambda c: c.execute("INSERT INTO driven (id) VALUES ('a')"))
+        held = driver._held
+        assert held is not None and isinstance(held.driver_connection, SqliteConnection)
+        held.driver_connection._conn.close()  # gone under the driver, as a lost file would be
+        with pytest.raises(sa.exc.DBAPIError) as lost:
+            await driver.transaction(lambda c: c.execute("INSERT INTO driven (id) VALUES ('b')"))
+        assert isinstance(lost.value.orig, sqlite3.ProgrammingError)
+        assert lost.value.connection_invalidated
+        assert driver._held is None
+        await driver.transaction(lambda c: c.execute("INSERT INTO driven (id) VALUES ('c')"))
+        assert await driven_ids(sqlite_engine) == ["a", "c"]
+    finally:
+        await driver.close()
