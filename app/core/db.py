@@ -8,7 +8,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import Dialect, TextClause, event, exc, text
 from sqlalchemy.engine import Connection, make_url
@@ -187,8 +187,9 @@ class DriverConnection:
             try:
                 return await driver.transaction(run)
             except self._driver_error as error:
-                # Rolled back, unless the connection itself is gone.
-                lost = self._engine.dialect.is_disconnect(error, None, None)
+                # Rolled back, unless the connection itself is gone. (`is_disconnect`
+                # is typed for SQLAlchemy's DBAPI protocol, which sqlite3 predates.)
+                lost = self._engine.dialect.is_disconnect(cast(Any, error), None, None)
                 if lost:
                     await self._invalidate()
                 raise exc.DBAPIError(
