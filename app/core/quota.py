@@ -258,15 +258,19 @@ async def increment_counters(
     return [found.get((subject, i.metric, i.period)) for i in increments]
 
 
+def token_changes(deltas: dict[tuple[str, str], int]) -> list[CounterChange]:
+    """The changes adding each (user_id, period)'s delta to its token counter."""
+    return [
+        CounterChange(user, Increment(TOKENS, period, delta))
+        for (user, period), delta in deltas.items()
+    ]
+
+
 async def add_tokens_many(
     conn: AsyncConnection, deltas: dict[tuple[str, str], int]
 ) -> dict[tuple[str, str], tuple[int, int]]:
     """Add to many users' token counters; each (user_id, period)'s (used, seq) after it."""
-    changes = [
-        CounterChange(user, Increment(TOKENS, period, delta))
-        for (user, period), delta in deltas.items()
-    ]
-    found = await apply_increments(conn, changes)
+    found = await apply_increments(conn, token_changes(deltas))
     return {(user, period): counter for (user, _, period), counter in found.items()}
 
 

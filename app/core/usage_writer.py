@@ -47,6 +47,7 @@ from app.core.quota import (
     counter_upserts,
     increment_counters,
     increments_upsert,
+    token_changes,
 )
 from app.core.tables import usage_logs
 from app.core.webhooks import QuotaWarnings
@@ -350,11 +351,7 @@ class UsageWriter:
                 if connection.execute(sql, args).rowcount and write.delta:
                     key = (write.user_id, write.period)
                     deltas[key] = deltas.get(key, 0) + write.delta
-            changes = [
-                CounterChange(user, Increment(TOKENS, period, delta))
-                for (user, period), delta in deltas.items()
-            ]
-            return _counters_after(connection, self._upserts(changes))
+            return _counters_after(connection, self._upserts(token_changes(deltas)))
 
         found = await self._update_connection.transaction(run)
         counters = {(user, period): counter for (user, _, period), counter in found.items()}
