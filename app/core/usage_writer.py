@@ -129,6 +129,9 @@ class UsageWriter:
         self._driven: dict[sa.TextClause, DriverStatement] = {}
         self._start_connection = DriverConnection(engine)
         self._update_connection = DriverConnection(engine)
+        # Batched updates join `usage_logs` on arrays: planned for each batch, as a plan
+        # kept from when the table was young would read all of it (see DriverConnection).
+        self._batch_update_connection = DriverConnection(engine, plan_each_run=True)
         self._starts = Batcher("usage-starts", self._commit_starts, lambda start: start)
         self._updates = Batcher(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)
@@ -190,6 +193,7 @@ class UsageWriter:
         """Hand the held connections back to the pool."""
         await self._start_connection.close()
         await self._update_connection.close()
+        await self._batch_update_connection.close()
 
     def _driver(self, statement: sa.TextClause) -> DriverStatement:
         if (driven := self._driven.get(statement)) is None:
@@ -313,14 +317,13 @@ class UsageWriter:
         A write retried after its batch failed must read its row first (`rebase`), and
         two writes of one row cannot share the statement: those go in a transaction.
         """
-        connection = self._update_connection
         if not _alone_and_distinct(writes):
             return await self._commit_updates(writes)
         if len(writes) == 1:  # the server not busy: a statement without arrays is faster
             [write] = writes
             params = {**write.row, "delta": write.delta}
             driven = self._driver(_row_updated_and_counted(frozenset(write.row)))
-            found = await connection.fetch(driven, params)
+            found = await self._update_connection.fetch(driven, params)
             return [{(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}]
         by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
         for write in writes:
@@ -330,7 +333,7 @@ class UsageWriter:
         keysets = tuple(sorted(by_keys))  # one statement per combination, whatever the order
         params = _columns(keysets, [by_keys[keys] for keys in keysets])
         driven = self._driver(_rows_updated_and_counted(keysets, self._engine.dialect))
-        found = await connection.fetch(driven, params)
+        found = await self._batch_update_connection.fetch(driven, params)
         counters = {(r["user_id"], r["period"]): (r["used"], r["seq"]) for r in found}
         return [counters] * len(writes)
 

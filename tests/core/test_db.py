@@ -212,6 +212,66 @@ SLEEPING = sa.text(
 TERMINATE = sa.text("SELECT pg_terminate_backend(:pid)")
 
 
+# A batch of rows updated by key, joined on arrays: the shape of the usage writer's.
+UPDATE_BATCH = sa.text(
+    "UPDATE driven SET at = d.at FROM unnest(CAST(:ids AS TEXT[]), CAST(:ats AS "
+    "TIMESTAMPTZ[])) AS d (id, at) WHERE driven.id = d.id RETURNING driven.id"
+).bindparams(
+    sa.bindparam("ids", type_=sa.ARRAY(sa.Text())),
+    sa.bindparam("ats", type_=sa.ARRAY(UTCDateTime())),
+)
+# Reported at the end of this statement, not up to a second later.
+FLUSH_STATS = sa.text("SELECT pg_stat_force_next_flush()")
+SCANS = sa.text("SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'driven'")
+
+
+async def scans(engine: AsyncEngine) -> tuple[int, int]:
+    async with engine.connect() as conn:  # a new transaction: a fresh view of the stats
+        seq, idx = (await conn.execute(SCANS)).one()
+    return seq, idx
+
+
+async def test_planned_each_run_a_batch_reaches_rows_by_key_after_the_table_grew(
+    engine: AsyncEngine,
+):
+    """PostgreSQL keeps a prepared statement's plan until the table is analyzed again.
+    One made while the table held a few rows (a young deployment) must not read the
+    whole table once it holds many; the setting does not outlive the hold."""
+    driver = DriverConnection(engine, plan_each_run=True)
+    update, flush = driven(UPDATE_BATCH, engine), driven(FLUSH_STATS, engine)
+    at = datetime.now(UTC)
+    try:
+        for i in range(3):
+            await driver.fetch(driven(INSERT, engine), {"id": f"r{i}", "at": at})
+        async with engine.begin() as conn:  # as autovacuum does early in a table's life
+            await conn.execute(sa.text("ANALYZE driven"))
+        for _ in range(8):  # past the five runs after which a plan would be kept
+            await driver.fetch(update, {"ids": ["r0", "r1"], "ats": [at, at]})
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO driven SELECT 'g' || n, now() FROM generate_series(1, 20000) n"
+                )
+            )
+        await driver.fetch(flush, {})  # the driver's statistics so far, reported
+        before = await scans(engine)
+        rows = await driver.fetch(update, {"ids": ["r1", "r2", "g7"], "ats": [at, at, at]})
+        assert sorted(row["id"] for row in rows) == ["g7", "r1", "r2"]
+        await driver.fetch(flush, {})
+        seq, idx = await scans(engine)
+        assert seq == before[0]  # no read of the whole table
+        assert idx > before[1]
+        [held] = await driver.fetch(driven(PID, engine), {})
+    finally:
+        await driver.close()
+    modes = {}  # of the pool's two connections, the driver's among them
+    async with engine.connect() as one, engine.connect() as other:
+        for conn in (one, other):
+            pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar()
+            modes[pid] = (await conn.execute(sa.text("SHOW plan_cache_mode"))).scalar()
+    assert modes[held["pid"]] == "auto"
+
+
 # --- SQLite: WAL checkpoints off the writers' path ---------------------------------------
 
 
