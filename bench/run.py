@@ -177,11 +177,17 @@ def loadavg() -> float:
 
 
 def machine_meta() -> dict[str, Any]:
-    cpu_model = "?"
+    # A hypervisor may name every generation alike ("AMD EPYC"): family and model tell
+    # runs on different hardware apart.
+    cpu: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu_model = line.split(":", 1)[1].strip()
-            break
+        key, _, value = line.partition(":")
+        if not key.strip():
+            break  # the first processor's block is enough
+        cpu.setdefault(key.strip(), value.strip())
+    cpu_model = cpu.get("model name", "?")
+    if "cpu family" in cpu and "model" in cpu:
+        cpu_model += f" (family {cpu['cpu family']}, model {cpu['model']})"
     mem = "?"
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal"):
