@@ -32,6 +32,13 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # Connections older than this are closed and replaced (PostgreSQL pool).
 POOL_RECYCLE_SECONDS = 1800
 
+# PostgreSQL keeps a plan for a prepared statement after its first runs, made for the
+# table's size at the time, until the table is next analyzed. A batch joined on arrays
+# whose plan was kept from a young `usage_logs` (a few rows: a new deployment's first
+# minute) read the whole table at every batch as it grew, 1.8 ms per batch at 16,000
+# rows, where by key it takes 0.1 ms. Planning each run costs about 0.09 ms.
+PLAN_EACH_RUN = {"plan_cache_mode": "force_custom_plan"}
+
 # Any fixed number: the lock that serializes migrations of instances starting together.
 _PG_MIGRATION_LOCK = 0x6C697665
 
@@ -129,17 +136,11 @@ class DriverConnection:
     Calls on one `DriverConnection` wait for each other (asyncpg runs one statement at
     a time on a connection; SQLite one transaction).
 
-    PostgreSQL keeps a plan for a prepared statement after its first runs, made from
-    the table's size at the time, until the table is next analyzed. With
-    `plan_each_run`, the connection has each run planned for its own values and the
-    table as it is then: for batches joined on arrays, whose plan kept from a young
-    `usage_logs` (a few rows, as in a new deployment's first minute) read the whole
-    table at every batch as it grew (1.8 ms per batch at 16,000 rows), where by key
-    it takes 0.1 ms; planning costs about 0.09 ms. The setting is reset before the
-    connection goes back to the pool.
+    On PostgreSQL, `settings` are the session's while the connection is held (such as
+    `PLAN_EACH_RUN`), reset before it goes back to the pool.
     """
 
-    def __init__(self, engine: AsyncEngine, *, plan_each_run: bool = False) -> None:
+    def __init__(self, engine: AsyncEngine, *, settings: Mapping[str, str] | None = None) -> None:
         self._driver_error: type[Exception]
         if engine.dialect.name == "postgresql":
             # Here, not at the top: a server on SQLite never loads asyncpg (~3 MiB).
@@ -149,7 +150,7 @@ class DriverConnection:
         else:
             self._driver_error = sqlite3.Error
         self._engine = engine
-        self._plan_each_run = plan_each_run and engine.dialect.name == "postgresql"
+        self._settings = dict(settings or {}) if engine.dialect.name == "postgresql" else {}
         self._lock = asyncio.Lock()
         self._held: PoolProxiedConnection | None = None
         self._held_since = 0.0
@@ -221,8 +222,9 @@ class DriverConnection:
             await self._release()  # the pool recycles it
         if self._held is None:
             held = await self._engine.raw_connection()
-            if self._plan_each_run:
-                await self._set(held, "SET plan_cache_mode = force_custom_plan")
+            if self._settings:
+                sets = (f"SET {name} = {value}" for name, value in self._settings.items())
+                await self._set(held, "; ".join(sets))
             self._held, self._held_since = held, now
         return self._held
 
@@ -230,9 +232,9 @@ class DriverConnection:
         held, self._held = self._held, None
         if held is None:
             return
-        if self._plan_each_run:
+        if self._settings:
             try:
-                await self._set(held, "RESET plan_cache_mode")
+                await self._set(held, "; ".join(f"RESET {name}" for name in self._settings))
             except exc.DBAPIError:
                 return  # closed, not back in the pool: nothing more to do
         await greenlet_spawn(held.close)  # back to the pool

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.batching import Batcher
-from app.core.db import DriverConnection, DriverStatement
+from app.core.db import PLAN_EACH_RUN, DriverConnection, DriverStatement
 from app.core.quota import (
     TOKENS,
     CounterChange,
@@ -130,8 +130,8 @@ class UsageWriter:
         self._start_connection = DriverConnection(engine)
         self._update_connection = DriverConnection(engine)
         # Batched updates join `usage_logs` on arrays: planned for each batch, as a plan
-        # kept from when the table was young would read all of it (see DriverConnection).
-        self._batch_update_connection = DriverConnection(engine, plan_each_run=True)
+        # kept from when the table was young would read all of it.
+        self._batch_update_connection = DriverConnection(engine, settings=PLAN_EACH_RUN)
         self._starts = Batcher("usage-starts", self._commit_starts, lambda start: start)
         self._updates = Batcher(
             "usage-updates", self._commit_updates, lambda w: replace(w, rebase=True)

@@ -237,7 +237,7 @@ async def test_planned_each_run_a_batch_reaches_rows_by_key_after_the_table_grew
     """PostgreSQL keeps a prepared statement's plan until the table is analyzed again.
     One made while the table held a few rows (a young deployment) must not read the
     whole table once it holds many; the setting does not outlive the hold."""
-    driver = DriverConnection(engine, plan_each_run=True)
+    driver = DriverConnection(engine, settings=db.PLAN_EACH_RUN)
     update, flush = driven(UPDATE_BATCH, engine), driven(FLUSH_STATS, engine)
     at = datetime.now(UTC)
     try:
