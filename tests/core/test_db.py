@@ -272,6 +272,25 @@ async def test_planned_each_run_a_batch_reaches_rows_by_key_after_the_table_grew
     assert modes[held["pid"]] == "auto"
 
 
+async def test_a_held_connection_with_settings_lost_is_closed_not_pooled(
+    engine: AsyncEngine, postgres_url: str
+):
+    """Its settings cannot be reset: on close it leaves the pool, and nothing raises."""
+    driver = DriverConnection(engine, settings=db.PLAN_EACH_RUN)
+    [held] = await driver.fetch(driven(PID, engine), {})
+    admin = create_engine(postgres_url)
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(TERMINATE, {"pid": held["pid"]})
+    finally:
+        await admin.dispose()
+    await driver.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with engine.connect() as conn:
+        pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar()
+    assert pid != held["pid"]
+
+
 # --- SQLite: WAL checkpoints off the writers' path ---------------------------------------
 
 
