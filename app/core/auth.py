@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import jwt
@@ -42,6 +43,8 @@ from app.core.tables import api_keys, external_identities, users
 from app.core.users import USER_COLUMNS, User, get_user, row_to_user
 
 logger = logging.getLogger("livegate.auth")
+
+T = TypeVar("T")
 
 DEV_PROVIDER = "dev"
 MAX_SUBJECT = 255  # external_identities.subject
@@ -184,24 +187,23 @@ class Authenticator:
     async def _api_key(self, credential: str) -> Principal:
         now = datetime.now(UTC)
         key_hash = hash_key(credential)
-        cached: _KeyHolder | None = self._cache.get(key_hash) if self._cache else None
-        if cached is None:
-            generation = self._cache.generation if self._cache else 0
+
+        async def read() -> _KeyHolder | None:
             async with self._reads.connect() as conn:
                 row = (await conn.execute(_KEY_HOLDER, {"key_hash": key_hash, "now": now})).first()
             if row is None:
-                raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
+                return None
             principal = Principal(
                 user=row_to_user(row), api_key_id=row.key_id, permissions=frozenset(row.permissions)
             )
-            cached = _KeyHolder(principal, _aware(row.key_expires_at))
-            if self._cache is not None:
-                self._cache.put(key_hash, cached, generation)
-        elif cached.expires_at is not None and cached.expires_at <= now:
+            return _KeyHolder(principal, _aware(row.key_expires_at))
+
+        holder = await self._read_through(key_hash, read)
+        if holder is None or (holder.expires_at is not None and holder.expires_at <= now):
             raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
-        assert cached.principal.api_key_id is not None
-        self._key_usage.record(cached.principal.api_key_id, now)
-        return cached.principal
+        assert holder.principal.api_key_id is not None
+        self._key_usage.record(holder.principal.api_key_id, now)
+        return holder.principal
 
     async def _own_token(self, credential: str) -> Principal:
         try:
@@ -259,14 +261,10 @@ class Authenticator:
 
     async def _user(self, user_id: str) -> User:
         """A live user by id, from the cache when it holds them."""
-        key = ("user", user_id)
-        user: User | None = self._cache.get(key) if self._cache else None
-        if user is None:
-            generation = self._cache.generation if self._cache else 0
-            user = await get_user(self._reads, user_id)
-            if self._cache is not None:
-                self._cache.put(key, user, generation)
-        return user
+        return await self._read_through(("user", user_id), lambda: get_user(self._reads, user_id))
+
+    async def _read_through(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        return await (self._cache.read_through(key, read) if self._cache else read())
 
     async def development_user(self, user_id: str) -> Principal:
         """The `x-user-id` header's user; only ever called in development."""

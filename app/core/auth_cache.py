@@ -8,6 +8,11 @@ instance clears its cache when the connection that wrote goes back to the pool
 (after the commit), and tells the others through the bus. So a revoked key stops
 working everywhere within the bus's latency, not after a TTL.
 
+Callers that miss the same entry together share one read (`read_through`): when a
+server starts, or after a change empties the cache, every request in flight would
+otherwise read the same row at once, each on a connection of its own (50 clients
+opened the pool's 15 connections to SQLite on a cold start).
+
 While the bus is down, messages from other instances may be lost: the cache is then
 neither read nor filled, and is cleared when the bus resyncs. `max_age` bounds what
 nothing can announce (a row edited by hand in the database).
@@ -20,8 +25,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, ExecutionContext
@@ -42,6 +47,8 @@ _WRITE_TO_WATCHED = re.compile(
 )
 _DIRTY = "livegate_auth_dirty"
 
+T = TypeVar("T")
+
 
 class AuthCache:
     """Principals by credential, with the invalidation described above."""
@@ -57,6 +64,8 @@ class AuthCache:
         self._listener: asyncio.Task[None] | None = None
         self._engine: AsyncEngine | None = None
         self._announcing: set[asyncio.Task[None]] = set()
+        # Reads in flight, by key: the generation each began in, and its task.
+        self._reading: dict[Hashable, tuple[int, asyncio.Task[Any]]] = {}
 
     @property
     def usable(self) -> bool:
@@ -81,6 +90,33 @@ class AuthCache:
         if len(self._entries) >= self._max_entries:
             self._entries.clear()  # rare; a full reload is cheaper than tracking use
         self._entries[key] = (time.monotonic(), value)
+
+    async def read_through(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """What is cached for `key`, else what `read()` returns, stored (unless None).
+
+        Callers missing `key` together share one read, run as a task of its own so
+        that a caller leaving does not cancel it for the others; its error is theirs
+        too. A caller never joins a read that began before the last invalidation.
+        """
+        value: T | None = self.get(key)
+        if value is not None:
+            return value
+        generation = self.generation
+        pending = self._reading.get(key)
+        if pending is None or pending[0] != generation:
+            task = asyncio.ensure_future(read())
+            self._reading[key] = pending = (generation, task)
+
+            def done(finished: asyncio.Task[Any]) -> None:
+                if self._reading.get(key) is pending:
+                    del self._reading[key]
+                failed = finished.cancelled() or finished.exception() is not None
+                if not failed and (result := finished.result()) is not None:
+                    self.put(key, result, generation)
+
+            task.add_done_callback(done)
+        result: T = await asyncio.shield(pending[1])
+        return result
 
     def invalidate(self) -> None:
         self.generation += 1

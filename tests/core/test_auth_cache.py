@@ -136,3 +136,102 @@ async def test_a_read_that_began_before_an_invalidation_is_not_stored(postgres_u
     finally:
         await cache.close()
         await engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_callers_missing_a_key_together_share_one_read(livegate: Livegate):
+    """A cold start: every request in flight presents the same key at once."""
+    account = await livegate.account()
+    authenticator = livegate.services.authenticator
+    with key_reads(livegate.services.engine) as reads:
+        principals = await asyncio.gather(
+            *(authenticator.authenticate(account.api_key) for _ in range(20))
+        )
+    assert len(reads) == 1
+    assert {p.user.id for p in principals} == {account.user.id}
+    with key_reads(livegate.services.engine) as reads:  # stored for those who come later
+        await authenticator.authenticate(account.api_key)
+    assert reads == []
+
+
+async def cache_on_local_bus(postgres_url: str) -> tuple[AuthCache, AsyncEngine]:
+    cache = AuthCache(LocalBus())
+    engine = create_engine(postgres_url)
+    await cache.start(engine)
+    return cache, engine
+
+
+async def test_a_caller_leaving_a_shared_read_does_not_end_it_for_the_others(
+    postgres_url: str,
+):
+    cache, engine = await cache_on_local_bus(postgres_url)
+    release = asyncio.Event()
+    calls: list[int] = []
+
+    async def read() -> str:
+        calls.append(1)
+        await release.wait()
+        return "value"
+
+    try:
+        first = asyncio.create_task(cache.read_through("k", read))
+        second = asyncio.create_task(cache.read_through("k", read))
+        await asyncio.sleep(0)
+        first.cancel()
+        release.set()
+        assert await second == "value"
+        assert first.cancelled()
+        assert calls == [1]
+        assert cache.get("k") == "value"
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+async def test_a_read_that_began_before_an_invalidation_is_not_shared_after_it(
+    postgres_url: str,
+):
+    cache, engine = await cache_on_local_bus(postgres_url)
+    release = asyncio.Event()
+    values = iter(["old", "new"])
+
+    async def read() -> str:
+        value = next(values)
+        await release.wait()
+        return value
+
+    try:
+        before = asyncio.create_task(cache.read_through("k", read))
+        await asyncio.sleep(0)
+        cache.invalidate()  # a change committed while the first read was in flight
+        after = asyncio.create_task(cache.read_through("k", read))
+        await asyncio.sleep(0)
+        release.set()
+        assert (await before, await after) == ("old", "new")
+        assert cache.get("k") == "new"
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+async def test_a_failed_shared_read_fails_every_caller_and_is_not_kept(postgres_url: str):
+    cache, engine = await cache_on_local_bus(postgres_url)
+    attempts: list[int] = []
+
+    async def read() -> str:
+        attempts.append(1)
+        await asyncio.sleep(0)
+        if len(attempts) == 1:
+            raise ConnectionError("database away")
+        return "value"
+
+    try:
+        outcomes = await asyncio.gather(
+            *(cache.read_through("k", read) for _ in range(3)), return_exceptions=True
+        )
+        assert [type(o) for o in outcomes] == [ConnectionError] * 3
+        assert await cache.read_through("k", read) == "value"  # read again, not the error
+        assert attempts == [1, 1]
+    finally:
+        await cache.close()
+        await engine.dispose()
