@@ -78,6 +78,7 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False) ->
 
     import uvicorn
 
+    from app.api.http_protocol import HttpProtocol
     from app.main import create_app
 
     connection_lines = _ConnectionLogFilter(access_log)
@@ -88,6 +89,7 @@ def serve(settings: Settings, host: str, port: int, access_log: bool = False) ->
         create_app(settings, tune_gc=True, run_migrations=False),
         host=host,
         port=port,
+        http=HttpProtocol,  # each response's head goes out with its body
         ws_max_size=64 * 1024,  # quota sockets only ever receive pings
         ws_per_message_deflate=False,  # small JSON frames: compression costs more than it saves
         timeout_graceful_shutdown=30,

@@ -21,6 +21,7 @@ import pytest
 import redis
 from starlette.applications import Starlette
 
+from app.api.http_protocol import HttpProtocol
 from app.core.config import MeteringConfig, ProviderConfig, ServerConfig, Settings, TierConfig
 from app.core.config import _builtin_tiers as builtin_tiers
 from app.core.services import Services
@@ -194,7 +195,7 @@ async def start_livegate(
     async def start(**overrides: Any) -> Livegate:
         settings = make_settings(backend, fake_upstream, **overrides)
         app = create_app(settings)
-        server = LoopbackServer(app)
+        server = LoopbackServer(app, http=HttpProtocol)  # as `python -m app serve`
         await server.start()
         running.append(server)
         return Livegate(server, app, settings)

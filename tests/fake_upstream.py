@@ -159,13 +159,14 @@ class FakeUpstream:
 class LoopbackServer:
     """An ASGI app served by uvicorn on a loopback port, inside the running loop."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, http: Any = "auto") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
             app,
+            http=http,
             log_level="warning",
             lifespan="on",
             timeout_graceful_shutdown=2,
