@@ -11,6 +11,7 @@ numbers hold across instances:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -76,6 +77,9 @@ class Policy:
         # midnight, and working them out costs more than the rest of the check.
         self._windows_day = -1
         self._windows: tuple[tuple[str, datetime | None], ...] = ()
+        # Each tier's AI request increments on that day, made of its limits and those
+        # windows: every relayed request takes them.
+        self._increments: dict[str, tuple[Increment, ...]] = {}
 
     def tier(self, name: str) -> TierConfig:
         return self._settings.tier(name)
@@ -143,15 +147,19 @@ class Policy:
         counted = await increment_counters(conn, subject, increments)
         return await self.judge_ai_request(conn, subject, increments, counted)
 
-    def ai_request_increments(self, tier_name: str) -> list[Increment]:
+    def ai_request_increments(self, tier_name: str) -> tuple[Increment, ...]:
         """One AI request for each window, within the tier's limits (daily, weekly,
         monthly); for `increment_counters`, alone or beside other counters."""
-        limits = self._request_limits(self.tier(tier_name))
         windows = self._request_windows(datetime.now(UTC))
-        return [
-            Increment(REQUESTS, period, 1, limits[window])
-            for (window, _), (period, _) in zip(_REQUEST_WINDOWS, windows, strict=True)
-        ]
+        increments = self._increments.get(tier_name)
+        if increments is None:
+            limits = self._request_limits(self.tier(tier_name))
+            increments = tuple(
+                Increment(REQUESTS, period, 1, limits[window])
+                for (window, _), (period, _) in zip(_REQUEST_WINDOWS, windows, strict=True)
+            )
+            self._increments[tier_name] = increments
+        return increments
 
     def _request_windows(self, now: datetime) -> tuple[tuple[str, datetime | None], ...]:
         """Each request window's (period, reset) at `now` (UTC)."""
@@ -159,13 +167,14 @@ class Policy:
         if day != self._windows_day:
             self._windows = tuple(period_window(per, now) for _, per in _REQUEST_WINDOWS)
             self._windows_day = day
+            self._increments = {}
         return self._windows
 
     async def judge_ai_request(
         self,
         conn: AsyncConnection,
         subject: str,
-        increments: list[Increment],
+        increments: Sequence[Increment],
         counted: list[tuple[int, int] | None],
     ) -> dict[str, WindowUsage]:
         """Raise if a window refused the request (the caller's transaction then rolls

@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.core.config import ActionLimit, CounterLimit, TierConfig
 from app.core.db import create_engine, migrate
 from app.core.errors import RateLimited
-from app.core.policy import Policy, QuotaExhausted, WindowUsage
-from app.core.quota import period_window
+from app.core.policy import REQUESTS, Policy, QuotaExhausted, WindowUsage
+from app.core.quota import Increment, period_window
 from app.core.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from app.core.tables import quota_counters
 from tests.conftest import Backend, make_settings
@@ -179,6 +179,27 @@ async def test_request_windows_are_the_calendar_windows_of_each_utc_day(env: Pol
     for at in (utc(2025, 12, 31, 23, 59, 59, 999999), utc(2026, 1, 1), utc(2026, 1, 1, 18)):
         expected = tuple(period_window(per, at) for per in ("day", "week", "month"))
         assert policy._request_windows(at) == expected
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_request_increments_are_the_tiers_limits_in_todays_windows(env: PolicyEnv) -> None:
+    policy = env.policy({"q": TierConfig(daily_requests=5, monthly_requests=90)})
+
+    def expected(at: datetime) -> tuple[Increment, ...]:
+        limits = (5, None, 90)
+        return tuple(
+            Increment(REQUESTS, period_window(per, at)[0], 1, limit)
+            for per, limit in zip(("day", "week", "month"), limits, strict=True)
+        )
+
+    now = datetime.now(UTC)
+    assert policy.ai_request_increments("q") == expected(now)
+    assert policy.ai_request_increments("free") != expected(now)  # each tier its own
+    # Kept from a day that has passed (a server running over midnight): made again.
+    yesterday = now - timedelta(days=1)
+    policy._request_windows(yesterday)
+    policy._increments["q"] = expected(yesterday)
+    assert policy.ai_request_increments("q") == expected(datetime.now(UTC))
 
 
 @BOTH
