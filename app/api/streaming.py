@@ -68,17 +68,30 @@ class RelayStreamResponse(Response):
             await self._chunks.aclose()
 
 
-async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
-    """Await `work`, cancelling it the moment the client disconnects (then None).
+# How long a non-streamed call runs before a client leaving is watched for. A watch is
+# a task, started, then cancelled (7 µs of CPU per call in-process against 2 µs for the
+# timer; 1.5-2 % of a relayed request's CPU at c=50); a call ending sooner gains
+# nothing from it, and one whose client left meanwhile is cancelled this much later,
+# billing nothing either way.
+WATCH_AFTER = 0.05
+
+
+async def cancel_on_disconnect(
+    receive: Receive, work: Awaitable[T], *, watch_after: float = WATCH_AFTER
+) -> T | None:
+    """Await `work`, cancelling it once the client disconnects (then None).
 
     For non-streamed relays: nothing else would notice the client leaving while the
     upstream is still thinking. Call it only after the request body has been read.
-    `work` runs in the calling task; only the watch for the disconnect has one of
-    its own, which cancels the caller.
+    `work` runs in the calling task; the watch for the disconnect, started only if
+    `work` is still running after `watch_after` seconds, has a task of its own,
+    which cancels the caller.
     """
     caller = asyncio.current_task()
     assert caller is not None
+    loop = asyncio.get_running_loop()
     disconnected = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal disconnected
@@ -86,7 +99,11 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T | None
         disconnected = True
         caller.cancel()
 
-    watcher = asyncio.create_task(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(watch_after, start_watching)
     try:
         result = await work
     except asyncio.CancelledError:
@@ -95,7 +112,9 @@ async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T | None
             return None
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
     if disconnected:
         caller.uncancel()  # the work got to its end all the same
     return result
