@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # handshake's answer): a body starting with it is held too, which costs nothing but
 # the wait until the end of the loop's turn.
 _HEAD_START = b"HTTP/1.1 "
+_HEAD_START_LENGTH = len(_HEAD_START)
 
 
 class HeadWithBodyTransport:
@@ -46,7 +47,7 @@ class HeadWithBodyTransport:
         if head is not None:
             self._head = None
             self._transport.write(head + data)
-        elif data[:9] == _HEAD_START:
+        elif data[:_HEAD_START_LENGTH] == _HEAD_START:
             self._head = bytes(data)
             self._loop.call_soon(self.flush)
         else:
