@@ -10,9 +10,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ROOT / "bench" / "plots"
 
-TARGET_ORDER = ["direct", "lg_pg", "lg_sqlite", "litellm"]
+TARGET_ORDER = ["direct", "floor", "lg_pg", "lg_sqlite", "litellm"]
 LIVEGATE = ["lg_pg", "lg_sqlite"]
-COLORS = {"direct": "#555555", "lg_pg": "#1f77b4", "lg_sqlite": "#2ca02c", "litellm": "#d62728"}
+COLORS = {
+    "direct": "#555555",
+    "floor": "#9467bd",
+    "lg_pg": "#1f77b4",
+    "lg_sqlite": "#2ca02c",
+    "litellm": "#d62728",
+}
 
 R = dict[str, Any]
 
@@ -361,6 +367,35 @@ def _targets_summary(d: Doc) -> None:
             "",
         )
     d.table(["Livegate", "target", "measured", "verdict"], rows)
+    _floor_context(d)
+
+
+def _floor_context(d: Doc) -> None:
+    """What share of direct a relay reaches on Livegate's stack with no work of its own."""
+    if not d.avail("floor"):
+        return
+    res = d.res
+    floor = rounds_of(res, "s1", "50", "floor")
+    of_direct = med(per_round(floor, rounds_of(res, "s1", "50", "direct"), ratio("rps")))
+    shares = [
+        f"{d.label(key)} {num(v * 100)} %"
+        for key in LIVEGATE
+        if d.avail(key)
+        and (v := med(per_round(rounds_of(res, "s1", "50", key), floor, ratio("rps")))) is not None
+    ]
+    added = med(
+        per_round(
+            rounds_of(res, "s1", "1", "floor"), rounds_of(res, "s1", "1", "direct"), diff("p50_ms")
+        )
+    )
+    d.add(
+        f"For scale, the floor relay (Livegate's HTTP stack forwarding each request, with "
+        f"no authentication, metering or database; `bench/floor_relay.py`) served "
+        f"{num(of_direct * 100 if of_direct is not None else None)} % of direct's "
+        f"non-stream req/s at c=50 and added {num(added)} ms p50 at c=1. Livegate's "
+        f"non-stream req/s at c=50 as a share of the floor's: {', '.join(shares) or '–'}.",
+        "",
+    )
 
 
 # --- scenarios ---------------------------------------------------------------------------
@@ -572,11 +607,13 @@ def _s3(d: Doc, plots: dict[str, str]) -> None:
         "target's own p99 at concurrency 1 (or >1 % of streams fail). *Sustained* is the "
         "highest level below that. The load generator and the fake upstream share one core, "
         "so *direct* shows where the harness itself saturates: a relay cannot be measured "
-        "past it.",
+        "past it. The floor relay is not ramped.",
         "",
     )
     rows = []
     for key in d.present:
+        if key == "floor":
+            continue
         r = s3.get(key)
         if not r:
             rows.append([d.label(key), "–", "–", "–", "–", "–"])

@@ -280,6 +280,17 @@ async def setup_targets(run: Run, fake_port: int, fake: Proc) -> dict[str, Targe
     direct = Target("direct", "direct (fake upstream)", fake_port, None, fake)
     direct.extra["description"] = "the fake upstream called directly: the physical limit"
     ts["direct"] = direct
+    floor = Target("floor", "floor (bare relay)")
+    floor.extra["description"] = (
+        "Livegate's HTTP stack and nothing else: uvicorn serving a bare ASGI app that "
+        "forwards each request through aiohttp (bench/floor_relay.py)"
+    )
+    ts["floor"] = floor
+    try:
+        floor.proc, floor.port = await targets.start_floor(run.run_dir, fake_port)
+        run.procs.append(floor.proc)
+    except (OSError, RuntimeError) as exc:
+        floor.unavailable(f"{type(exc).__name__}: {str(exc)[:300]}")
 
     services = targets.services_available()
     for key, label, with_services in (
@@ -429,7 +440,7 @@ async def measure_http(run: Run, ts: dict[str, Target]) -> None:
 
     run.log("scenario 3: concurrent paced streams")
     for t in active:
-        if not _alive(run, t):
+        if t.key == "floor" or not _alive(run, t):
             continue
         run.log(f"  ramp {t.key}")
         ramp = await scenarios.ramp(

@@ -1,4 +1,5 @@
-"""Starting and stopping what is measured: the fake upstream, Livegate, LiteLLM.
+"""Starting and stopping what is measured: the fake upstream, the floor relay, Livegate,
+LiteLLM.
 
 Every server is a subprocess in its own session (so its whole group can be
 signalled), logging to a file under the run directory, pinned with `taskset` when
@@ -191,6 +192,28 @@ async def start_fake(run_dir: Path) -> tuple[Proc, int]:
         [*pin(CLIENT_CORE), sys.executable, str(BENCH / "fake_upstream.py"), "--port", str(port)],
         clean_env(),
         run_dir / "fake_upstream.log",
+    )
+    proc.start()
+    await wait_ready(proc, port, "/health", 20)
+    return proc, port
+
+
+async def start_floor(run_dir: Path, fake_port: int) -> tuple[Proc, int]:
+    """The floor relay (`floor_relay.py`), pinned like the servers under test."""
+    port = free_port()
+    proc = Proc(
+        "floor relay",
+        [
+            *pin(SERVER_CORE),
+            sys.executable,
+            str(BENCH / "floor_relay.py"),
+            "--port",
+            str(port),
+            "--upstream-port",
+            str(fake_port),
+        ],
+        clean_env(),
+        run_dir / "floor_relay.log",
     )
     proc.start()
     await wait_ready(proc, port, "/health", 20)
