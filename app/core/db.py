@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from sqlalchemy import Dialect, TextClause, event, exc, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
@@ -258,13 +258,20 @@ class DriverConnection:
             await greenlet_spawn(held.invalidate)
 
 
+# How long an SQLite statement waits for a lock (a writer for the one before it).
+BUSY_TIMEOUT_MS = 30_000
+# How long the checkpointer's closing pass waits for the writer and for readers: it
+# holds the write lock while it waits for readers, so this bounds what writers wait.
+RESTART_WAIT_MS = 10
+
+
 def _sqlite_on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # WAL lets readers run beside the one writer; busy_timeout makes writers queue
     # instead of failing with "database is locked" under concurrent streams.
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -284,18 +291,29 @@ class WalCheckpointer:
     By default SQLite checkpoints on the commit that takes the WAL past 1,000 pages,
     and that commit waits for the copy and its fsync: 20-30 ms here, a spike in every
     write queued behind it. A server's engine turns that off
-    (`create_engine(..., checkpoint_in_background=True)`) and runs this: a PASSIVE
-    checkpoint every `interval`, which no writer waits for, and a TRUNCATE one, which
-    waits for the writers, once the WAL still held more than `max_pages` after the
-    last (PASSIVE checkpoints may not finish while writes keep coming). Closing the
-    last connection checkpoints what is left, as always.
+    (`create_engine(..., checkpoint_in_background=True)`) and runs this every
+    `interval`, in two passes:
+
+    - PASSIVE copies what the WAL holds into the database. No writer waits for it,
+      but writes keep coming meanwhile, so it hardly ever finds the WAL all copied
+      when it ends. Only then may a writer start the WAL over from its beginning;
+      without that the WAL grows by every page written.
+    - RESTART copies the few pages written meanwhile, waits for readers to leave the
+      WAL, and lets the next writer start it over. Writers wait for it, so it waits
+      for others at most `RESTART_WAIT_MS`; if that is not enough it gives up, to try
+      again next time. Once the WAL holds more than `max_pages` (restarts kept giving
+      up), TRUNCATE does the same and also gives the file's space back.
+
+    Measured at ~1,000 quota pushes a second: the WAL grew ~2,300 pages a second with
+    PASSIVE alone, and its TRUNCATE every ~9 s held the writers 30-50 ms; the RESTART
+    pass holds them 1-2 ms. Closing the last connection checkpoints what is left, as
+    always.
     """
 
     def __init__(self, engine: AsyncEngine, interval: float = 1.0, max_pages: int = 16_384) -> None:
         self._engine = engine
         self._interval = interval
         self._max_pages = max_pages
-        self._wal_pages = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -309,15 +327,20 @@ class WalCheckpointer:
             self._task = None
 
     async def checkpoint(self) -> tuple[int, int]:
-        """One checkpoint: the pages the WAL held, and how many of them are now in the
-        database."""
-        mode = "TRUNCATE" if self._wal_pages > self._max_pages else "PASSIVE"
+        """One checkpoint: the pages the WAL held at its PASSIVE pass, and how many of
+        them that pass copied into the database."""
         async with self._engine.connect() as conn:
-            result = await conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
-            _busy, wal_pages, copied = (int(value) for value in list(result.one()))
-        # After a TRUNCATE (even a busy one) the next checkpoint is PASSIVE again, and
-        # tells what is left.
-        self._wal_pages = 0 if mode == "TRUNCATE" else wal_pages
+            wal_pages, copied = await _wal_checkpoint(conn, "PASSIVE")
+            if wal_pages:
+                closing = "TRUNCATE" if wal_pages > self._max_pages else "RESTART"
+                try:
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                    await _wal_checkpoint(conn, closing)
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                except BaseException:
+                    # Not back into the pool with a wait too short for its next users.
+                    await conn.invalidate()
+                    raise
         return wal_pages, copied
 
     async def _run(self) -> None:
@@ -327,6 +350,14 @@ class WalCheckpointer:
                 await self.checkpoint()
             except Exception:
                 logger.warning("WAL checkpoint failed; retrying", exc_info=True)
+
+
+async def _wal_checkpoint(conn: AsyncConnection, mode: str) -> tuple[int, int]:
+    """`PRAGMA wal_checkpoint(mode)`: the pages in the WAL, and how many of them are
+    copied (a pass that gave up waiting has copied what it could)."""
+    result = await conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})")
+    _busy, wal_pages, copied = (int(value) for value in result.one())
+    return wal_pages, copied
 
 
 def _alembic_config(connection: Connection) -> AlembicConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -323,25 +324,93 @@ async def test_a_server_engine_leaves_checkpoints_to_the_checkpointer(tmp_path: 
         await server.dispose()
 
 
-async def test_the_checkpointer_copies_the_wal_back_then_truncates_a_large_one(tmp_path: Path):
+async def filler_rows(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.exec_driver_sql("SELECT count(*) FROM filler")).scalar_one())
+
+
+async def test_under_steady_writes_each_checkpoint_starts_the_wal_over(tmp_path: Path):
+    """A writer that commits every millisecond: a PASSIVE pass alone hardly ever finds
+    the WAL all copied when it ends, so no write may start it over, and it grows by
+    every page written. The closing pass lets the writer start it over."""
+    engine = create_engine(f"sqlite:///{tmp_path}/server.db", checkpoint_in_background=True)
+    checkpoints = db.WalCheckpointer(engine)
+    await write_pages(engine, 4)
+    stop = threading.Event()
+    transactions = 0
+    rows = [("x" * 1024,)] * 16  # 16 KiB a transaction: four pages at least
+
+    def write_steadily() -> None:
+        nonlocal transactions
+        writer = sqlite3.connect(tmp_path / "server.db", isolation_level=None)
+        writer.execute(f"PRAGMA busy_timeout={db.BUSY_TIMEOUT_MS}")
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            while not stop.is_set():
+                writer.execute("BEGIN")
+                writer.executemany("INSERT INTO filler (pad) VALUES (?)", rows)
+                writer.execute("COMMIT")
+                transactions += 1
+                time.sleep(0.001)
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=write_steadily)
+    thread.start()
+    try:
+        for _ in range(8):
+            await asyncio.sleep(0.15)
+            await checkpoints.checkpoint()
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join)
+    try:
+        # Never started over, the WAL would hold every page written: all of the rows.
+        wal = (tmp_path / "server.db-wal").stat().st_size
+        assert 0 < wal < transactions * len(rows) * 1024 / 2
+        assert await filler_rows(engine) == 4 + len(rows) * transactions
+    finally:
+        await checkpoints.close()
+        await engine.dispose()
+
+
+async def test_the_checkpointer_truncates_a_wal_past_max_pages(tmp_path: Path):
     engine = create_engine(f"sqlite:///{tmp_path}/server.db", checkpoint_in_background=True)
     checkpoints = db.WalCheckpointer(engine, max_pages=100)
     try:
         await write_pages(engine, 2000)
-        wal = tmp_path / "server.db-wal"
-        size = wal.stat().st_size
-        pages, copied = await checkpoints.checkpoint()  # PASSIVE: the file stays
+        pages, copied = await checkpoints.checkpoint()
         assert pages > 100 and copied == pages
-        assert wal.stat().st_size == size
-        pages, copied = await checkpoints.checkpoint()  # more than max_pages: TRUNCATE
-        assert wal.stat().st_size == 0
-        await write_pages(engine, 40)
-        pages, copied = await checkpoints.checkpoint()  # small again: PASSIVE
-        assert 0 < pages <= 100 and copied == pages
-        async with engine.connect() as conn:
-            count = (await conn.exec_driver_sql("SELECT count(*) FROM filler")).scalar_one()
-        assert count == 2040
+        assert (tmp_path / "server.db-wal").stat().st_size == 0
+        assert await filler_rows(engine) == 2000
     finally:
+        await checkpoints.close()
+        await engine.dispose()
+
+
+async def test_a_reader_of_an_old_snapshot_holds_the_checkpointer_only_briefly(tmp_path: Path):
+    engine = create_engine(f"sqlite:///{tmp_path}/server.db", checkpoint_in_background=True)
+    checkpoints = db.WalCheckpointer(engine)
+    await write_pages(engine, 40)
+    reader = sqlite3.connect(tmp_path / "server.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM filler").fetchone() == (40,)
+        await write_pages(engine, 400)
+        # The closing pass cannot restart a WAL the reader still reads. It gives up
+        # after `RESTART_WAIT_MS`, where the pool's busy timeout would hold every
+        # writer behind it for 30 s.
+        pages, copied = await asyncio.wait_for(checkpoints.checkpoint(), 5)
+        assert pages > 100 and copied < pages
+        await write_pages(engine, 4)
+        async with engine.connect() as conn:
+            timeout = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one()
+        assert timeout == db.BUSY_TIMEOUT_MS
+        assert reader.execute("SELECT count(*) FROM filler").fetchone() == (40,)
+        reader.execute("COMMIT")
+        assert await filler_rows(engine) == 444
+    finally:
+        reader.close()
         await checkpoints.close()
         await engine.dispose()
 
