@@ -45,6 +45,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("livegate.metering")
 
+_FINISH_REASON_LENGTH: int = usage_logs.c.finish_reason.type.length  # type: ignore[attr-defined]
+
+
+def _storable(text: str | None, length: int | None = None) -> str | None:
+    """Text an upstream chose (a finish reason, an error message) as its column holds it.
+
+    PostgreSQL refuses a NUL in text and a string longer than its column, and a write
+    it refuses would leave the row unfinished; SQLite takes both, so both databases
+    get the same row.
+    """
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    return text if length is None else text[:length]
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -227,7 +243,12 @@ class UsageMeter:
             "updated_at": now,
         }
         if status is not UsageStatus.STREAMING:
-            values.update(status=status, finish_reason=finish_reason, error=error, finished_at=now)
+            values.update(
+                status=status,
+                finish_reason=_storable(finish_reason, _FINISH_REASON_LENGTH),
+                error=_storable(error),
+                finished_at=now,
+            )
         then: Callable[[AsyncConnection], Awaitable[object]] | None = None
         if status is not UsageStatus.STREAMING and self.info.has_webhooks:
             # In the finalizing transaction: the event exists exactly if the row does.

@@ -281,6 +281,32 @@ async def test_finish_and_discard_keep_the_counter_equal_to_the_rows(env: Env):
     await assert_last_push_is_the_counter(env, pushes, user)
 
 
+async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
+    env: Env,
+):
+    """The upstream picks a stream's finish reason and the text of its errors; neither
+    may keep the row from ending (PostgreSQL refuses a NUL, and text past a column)."""
+    metering = await env.started_metering()
+    user = await env.user()
+    completed = await metering.begin(request(user), prompt_tokens=4)
+    deliver(completed, 3)
+    reason = "content_filter_" + "x" * 40
+    await completed.finish(UsageStatus.COMPLETED, usage=Usage(4, 3), finish_reason=reason)
+    row = await row_of(env.engine, completed.row_id)
+    assert (row.status, row.finish_reason, row.total_tokens) == ("completed", reason[:32], 7)
+
+    failed = await metering.begin(request(user), prompt_tokens=5)
+    deliver(failed, 2)
+    await failed.finish(UsageStatus.ERROR, error="provider error mid-stream: bad\x00byte")
+    row = await row_of(env.engine, failed.row_id)
+    assert (row.status, row.error, row.total_tokens) == (
+        "error",
+        "provider error mid-stream: bad\ufffdbyte",
+        7,
+    )
+    await assert_counter(env.engine, user, 14)
+
+
 async def test_discard_after_checkpoints_gives_everything_back(env: Env):
     metering = await env.started_metering()
     user = await env.user()
