@@ -27,6 +27,7 @@ from app.core.providers import (
     content_text,
     iter_sse_batches,
     parse_chunk,
+    token_count,
     transport_error,
 )
 from app.core.security import new_id
@@ -107,10 +108,9 @@ class AnthropicProvider(HttpProvider):
             for b in blocks
             if isinstance(b, dict) and b.get("type") == "text"
         )
-        raw_usage = answer.get("usage") or {}
         usage = Usage(
-            prompt_tokens=int(raw_usage.get("input_tokens") or 0),
-            completion_tokens=int(raw_usage.get("output_tokens") or 0),
+            prompt_tokens=token_count(answer.get("usage"), "input_tokens") or 0,
+            completion_tokens=token_count(answer.get("usage"), "output_tokens") or 0,
         )
         payload = {
             "id": f"chatcmpl-{answer.get('id') or new_id()}",
@@ -184,15 +184,15 @@ class _AnthropicStream:
             message = event.get("message") or {}
             if message.get("model"):
                 self._meta["model"] = message["model"]
-            self._prompt_tokens = int((message.get("usage") or {}).get("input_tokens") or 0)
+            self._prompt_tokens = token_count(message.get("usage"), "input_tokens") or 0
             out.append(self._delta({"role": "assistant", "content": ""}))
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
                 out.append(self._delta({"content": delta["text"]}))
         elif kind == "message_delta":
-            usage = event.get("usage") or {}
-            self._completion_tokens = int(usage.get("output_tokens") or self._completion_tokens)
+            output = token_count(event.get("usage"), "output_tokens")
+            self._completion_tokens = output or self._completion_tokens
             reason = (event.get("delta") or {}).get("stop_reason")
             if reason:
                 out.append(self._delta({}, FINISH_REASONS.get(reason, "stop")))

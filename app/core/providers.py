@@ -88,13 +88,30 @@ class Provider(Protocol):
     async def open_stream(self, body: dict[str, Any]) -> UpstreamStream: ...
 
 
-def parse_usage(value: object) -> Usage | None:
-    if not isinstance(value, dict):
-        return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    if isinstance(prompt, int) and isinstance(completion, int):
-        return Usage(prompt_tokens=prompt, completion_tokens=completion)
+# Past this, a number is no token count of one request (and would overflow the
+# database's integers once summed): an upstream's claim beyond it is not believed.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
+def token_count(usage: object, name: str) -> int | None:
+    """`usage[name]` if it is a token count: a whole number from 0 to `MAX_TOKEN_COUNT`.
+
+    What an upstream reports is billed as it is, so a negative, fractional or huge
+    count (or a boolean) is taken as no count at all, never as a credit.
+    """
+    value = usage.get(name) if isinstance(usage, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
     return None
+
+
+def parse_usage(value: object) -> Usage | None:
+    """An OpenAI `usage` object, or None where either count is missing or no count."""
+    prompt = token_count(value, "prompt_tokens")
+    completion = token_count(value, "completion_tokens")
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
 class _Delta(msgspec.Struct):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from app.core.config import ProviderConfig
 from app.core.errors import UpstreamError
-from app.core.providers import OpenAIProvider, iter_sse_batches, parse_chunk
+from app.core.providers import MAX_TOKEN_COUNT, OpenAIProvider, iter_sse_batches, parse_chunk
 from app.core.upstream_transport import AiohttpTransport
 from tests.fake_upstream import FakeUpstream
 
@@ -67,6 +68,26 @@ def test_the_usage_chunk_carries_the_upstream_counts() -> None:
     assert chunk.usage_only and chunk.tokens == 0
     assert chunk.usage is not None
     assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (5, 9)
+
+
+@pytest.mark.parametrize(
+    "count", [-1, -100, 1.5, True, "5", None, 2**31, 2**64], ids=lambda c: repr(c)
+)
+@pytest.mark.parametrize("field", ["prompt_tokens", "completion_tokens"])
+def test_a_usage_with_a_count_that_is_no_token_count_is_not_believed(
+    field: str, count: object
+) -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, field: count}
+    # json, not orjson: the latter refuses integers past 64 bits, as an upstream may not.
+    chunk = parse_chunk(json.dumps({"choices": [], "usage": usage}).encode())
+    assert chunk.usage_only and chunk.usage is None
+
+
+def test_the_largest_token_count_believed() -> None:
+    usage = {"prompt_tokens": 0, "completion_tokens": MAX_TOKEN_COUNT}
+    chunk = parse_chunk(orjson.dumps({"choices": [], "usage": usage}))
+    assert chunk.usage is not None
+    assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (0, MAX_TOKEN_COUNT)
 
 
 @pytest.mark.parametrize(
