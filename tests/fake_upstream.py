@@ -213,6 +213,8 @@ class FakeAnthropic:
 
     text_tokens: list[str] = field(default_factory=lambda: ["Bonjour", " le", " monde"])
     input_tokens: int = 17
+    # The usage counts sent; a count left out is missing from every usage object.
+    usage_counts: tuple[str, ...] = ("input_tokens", "output_tokens")
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -221,6 +223,9 @@ class FakeAnthropic:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def _usage(self, **counts: int) -> dict[str, int]:
+        return {name: n for name, n in counts.items() if name in self.usage_counts}
 
     async def messages(self, request: Request) -> Response:
         body = await request.json()
@@ -241,10 +246,9 @@ class FakeAnthropic:
                 "model": body["model"],
                 "content": [{"type": "text", "text": "".join(self.text_tokens)}],
                 "stop_reason": "end_turn",
-                "usage": {
-                    "input_tokens": self.input_tokens,
-                    "output_tokens": len(self.text_tokens),
-                },
+                "usage": self._usage(
+                    input_tokens=self.input_tokens, output_tokens=len(self.text_tokens)
+                ),
             }
         )
 
@@ -262,7 +266,7 @@ class FakeAnthropic:
                     "role": "assistant",
                     "model": body["model"],
                     "content": [],
-                    "usage": {"input_tokens": self.input_tokens, "output_tokens": 1},
+                    "usage": self._usage(input_tokens=self.input_tokens, output_tokens=1),
                 }
             },
         )
@@ -281,7 +285,7 @@ class FakeAnthropic:
             "message_delta",
             {
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": len(self.text_tokens)},
+                "usage": self._usage(output_tokens=len(self.text_tokens)),
             },
         )
         yield event("message_stop", {})

@@ -85,6 +85,14 @@ def to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
+def _usage(input_tokens: int | None, output_tokens: int | None) -> Usage | None:
+    """Anthropic's counts as a `Usage`, or None (Livegate's own counts apply) where
+    either is missing or no count, as for an OpenAI-compatible upstream."""
+    if input_tokens is None or output_tokens is None:
+        return None
+    return Usage(input_tokens, output_tokens)
+
+
 def _openai_usage(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -108,9 +116,9 @@ class AnthropicProvider(HttpProvider):
             for b in blocks
             if isinstance(b, dict) and b.get("type") == "text"
         )
-        usage = Usage(
-            prompt_tokens=token_count(answer.get("usage"), "input_tokens") or 0,
-            completion_tokens=token_count(answer.get("usage"), "output_tokens") or 0,
+        usage = _usage(
+            token_count(answer.get("usage"), "input_tokens"),
+            token_count(answer.get("usage"), "output_tokens"),
         )
         payload = {
             "id": f"chatcmpl-{answer.get('id') or new_id()}",
@@ -124,8 +132,9 @@ class AnthropicProvider(HttpProvider):
                     "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop"),
                 }
             ],
-            "usage": _openai_usage(usage),
         }
+        if usage is not None:
+            payload["usage"] = _openai_usage(usage)
         return Completion(body=json.dumps(payload).encode(), usage=usage, completion_text=text)
 
     async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
@@ -145,7 +154,8 @@ class _AnthropicStream:
             "created": int(time.time()),
             "model": model,
         }
-        self._prompt_tokens = self._completion_tokens = 0
+        self._prompt_tokens: int | None = None
+        self._completion_tokens: int | None = None
 
     def _chunk(self, payload: dict[str, Any]) -> StreamChunk:
         return parse_chunk(json.dumps({**self._meta, **payload}, separators=(",", ":")).encode())
@@ -156,7 +166,7 @@ class _AnthropicStream:
         )
 
     async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
-        self._prompt_tokens = self._completion_tokens = 0
+        self._prompt_tokens = self._completion_tokens = None
         try:
             async with aclosing(iter_sse_batches(self._response.aiter_bytes())) as batches:
                 async for batch in batches:
@@ -184,21 +194,24 @@ class _AnthropicStream:
             message = event.get("message") or {}
             if message.get("model"):
                 self._meta["model"] = message["model"]
-            self._prompt_tokens = token_count(message.get("usage"), "input_tokens") or 0
+            self._prompt_tokens = token_count(message.get("usage"), "input_tokens")
             out.append(self._delta({"role": "assistant", "content": ""}))
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
                 out.append(self._delta({"content": delta["text"]}))
         elif kind == "message_delta":
+            # Cumulative: a later count replaces an earlier one.
             output = token_count(event.get("usage"), "output_tokens")
-            self._completion_tokens = output or self._completion_tokens
+            if output is not None:
+                self._completion_tokens = output
             reason = (event.get("delta") or {}).get("stop_reason")
             if reason:
                 out.append(self._delta({}, FINISH_REASONS.get(reason, "stop")))
         elif kind == "message_stop":
-            usage = Usage(self._prompt_tokens, self._completion_tokens)
-            out.append(self._chunk({"choices": [], "usage": _openai_usage(usage)}))
+            usage = _usage(self._prompt_tokens, self._completion_tokens)
+            if usage is not None:
+                out.append(self._chunk({"choices": [], "usage": _openai_usage(usage)}))
             return True
         elif kind == "error":
             error = event.get("error") or {}

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.core.config import ModelRoute, Price, ProviderConfig
+from app.core.providers import estimate_prompt_tokens, estimate_tokens
 from app.core.tables import usage_logs
 from tests.conftest import Livegate, StartLivegate
 from tests.fake_upstream import (
@@ -122,6 +123,57 @@ async def test_anthropic_stream_is_translated_to_openai_chunks(
     assert fake_anthropic.requests[-1]["stream"] is True
     row = await final_row(livegate, account.user.id)
     assert (row.status, row.prompt_tokens, row.completion_tokens) == ("completed", 17, 3)
+
+
+@pytest.mark.parametrize(
+    "counts", [(), ("input_tokens",), ("output_tokens",)], ids=["none", "input", "output"]
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_anthropic_usage_missing_a_count_bills_livegates_own_counts(
+    start_livegate: StartLivegate,
+    fake_anthropic: FakeAnthropic,
+    counts: tuple[str, ...],
+    stream: bool,
+):
+    """As from an OpenAI-compatible upstream: not 0 for the count that was not sent."""
+    fake_anthropic.usage_counts = counts
+    livegate = await start_livegate(providers=[anthropic_provider(fake_anthropic)])
+    account = await livegate.account()
+    messages = [{"role": "user", "content": "Say hello in French, with a few more words"}]
+    prompt_estimate = estimate_prompt_tokens(messages)
+    api = client(livegate, account.api_key)
+    if stream:
+        chunks = [
+            c
+            async for c in await api.chat.completions.create(
+                model="claude-test",
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        ]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            "Bonjour le monde"
+        )
+        # One usage chunk, with what was billed: the estimate and the delivered deltas.
+        usages = [c.usage for c in chunks if c.usage is not None]
+        assert [(u.prompt_tokens, u.completion_tokens) for u in usages] == [(prompt_estimate, 3)]
+        completion_tokens = 3
+    else:
+        result = await api.chat.completions.create(
+            model="claude-test",
+            messages=messages,  # type: ignore[arg-type]
+        )
+        assert result.choices[0].message.content == "Bonjour le monde"
+        assert result.usage is None  # as an OpenAI-compatible upstream's body without one
+        completion_tokens = estimate_tokens("Bonjour le monde")
+    row = await final_row(livegate, account.user.id)
+    assert (row.status, row.prompt_tokens, row.completion_tokens) == (
+        "completed",
+        prompt_estimate,
+        completion_tokens,
+    )
+    assert prompt_estimate > 0 and completion_tokens > 0
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
