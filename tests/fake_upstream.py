@@ -215,6 +215,9 @@ class FakeAnthropic:
     input_tokens: int = 17
     # The usage counts sent; a count left out is missing from every usage object.
     usage_counts: tuple[str, ...] = ("input_tokens", "output_tokens")
+    # Sent instead of the answer (whole) or of the events (stream), each as JSON.
+    answer: Any = None
+    events: list[Any] | None = None
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -237,7 +240,12 @@ class FakeAnthropic:
                 status_code=self.status,
             )
         if body.get("stream"):
+            if self.events is not None:
+                raw = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in self.events)
+                return Response(raw, media_type="text/event-stream")
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
+        if self.answer is not None:
+            return JSONResponse(self.answer)
         return JSONResponse(
             {
                 "id": "msg_01",

@@ -93,6 +93,12 @@ def _usage(input_tokens: int | None, output_tokens: int | None) -> Usage | None:
     return Usage(input_tokens, output_tokens)
 
 
+def _object(value: object) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: what an event holds is read
+    field by field, and a field of the wrong shape counts as missing."""
+    return value if isinstance(value, dict) else {}
+
+
 def _openai_usage(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -110,11 +116,13 @@ class AnthropicProvider(HttpProvider):
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         _, answer = await self._post_json(to_messages_request(body))
-        blocks = answer.get("content") or []
+        blocks = answer.get("content")
+        if not isinstance(blocks, list):
+            raise UpstreamError(f"provider {self.name} sent a malformed response")
         text = "".join(
-            str(b.get("text", ""))
+            b["text"]
             for b in blocks
-            if isinstance(b, dict) and b.get("type") == "text"
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         usage = _usage(
             token_count(answer.get("usage"), "input_tokens"),
@@ -187,26 +195,29 @@ class _AnthropicStream:
         """Append the OpenAI chunks one Anthropic event makes; True at `message_stop`."""
         try:
             event = json.loads(data)
-        except ValueError as exc:
-            raise UpstreamError("provider sent a malformed stream event") from exc
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise UpstreamError("provider sent a malformed stream event")
         kind = event.get("type")
         if kind == "message_start":
-            message = event.get("message") or {}
-            if message.get("model"):
+            message = _object(event.get("message"))
+            if isinstance(message.get("model"), str) and message["model"]:
                 self._meta["model"] = message["model"]
             self._prompt_tokens = token_count(message.get("usage"), "input_tokens")
             out.append(self._delta({"role": "assistant", "content": ""}))
         elif kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            if delta.get("type") == "text_delta" and delta.get("text"):
-                out.append(self._delta({"content": delta["text"]}))
+            delta = _object(event.get("delta"))
+            text = delta.get("text")
+            if delta.get("type") == "text_delta" and isinstance(text, str) and text:
+                out.append(self._delta({"content": text}))
         elif kind == "message_delta":
             # Cumulative: a later count replaces an earlier one.
             output = token_count(event.get("usage"), "output_tokens")
             if output is not None:
                 self._completion_tokens = output
-            reason = (event.get("delta") or {}).get("stop_reason")
-            if reason:
+            reason = _object(event.get("delta")).get("stop_reason")
+            if isinstance(reason, str) and reason:
                 out.append(self._delta({}, FINISH_REASONS.get(reason, "stop")))
         elif kind == "message_stop":
             usage = _usage(self._prompt_tokens, self._completion_tokens)
@@ -214,7 +225,7 @@ class _AnthropicStream:
                 out.append(self._chunk({"choices": [], "usage": _openai_usage(usage)}))
             return True
         elif kind == "error":
-            error = event.get("error") or {}
+            error = _object(event.get("error"))
             raise UpstreamError(f"provider error mid-stream: {error.get('message')}")
         return False
 

@@ -83,6 +83,13 @@ def parse_chat_request(payload: object) -> ChatRequest:
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
             raise BadRequest(f"`{name}` must be a positive integer", details={"param": name})
+    stop = payload.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise BadRequest(
+            "`stop` must be a string or an array of strings", details={"param": "stop"}
+        )
     include_usage = bool(stream and options and options.get("include_usage") is True)
     body = dict(payload)
     if stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -174,6 +175,71 @@ async def test_anthropic_usage_missing_a_count_bills_livegates_own_counts(
         completion_tokens,
     )
     assert prompt_estimate > 0 and completion_tokens > 0
+
+
+_START = {"type": "message_start", "message": {"model": "claude-test"}}
+_TEXT = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}
+
+
+@pytest.mark.parametrize(
+    ("answer", "events"),
+    [
+        ({"content": 5}, None),
+        ({"content": "Hi"}, None),
+        (None, [[1, 2]]),
+        (None, ["message_start"]),
+        (None, [{"type": "message_start", "message": "claude-test"}]),
+        (None, [_START, {"type": "content_block_delta", "delta": "Hi"}]),
+        (
+            None,
+            [_START, {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 5}}],
+        ),
+        (None, [_START, _TEXT, {"type": "message_delta", "delta": {"stop_reason": ["end_turn"]}}]),
+        (None, [_START, _TEXT, {"type": "error", "error": "overloaded"}]),
+    ],
+    ids=[
+        "content-number",
+        "content-text",
+        "event-array",
+        "event-string",
+        "message-string",
+        "delta-string",
+        "text-number",
+        "stop-reason-array",
+        "error-string",
+    ],
+)
+async def test_anthropic_malformed_answer_is_an_upstream_error(
+    start_livegate: StartLivegate,
+    fake_anthropic: FakeAnthropic,
+    answer: object,
+    events: list[object] | None,
+):
+    """An answer or event of the wrong shape is the provider's fault (502 or an error
+    event), never an internal error, and its row ends as `error` billing nothing."""
+    fake_anthropic.answer, fake_anthropic.events = answer, events
+    livegate = await start_livegate(providers=[anthropic_provider(fake_anthropic)])
+    account = await livegate.account()
+    body = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={**body, "stream": events is not None},
+            headers={"Authorization": f"Bearer {account.api_key}"},
+        )
+    row = await final_row(livegate, account.user.id)
+    assert row.status == "error"
+    assert row.error.startswith("provider"), row.error
+    if response.status_code == 200:  # the first events were fine: the error ends the stream
+        assert events is not None
+        last = json.loads(response.text.rsplit("data: ", 1)[-1])
+        assert last["error"]["type"] == "upstream_error"
+        # What reached the client is billed, and nothing else.
+        assert row.completion_tokens == response.text.count('"content":"Hi"')
+    else:
+        assert response.status_code == 502, response.text
+        assert response.json()["error"]["type"] == "upstream_error"
+        assert (row.prompt_tokens, row.completion_tokens) == (0, 0)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
