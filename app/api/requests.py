@@ -14,7 +14,7 @@ from app.core.relay import RequestContext
 from app.core.services import Services
 from app.core.strict_json import parse_json
 
-_HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e]+\Z")
 _NOT_RESOLVED = object()
 
 
@@ -137,18 +137,19 @@ def _in_networks(
     return any(ip in network for network in networks)
 
 
-def _optional_header(request: Request, name: str) -> str | None:
+def _optional_header(request: Request, name: str, longest: int) -> str | None:
+    """A header stored with the usage row: up to `longest` (its column's length)."""
     value = request.headers.get(name)
     if value is None or value == "":
         return None
-    if not _HEADER_VALUE.match(value):
-        raise BadRequest(f"{name} must be 1-128 visible ASCII characters")
+    if len(value) > longest or not _HEADER_VALUE.match(value):
+        raise BadRequest(f"{name} must be 1-{longest} visible ASCII characters")
     return value
 
 
 def request_context(request: Request) -> RequestContext:
     return RequestContext(
         request_id=request.state.request_id,
-        device_id=_optional_header(request, "x-device-id"),
-        platform=_optional_header(request, "x-platform"),
+        device_id=_optional_header(request, "x-device-id", 128),
+        platform=_optional_header(request, "x-platform", 64),
     )

@@ -17,7 +17,7 @@ from app.core.tables import anki_users, external_identities
 
 GENERATIONS = "flashcard_generations"
 REGENERATIONS = "flashcard_regenerations"
-_USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}$")
+_USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}\Z")  # `$` would pass a final newline
 
 
 @dataclass(frozen=True, slots=True)

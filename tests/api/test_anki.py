@@ -439,8 +439,8 @@ async def test_one_person_has_one_allowance_under_all_their_ids(livegate: Livega
 
 @pytest.mark.parametrize(
     "user_id",
-    ["bad id!", "x" * 300, "semi;colon", "quote'd"],
-    ids=["space-bang", "300-chars", "semicolon", "quote"],
+    ["bad id!", "x" * 300, "semi;colon", "quote'd", "x" * 255 + "%0A"],
+    ids=["space-bang", "300-chars", "semicolon", "quote", "final-newline"],
 )
 async def test_invalid_user_id_is_400(livegate: Livegate, user_id: str):
     account = await livegate.account()
@@ -450,7 +450,8 @@ async def test_invalid_user_id_is_400(livegate: Livegate, user_id: str):
             assert response.status_code == 400, response.text
             assert response.json() == {"error": "Invalid user ID"}
     for path in ("/api/generate-flashcard", "/api/increment-flashcard-count"):
-        for body in ({"userId": "bad id!"}, {"userId": "x" * 300}, {}, {"userId": 12}):
+        refused = ({"userId": "bad id!"}, {"userId": "x" * 300}, {}, {"userId": 12})
+        for body in (*refused, {"userId": "abc\n"}):
             response = await call(livegate, "POST", path, account.token, json=body)
             assert response.status_code == 400, response.text
             assert response.json() == {"error": "Invalid user ID"}

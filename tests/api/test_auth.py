@@ -193,6 +193,10 @@ INVALID_REGISTRATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "username-empty": ({"username": ""}, "username"),
     "username-number": ({"username": 12345}, "username"),
     "username-missing": ({"username": None}, "username"),
+    "username-final-newline": ({"username": "johndoe\n"}, "username"),
+    "username-30-and-newline": ({"username": "a" * 30 + "\n"}, "username"),
+    # lowercased, 636 characters: past the column's 320
+    "email-longer-lowercased": ({"email": "a@" + "İ" * 316 + ".x"}, "email"),
     # email: a valid address
     "email-no-at": ({"email": "john.example.com"}, "email"),
     "email-no-domain-dot": ({"email": "john@example"}, "email"),
@@ -422,7 +426,15 @@ async def test_update_profile_refusals(livegate: Livegate):
     async def put(body: Any) -> httpx.Response:
         return await call(livegate, "PUT", "/api/auth/profile", token=token, json=body)
 
-    for body in ({}, {"username": "ab"}, {"email": "nope"}, {"username": "bad_name"}):
+    refused: list[dict[str, Any]] = [
+        {},
+        {"username": "ab"},
+        {"email": "nope"},
+        {"username": "bad_name"},
+        {"username": "abcd\n"},
+        {"email": "a@" + "İ" * 316 + ".x"},  # 320 characters, 636 once lowercased
+    ]
+    for body in refused:
         error = assert_playground_error(await put(body), 400, "VALIDATION_ERROR")
         if body:
             assert error["details"]["field"] == next(iter(body))

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from app.core.config import ServerConfig
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Backend, Livegate, StartLivegate
+from tests.fake_upstream import FakeUpstream
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -144,6 +145,31 @@ async def test_stream_options_not_an_object_is_400(livegate: Livegate):
     body = {"model": FAKE_MODEL, "messages": HI, "stream": True, "stream_options": "usage"}
     error = assert_openai_error(await post_chat(livegate, account.api_key, body), 400)
     assert error["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("stop", [5, True, {"END": 1}, [1], ["END", None]])
+async def test_stop_that_is_no_string_or_strings_is_400(
+    livegate: Livegate, fake_upstream: FakeUpstream, stop: Any
+):
+    """Refused here for every provider: Anthropic's translation reads `stop` itself."""
+    account = await livegate.account()
+    sent = len(fake_upstream.requests)
+    body = {"model": FAKE_MODEL, "messages": HI, "stop": stop}
+    error = assert_openai_error(await post_chat(livegate, account.api_key, body), 400)
+    assert error["param"] == "stop"
+    assert len(fake_upstream.requests) == sent
+    assert await usage_rows(livegate, account.user.id) == []
+
+
+@pytest.mark.parametrize("stop", ["END", ["END", "\n\n"], [], None])
+async def test_stop_string_or_strings_is_relayed(
+    livegate: Livegate, fake_upstream: FakeUpstream, stop: Any
+):
+    account = await livegate.account()
+    body = {"model": FAKE_MODEL, "messages": HI, "stop": stop}
+    response = await post_chat(livegate, account.api_key, body)
+    assert response.status_code == 200, response.text
+    assert fake_upstream.requests[-1]["stop"] == stop
 
 
 async def test_valid_limits_are_accepted(livegate: Livegate):
@@ -279,11 +305,20 @@ async def test_server_still_serves_after_oversized_bodies(small_body_livegate: L
     ("header", "value"),
     [
         ("X-Device-Id", "d" * 300),
+        ("X-Device-Id", "d" * 129),
         ("X-Device-Id", "has space"),
         ("X-Platform", "p" * 129),
+        ("X-Platform", "p" * 65),  # its column holds 64: PostgreSQL would refuse the row
         ("X-Platform", "tab\there"),
     ],
-    ids=["device-too-long", "device-space", "platform-too-long", "platform-tab"],
+    ids=[
+        "device-too-long",
+        "device-129",
+        "device-space",
+        "platform-too-long",
+        "platform-65",
+        "platform-tab",
+    ],
 )
 async def test_invalid_client_headers_are_400(
     livegate: Livegate, stream: bool, header: str, value: str
@@ -309,6 +344,18 @@ async def test_valid_client_headers_are_recorded(livegate: Livegate):
     assert response.status_code == 200, response.text
     [row] = await usage_rows(livegate, account.user.id)
     assert (row.device_id, row.platform) == ("device_123", "chrome-extension")
+
+
+async def test_client_headers_of_the_longest_length_are_recorded(livegate: Livegate):
+    account = await livegate.account()
+    body = {"model": FAKE_MODEL, "messages": HI}
+    device, platform = "d" * 128, "p" * 64
+    response = await post_chat(
+        livegate, account.api_key, body, **{"X-Device-Id": device, "X-Platform": platform}
+    )
+    assert response.status_code == 200, response.text
+    [row] = await usage_rows(livegate, account.user.id)
+    assert (row.device_id, row.platform) == (device, platform)
 
 
 # --- Routing ------------------------------------------------------------------------
