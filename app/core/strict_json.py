@@ -26,8 +26,9 @@ def _no_constant(name: str) -> None:
 # which cost more than the parse of a typical request body.
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
-# A \uD800-\uDFFF escape: only such bodies can hold a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A \uD800-\uDFFF escape: only such bodies can hold a lone surrogate. Looked for in
+# the decoded text: in a UTF-16 or -32 body an escape's bytes are not side by side.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def parse_json(body: bytes) -> Any:
@@ -38,17 +39,19 @@ def parse_json(body: bytes) -> Any:
     """
     try:
         # As `json.loads` reads bytes: UTF-8, -16 or -32, told apart by the first bytes.
-        value = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        # Strictly, unlike `json.loads`: a raw (unescaped) surrogate is no valid text.
+        text = body.decode(json.detect_encoding(body))
+        value = _DECODER.decode(text)
     except UnicodeDecodeError as exc:
         raise BadRequest("request body is not valid UTF-8") from exc
     except RecursionError as exc:
         raise BadRequest("request body is nested too deeply") from exc
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-    if _SURROGATE_ESCAPE.search(body) and _any_string(value, _lone_surrogate):
+    if _SURROGATE_ESCAPE.search(text) and _any_string(value, _lone_surrogate):
         raise BadRequest("request body contains an unpaired UTF-16 surrogate escape")
     # Valid JSON, but no text column of PostgreSQL can hold it.
-    if b"\\u0000" in body and _any_string(value, lambda text: "\x00" in text):
+    if "\\u0000" in text and _any_string(value, lambda string: "\x00" in string):
         raise BadRequest("request body contains a NUL character (\\u0000)")
     return value
 

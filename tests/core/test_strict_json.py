@@ -27,6 +27,16 @@ def test_bodies_in_each_encoding_json_allows_parse_alike(encoding: str) -> None:
         (b'{"x": "\xff"}', "not valid UTF-8"),
         (b'{"x": "\\ud800"}', "surrogate"),
         (b'{"x": "a\\u0000b"}', "NUL"),
+        # The same in UTF-16 and -32, where an escape's bytes are not side by side.
+        ('{"x": "\\ud800"}'.encode("utf-16-le"), "surrogate"),
+        ('{"x": "a\\u0000b"}'.encode("utf-16"), "NUL"),
+        ('{"x": "a\\u0000b"}'.encode("utf-32-be"), "NUL"),
+        # A surrogate as raw bytes, not escaped: no valid UTF-8 or UTF-16.
+        (b'{"x": "a\xed\xa0\x80"}', "not valid UTF-8"),
+        (
+            '{"x": "a'.encode("utf-16-le") + b"\x00\xd8" + '"}'.encode("utf-16-le"),
+            "not valid UTF-8",
+        ),
         (b'{"x": ', "not valid JSON"),
         (b"[" * 100_000, "nested too deeply"),
     ],
