@@ -59,9 +59,11 @@ def _instant(value: str, field: str, *, end_of_day: bool) -> datetime:
             at = datetime.combine(day, time(), tzinfo=UTC)
             return at + timedelta(days=1) if end_of_day else at
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        # In UTC, as stored: SQLite compares the text, and a time one offset away from
+        # year 1 or 9999 is outside what a datetime holds.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise BadRequest(f"`{field}` must be an ISO date or datetime") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 async def usage_report(

@@ -880,7 +880,16 @@ async def test_huge_or_bad_page_numbers_are_400_not_500(livegate: Livegate, page
     assert response.json()["error"]["code"] == "VALIDATION_ERROR"
 
 
-@pytest.mark.parametrize("end_date", ["9999-12-31", "0001-01-01"])
+@pytest.mark.parametrize(
+    "end_date",
+    [
+        "9999-12-31",
+        "0001-01-01",
+        # In range as written, out of range in UTC.
+        "9999-12-31T23:00:00-01:00",
+        "0001-01-01T00:30:00+01:00",
+    ],
+)
 async def test_dates_at_the_calendar_edges_are_400_not_500(livegate: Livegate, end_date: str):
     account = await livegate.account()
     async with httpx.AsyncClient(base_url=livegate.base_url) as http:
