@@ -13,6 +13,7 @@ from app.core.auth import Principal
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Forbidden, Unauthorized
 from app.core.policy import Policy, QuotaExhausted, WindowUsage
+from app.core.security import hash_key
 from app.core.tables import anki_users, external_identities
 
 GENERATIONS = "flashcard_generations"
@@ -67,7 +68,7 @@ class Anki:
         if self.open_mode:
             tier = principal.user.tier if principal is not None else default_tier
             # Kept apart from Livegate user ids: anyone may claim any id here.
-            return AnkiCaller(user_id, tier, f"anki:{user_id}")
+            return AnkiCaller(user_id, tier, _open_subject(user_id))
         if principal is None:
             raise Unauthorized("sign in to act for this user", code="missing_token")
         caller = AnkiCaller(user_id, principal.user.tier, principal.user.id)
@@ -148,3 +149,13 @@ class Anki:
             )
         except QuotaExhausted:
             return None
+
+
+def _open_subject(user_id: str) -> str:
+    """The counters' subject of an open-mode id: within the column's 64 characters.
+
+    A longer id (ids go up to 255) is hashed; `#` is in no id, so a hashed subject is
+    never another id's.
+    """
+    subject = f"anki:{user_id}"
+    return subject if len(subject) <= 64 else f"anki:#{hash_key(user_id)[:58]}"

@@ -468,9 +468,14 @@ async def test_user_data_body_must_name_the_same_user(livegate: Livegate):
     anki_error(await call(livegate, "POST", path, account.token, json={"userName": 12}), 400)
 
 
-async def test_open_mode_user_data_needs_no_credentials(start_livegate: StartLivegate):
+@pytest.mark.parametrize("longest", [False, True], ids=["numeric-id", "255-character-id"])
+async def test_open_mode_user_data_needs_no_credentials(
+    start_livegate: StartLivegate, longest: bool
+):
     livegate = await start_livegate(anki=AnkiConfig(open_mode=True))
     user_id = f"1{uuid.uuid4().int % 10**15}"
+    if longest:  # its counters' subject would not fit the column as it is
+        user_id = user_id.ljust(255, "x")
     path = f"/api/user-data/{user_id}"
     saved = await call(
         livegate,
