@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import sqlalchemy as sa
 from pydantic import SecretStr
@@ -355,7 +355,7 @@ class Billing:
             raise InvalidEvent("webhook event has no `id`")
         if not isinstance(event_type, str) or not isinstance(obj, dict):
             raise InvalidEvent("webhook event needs a `type` and a `data.object`")
-        if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        if not _is_time(created):
             raise InvalidEvent("webhook event needs a `created` time")
         return _Event(event_id, event_type, created, obj)
 
@@ -577,9 +577,15 @@ def _period_end(subscription: dict[str, Any]) -> datetime | None:
     data = items.get("data") if isinstance(items, dict) else None
     if value is None and isinstance(data, list) and data and isinstance(data[0], dict):
         value = data[0].get("current_period_end")
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**37:
+    if _is_time(value) and value > 0:
         return datetime.fromtimestamp(value, UTC)
     return None
+
+
+def _is_time(value: object) -> TypeGuard[int]:
+    """Whether `value` is a Unix time a datetime and a BIGINT column can both hold
+    (before the year 6325)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**37
 
 
 def _stripe_id(value: object) -> str | None:

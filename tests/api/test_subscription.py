@@ -603,8 +603,9 @@ async def test_a_body_that_is_not_utf8_is_400(livegate: Livegate):
         json.dumps({"type": "customer.subscription.updated", "created": 1, "data": {"object": {}}}),
         json.dumps({"id": "evt_1", "type": "customer.subscription.updated", "created": 1}),
         json.dumps({"id": "evt_1", "type": "x", "created": "yesterday", "data": {"object": {}}}),
+        json.dumps({"id": "evt_1", "type": "x", "created": 2**63, "data": {"object": {}}}),
     ],
-    ids=["not-json", "array", "no-id", "no-object", "bad-created"],
+    ids=["not-json", "array", "no-id", "no-object", "bad-created", "created-overflows"],
 )
 async def test_signed_but_malformed_payloads_are_400(livegate: Livegate, payload: str):
     response = await post_webhook(livegate, payload, {"stripe-signature": sign(payload)})
@@ -627,6 +628,18 @@ async def test_a_refused_event_is_not_remembered_and_its_retry_applies(livegate:
     )
     assert_outcome(await deliver(livegate, fixed), "processed")
     assert (await stored(livegate, account.user.id)).status == "trialing"
+
+
+async def test_a_created_time_past_the_calendar_is_400_and_changes_nothing(livegate: Livegate):
+    account = await livegate.account()
+    customer, sub_id = await subscribe(livegate, account)
+    body = event(
+        "customer.subscription.updated",
+        subscription_obj(sub_id, customer, "past_due"),
+        created=2**63,  # one past what a BIGINT holds
+    )
+    assert_navi_error(await deliver(livegate, body), 400, "BAD_REQUEST", "invalid_event")
+    assert (await stored(livegate, account.user.id)).status == "active"
 
 
 # --- webhook: the subscription's life ----------------------------------------------
