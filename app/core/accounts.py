@@ -17,11 +17,17 @@ from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.security import hash_password, verify_password
 from app.core.sessions import Sessions, SessionTokens
 from app.core.tables import users
-from app.core.users import USER_COLUMNS, User, create_user, get_user, row_to_user
+from app.core.users import (
+    USER_COLUMNS,
+    User,
+    create_user,
+    get_user,
+    normalize_email,
+    row_to_user,
+)
 
 # `\Z`, not `$`: `$` also matches before a final newline, which would get stored.
 _USERNAME = re.compile(r"^[A-Za-z0-9]{3,30}\Z")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+\Z")
 MAX_PASSWORD = 1024  # argon2 hashes any length; a cap keeps one request from costing much
 # A real hash of a random password, verified when the email is unknown so that
 # login takes the same time either way.
@@ -41,9 +47,8 @@ def validate_username(value: object) -> str:
 
 
 def validate_email(value: object) -> str:
-    # Checked as stored: lowercasing can lengthen a string ("İ" becomes two characters).
-    email = value.strip().lower() if isinstance(value, str) else ""
-    if len(email) > 320 or not _EMAIL.match(email):
+    email = normalize_email(value)
+    if email is None:
         raise BadRequest("email must be a valid email address", details={"field": "email"})
     return email
 

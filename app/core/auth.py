@@ -40,7 +40,7 @@ from app.core.security import (
 )
 from app.core.sessions import TokenDenylist
 from app.core.tables import api_keys, external_identities, users
-from app.core.users import USER_COLUMNS, User, get_user, row_to_user
+from app.core.users import USER_COLUMNS, User, get_user, normalize_email, row_to_user
 
 logger = logging.getLogger("livegate.auth")
 
@@ -299,14 +299,14 @@ class Authenticator:
         profile = profile or {}
         now = datetime.now(UTC)
         created_id = new_id()
-        address = email if isinstance(email, str) and "@" in email else None
+        address = normalize_email(email)
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(
                     users.insert().values(
                         id=created_id,
                         # A placeholder on the reserved .invalid domain until one is known.
-                        email=(address or f"{created_id}@{provider}.invalid").lower(),
+                        email=address or f"{created_id}@{provider}.invalid".lower(),
                         tier=self._settings.server.default_tier,
                         role="user",
                         first_name=_str(profile.get("given_name") or profile.get("first_name")),
@@ -329,7 +329,7 @@ class Authenticator:
             if user_id is not None:
                 return await get_user(self._engine, user_id)
             if link_by_email and address:
-                return await self._link(provider, subject, address.lower())
+                return await self._link(provider, subject, address)
             raise IdentityConflict(
                 "this identity's email belongs to another account", code="identity_conflict"
             ) from None

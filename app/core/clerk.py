@@ -11,14 +11,16 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from app.core.accounts import delete_user, set_tier
-from app.core.auth import IdentityConflict
+from app.core.auth import MAX_SUBJECT, IdentityConflict
 from app.core.errors import ApiError, BadRequest
 from app.core.services import Services
 from app.core.strict_json import parse_json
 from app.core.tables import external_identities, users, webhook_events
+from app.core.users import normalize_email
 
 logger = logging.getLogger("livegate.clerk")
 SOURCE = "clerk"
+MAX_EVENT_ID = 255  # webhook_events.event_id
 
 
 class WebhookNotConfigured(ApiError):
@@ -56,6 +58,8 @@ async def handle_webhook(svc: Services, body: bytes, headers: dict[str, str]) ->
     event = verify(secret.get_secret_value(), body, headers)
     # svix also accepts the Standard Webhooks names; the replay key must follow it.
     event_id = headers.get("svix-id") or headers.get("webhook-id") or ""
+    if len(event_id) > MAX_EVENT_ID:
+        raise BadRequest(f"webhook id is longer than {MAX_EVENT_ID} characters")
     try:
         async with svc.engine.begin() as conn:
             await conn.execute(
@@ -80,8 +84,8 @@ async def handle_webhook(svc: Services, body: bytes, headers: dict[str, str]) ->
 
 async def _apply(svc: Services, event_type: str, data: dict[str, Any]) -> Outcome:
     clerk_id = data.get("id")
-    if not isinstance(clerk_id, str) or not clerk_id:
-        raise BadRequest("webhook event has no user id")
+    if not isinstance(clerk_id, str) or not 0 < len(clerk_id) <= MAX_SUBJECT:
+        raise BadRequest("webhook event has no usable user id")
     provider = svc.settings.auth.clerk_provider
     if event_type == "user.deleted":
         user_id = await _linked_user(svc, provider, clerk_id)
@@ -107,7 +111,7 @@ async def _apply(svc: Services, event_type: str, data: dict[str, Any]) -> Outcom
         "updated_at": datetime.now(UTC),
     }
     if email:
-        values["email"] = email.lower()
+        values["email"] = email
     try:
         async with svc.engine.begin() as conn:
             await conn.execute(users.update().where(users.c.id == user.id).values(**values))
@@ -136,13 +140,14 @@ async def _linked_user(svc: Services, provider: str, subject: str) -> str | None
 
 
 def _primary_email(data: dict[str, Any]) -> str | None:
-    addresses = [a for a in data.get("email_addresses") or [] if isinstance(a, dict)]
+    """The primary address (else the first), as stored; None if it is not usable."""
+    listed = data.get("email_addresses")
+    addresses = [a for a in listed if isinstance(a, dict)] if isinstance(listed, list) else []
     primary = data.get("primary_email_address_id")
     chosen = next((a for a in addresses if a.get("id") == primary), None) or next(
         iter(addresses), None
     )
-    address = chosen.get("email_address") if chosen else None
-    return address if isinstance(address, str) and "@" in address else None
+    return normalize_email(chosen.get("email_address")) if chosen else None
 
 
 def _tier(data: dict[str, Any]) -> str | None:

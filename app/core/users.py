@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +18,17 @@ from app.core.tables import KeyKind, api_keys, users, webhooks
 
 ROLES = ("user", "admin", "super_admin")
 RELAY_KEY_PERMISSIONS = ["ai:read", "ai:write", "usage:read"]
+# `\Z`, not `$`: `$` also matches before a final newline, which would get stored.
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+\Z")
+MAX_EMAIL = 320  # users.email
+
+
+def normalize_email(value: object) -> str | None:
+    """`value` as `users.email` holds it (trimmed, lowercased), or None if it is not a
+    usable address."""
+    # Checked as stored: lowercasing can lengthen a string ("İ" becomes two characters).
+    email = value.strip().lower() if isinstance(value, str) else ""
+    return email if len(email) <= MAX_EMAIL and _EMAIL.match(email) else None
 
 
 @dataclass(frozen=True, slots=True)

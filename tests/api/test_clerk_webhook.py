@@ -313,13 +313,51 @@ async def test_other_event_types_are_ignored(livegate: Livegate):
         {"type": "user.created", "data": "not an object"},
         {"type": "user.created"},
         [1, 2, 3],
+        {"type": "user.created", "data": {"id": "u" * 256}},
     ],
-    ids=["no-user-id", "data-not-object", "no-data", "not-an-object"],
+    ids=["no-user-id", "data-not-object", "no-data", "not-an-object", "user-id-too-long"],
 )
 async def test_signed_but_malformed_events_are_400(livegate: Livegate, payload: Any):
     response = await deliver(livegate, json.dumps(payload))
     assert response.status_code == 400, response.text
     assert isinstance(response.json()["error"], str)
+
+
+async def test_a_webhook_id_longer_than_its_column_is_400(livegate: Livegate):
+    clerk_id = new_clerk_id()
+    response = await deliver(
+        livegate, event("user.created", clerk_user(clerk_id)), msg_id="m" * 256
+    )
+    assert response.status_code == 400, response.text
+    assert "webhook id" in response.json()["error"]
+    assert await linked_user(livegate, clerk_id) is None
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        5,
+        "someone@example.test",
+        {"id": "idn_primary"},
+        [{"email_address": "x" * 310 + "@example.test"}],
+    ],
+    ids=["number", "string", "object", "too-long"],
+)
+async def test_unusable_email_addresses_leave_a_placeholder(livegate: Livegate, addresses: Any):
+    clerk_id = new_clerk_id()
+    user = clerk_user(clerk_id)
+    user["email_addresses"] = addresses
+    assert_processed(await deliver(livegate, event("user.created", user)))
+    created = await linked_user(livegate, clerk_id)
+    assert created is not None
+    assert created.email.endswith(".invalid")
+    # An update with an unusable address keeps the one stored.
+    kept = f"Kept-{uuid.uuid4().hex[:8]}@Example.TEST"
+    usable = clerk_user(clerk_id, email=kept)
+    assert_processed(await deliver(livegate, event("user.updated", usable)))
+    assert_processed(await deliver(livegate, event("user.updated", user)))
+    updated = await linked_user(livegate, clerk_id)
+    assert updated is not None and updated.email == kept.lower()
 
 
 async def test_a_failed_delivery_is_not_remembered_as_processed(livegate: Livegate):

@@ -251,10 +251,16 @@ async def test_different_subjects_are_different_users(
     assert a.json()["user"]["id"] != b.json()["user"]["id"]
 
 
-async def test_a_token_without_email_gets_a_placeholder_address(
-    livegate: Livegate, generated_keys: dict[str, SigningKey]
+@pytest.mark.parametrize(
+    "email",
+    [None, 42, "no-at-sign", "x" * 320 + "@example.test"],
+    ids=["absent", "number", "not-an-address", "longer-than-the-column"],
+)
+async def test_a_token_without_a_usable_email_gets_a_placeholder_address(
+    livegate: Livegate, generated_keys: dict[str, SigningKey], email: object
 ):
-    response = await get(livegate, token=sign(generated_keys["rsa"], claims()))
+    payload = claims() if email is None else claims(email=email)
+    response = await get(livegate, token=sign(generated_keys["rsa"], payload))
     assert response.status_code == 200, response.text
     assert response.json()["user"]["email"].endswith(".invalid")
 
