@@ -117,24 +117,48 @@ def client_ip(conn: HTTPConnection) -> str:
     """The client's address; `X-Forwarded-For` is believed only from trusted proxies."""
     peer = conn.client.host if conn.client else "unknown"
     trusted = services(conn).settings.server.trusted_proxy_networks
-    if not trusted or not _in_networks(peer, trusted):
+    nearest = _address(peer) if trusted else None
+    if nearest is None or not _in_networks(nearest, trusted):
         return peer
     forwarded = conn.headers.get("x-forwarded-for", "")
-    # Walk from the nearest hop back; the first untrusted address is the client.
+    # Walk from the nearest hop back; the first untrusted address is the client. A hop
+    # that is no address ends the walk at the last trusted one: nothing before it can
+    # be believed, and it must not become a counter's subject.
     for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
-        if not _in_networks(hop, trusted):
-            return hop
-    return peer
+        address = _address(hop)
+        if address is None:
+            break
+        if not _in_networks(address, trusted):
+            return str(address)
+        nearest = address
+    return str(nearest)
+
+
+def _address(hop: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address in a forwarded hop (a port, as some proxies add, is dropped), in
+    one spelling per address: an IPv4-mapped IPv6 address is the IPv4 one, and a zone
+    is dropped."""
+    if hop.startswith("["):  # [2001:db8::1]:443
+        hop = hop[1 : hop.find("]")] if "]" in hop else hop
+    elif hop.count(":") == 1:  # 192.0.2.1:443
+        hop = hop.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(hop)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(int(address))
+    return address
 
 
 def _in_networks(
-    address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
 ) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
+    return any(address in network for network in networks)
 
 
 def _optional_header(request: Request, name: str, longest: int) -> str | None:

@@ -529,6 +529,38 @@ async def test_anonymous_callers_are_limited_per_client_ip(
     content_of(data)
 
 
+async def test_forwarded_hops_are_read_as_addresses(
+    start_livegate: StartLivegate,
+    fake_upstream: FakeUpstream,
+    backend: Backend,
+    peer_is_the_client: None,
+):
+    server = ServerConfig(
+        redis_prefix=backend.redis_prefix, trusted_proxies=["127.0.0.1/32", "172.31.0.0/16"]
+    )
+    livegate = await start_livegate(tiers=NAVI_TIERS, server=server)
+
+    async def remaining(forwarded: str) -> str:
+        response, data = await chat_sse(livegate, {"message": "hi"}, {"X-Forwarded-For": forwarded})
+        content_of(data)
+        return response.headers["x-ratelimit-remaining"]
+
+    # One client, however a proxy spells its address: with a port, IPv4-mapped.
+    client = random_ip()
+    assert await remaining(f"{client}:4711") == "1"
+    assert await remaining(f"::ffff:{client}") == "0"
+    refused = await post(
+        livegate, "/api/chat", {"message": "hi"}, headers={"X-Forwarded-For": client}
+    )
+    assert refused.status_code == 429
+    # A hop that is no address (too long for any counter, too) is not the client: the
+    # trusted proxy that passed it on is.
+    raw = uuid.uuid4().bytes
+    proxy = f"172.31.{raw[0]}.{raw[1] or 1}"
+    assert await remaining(f"{'x' * 80}, {proxy}") == "1"
+    assert await remaining(proxy) == "0"
+
+
 async def test_failed_upstream_does_not_use_up_a_message(
     start_livegate: StartLivegate, fake_upstream: FakeUpstream
 ):
