@@ -155,20 +155,36 @@ def validate_messages(value: object) -> list[dict[str, str]]:
 async def save_messages(
     engine: AsyncEngine, user_id: str, conversation_id: str, batch: list[dict[str, str]]
 ) -> int:
-    """Upsert by message id: saving the same messages again changes nothing."""
+    """Upsert by message id: saving the same messages again changes nothing.
+
+    The conversation's row is written first: it takes the row's lock on PostgreSQL
+    (the write lock on SQLite), so saves to one conversation and its deletion run one
+    after another. The messages are then written in the order of their ids, so two
+    saves sharing ids never wait for each other's rows in opposite orders (a deadlock).
+    """
     now = datetime.now(UTC)
     insert = dialect_insert(engine)
     async with engine.begin() as conn:
-        await _require_conversation(conn, user_id, conversation_id)
-        for i, message in enumerate(batch):
+        touched = await conn.execute(
+            conversations.update()
+            .where(conversations.c.user_id == user_id, conversations.c.id == conversation_id)
+            .values(updated_at=now)
+        )
+        if touched.rowcount == 0:
+            raise NotFound("conversation not found")
+        # Distinct instants keep a batch in the order it was sent.
+        timed = sorted(
+            (message["id"], now + timedelta(microseconds=i), message)
+            for i, message in enumerate(batch)
+        )
+        for message_id, created_at, message in timed:
             stmt = insert(messages).values(
                 user_id=user_id,
-                id=message["id"],
+                id=message_id,
                 conversation_id=conversation_id,
                 role=message["role"],
                 content=message["content"],
-                # Distinct instants keep a batch in the order it was sent.
-                created_at=now + timedelta(microseconds=i),
+                created_at=created_at,
             )
             saved = await conn.execute(
                 stmt.on_conflict_do_update(
@@ -181,12 +197,7 @@ async def save_messages(
             )
             if saved.first() is None:
                 raise Conflict(
-                    f"message {message['id']!r} belongs to another conversation",
+                    f"message {message_id!r} belongs to another conversation",
                     details={"field": "messages"},
                 )
-        await conn.execute(
-            conversations.update()
-            .where(conversations.c.user_id == user_id, conversations.c.id == conversation_id)
-            .values(updated_at=now)
-        )
     return len(batch)

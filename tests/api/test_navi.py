@@ -836,6 +836,21 @@ async def test_delete_conversation_cascades_to_its_messages(livegate: Livegate):
     assert again["messages"] == []
 
 
+async def test_devices_saving_the_same_messages_at_once_both_succeed(livegate: Livegate):
+    # Two devices syncing one conversation send the same ids in different orders:
+    # written in the order sent, PostgreSQL found them deadlocked and one got a 500.
+    account = await livegate.account()
+    await create_conversation(livegate, account, "synced")
+    batch = batch_of(200, "s")
+    for _ in range(3):
+        first, second = await asyncio.gather(
+            save(livegate, account, "synced", batch),
+            save(livegate, account, "synced", batch[::-1]),
+        )
+        assert ok(first)["savedCount"] == ok(second)["savedCount"] == 200
+    assert len(await message_rows(livegate, account.user.id, "synced")) == 200
+
+
 async def test_conversations_are_private_to_their_user(livegate: Livegate):
     owner = await livegate.account()
     stranger = await livegate.account()
