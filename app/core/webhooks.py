@@ -38,7 +38,7 @@ from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.pagination import Page
 from app.core.security import Secrets, new_id
-from app.core.tables import webhook_deliveries, webhook_subscriptions, webhooks
+from app.core.tables import users, webhook_deliveries, webhook_subscriptions, webhooks
 
 if TYPE_CHECKING:
     from svix.webhooks import Webhook as Signer
@@ -85,21 +85,26 @@ class CreatedEndpoint:
 # -- validation ----------------------------------------------------------------------
 
 
-# NAT64 prefixes: an address in them reaches the IPv4 address it embeds.
+# NAT64 and SIIT (IPv4-translated) prefixes: an address in them reaches the IPv4
+# address it embeds.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Globally routable, and so is any IPv4 address an IPv6 one carries inside it
-    (mapped, 6to4, Teredo, NAT64, IPv4-compatible), which would be where it leads."""
+    (mapped, translated, 6to4, Teredo, NAT64, IPv4-compatible), which would be where it
+    leads."""
     if isinstance(address, ipaddress.IPv6Address):
-        if address in _LOCAL_NAT64:
+        # Site-local addresses are deprecated but still reach a site's own hosts.
+        if address in _LOCAL_NAT64 or address.is_site_local:
             return False
         embedded = address.ipv4_mapped or address.sixtofour
         if embedded is None and address.teredo is not None:
             embedded = address.teredo[1]
-        if embedded is None and (address in _NAT64 or int(address) >> 32 == 0):
+        translated = address in _NAT64 or address in _TRANSLATED
+        if embedded is None and (translated or int(address) >> 32 == 0):
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None and not _is_public(embedded):
             return False
@@ -117,14 +122,15 @@ def validate_url(value: object, allow_private: bool) -> str:
         )
     try:
         url = httpx.URL(value)
-    except (httpx.InvalidURL, ValueError):
+        host = url.host  # decoded on first use: a bad IDNA label raises here
+    except (httpx.InvalidURL, ValueError):  # IDNAError is a ValueError
         raise BadRequest("`url` is not a valid URL", details={"field": "url"}) from None
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not host:
         raise BadRequest("`url` must be an absolute http or https URL", details={"field": "url"})
     if url.userinfo:
         raise BadRequest("`url` must not carry credentials", details={"field": "url"})
     if not allow_private:
-        host = url.host.lower().rstrip(".")
+        host = host.lower().rstrip(".")
         try:
             literal = ipaddress.ip_address(host)
         except ValueError:
@@ -239,6 +245,12 @@ async def create_endpoint(
     now = datetime.now(UTC)
     webhook_id = f"wh-{new_id()}"
     async with engine.begin() as conn:
+        # Writing the user's row first takes its lock on PostgreSQL (the write lock on
+        # SQLite): creations of one user run one after another, so the count read next
+        # holds until this one commits and concurrent requests cannot pass the cap.
+        await conn.execute(
+            users.update().where(users.c.id == user_id).values(updated_at=users.c.updated_at)
+        )
         count = await conn.scalar(
             sa.select(sa.func.count()).select_from(webhooks).where(webhooks.c.user_id == user_id)
         )

@@ -211,6 +211,8 @@ async def test_another_users_webhook_is_not_found(start_livegate: StartLivegate)
         {"url": "http://169.254.169.254/latest/meta-data", "events": ALL_EVENTS},
         {"url": "http://[::1]/", "events": ALL_EVENTS},
         {"url": "http://localhost:8000/", "events": ALL_EVENTS},
+        {"url": "http://xn--/", "events": ALL_EVENTS},
+        {"url": "https://xn--zz.example.com/hook", "events": ALL_EVENTS},
         {"url": "https://hooks.example.com/", "events": []},
         {"url": "https://hooks.example.com/", "events": ["ai.task.exploded"]},
         {"url": "https://hooks.example.com/", "events": "ai.task.completed"},
@@ -287,6 +289,18 @@ async def test_webhooks_per_user_are_capped(start_livegate: StartLivegate) -> No
     )
     assert response.status_code == 409
     assert response.json()["success"] is False
+
+
+async def test_the_cap_holds_for_concurrent_creations(start_livegate: StartLivegate) -> None:
+    livegate = await start_livegate(webhooks=WebhooksConfig(max_per_user=2))
+    account = await livegate.account()
+    body = {"url": "https://hooks.example.com/", "events": ALL_EVENTS}
+    responses = await asyncio.gather(
+        *(call(livegate, "POST", "/api/v1/webhooks", account.token, json=body) for _ in range(12))
+    )
+    assert sorted(r.status_code for r in responses) == [201] * 2 + [409] * 10
+    listed = await call(livegate, "GET", "/api/v1/webhooks", account.token)
+    assert len(listed.json()["data"]["webhooks"]) == 2
 
 
 # --- deliveries -------------------------------------------------------------------

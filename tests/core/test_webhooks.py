@@ -68,6 +68,8 @@ def test_urls_naming_private_hosts_are_refused(url: str) -> None:
         "::7f00:1",  # IPv4-compatible 127.0.0.1
         "::ffff:10.0.0.1",  # IPv4-mapped
         "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo whose client is 10.0.0.1
+        "::ffff:0:7f00:1",  # IPv4-translated (SIIT) 127.0.0.1
+        "fec0::1",  # site-local
     ],
 )
 def test_ipv6_addresses_leading_to_private_ipv4_are_not_public(address: str) -> None:
