@@ -39,6 +39,7 @@ from app.core.security import (
     new_id,
 )
 from app.core.sessions import TokenDenylist
+from app.core.strict_json import storable
 from app.core.tables import api_keys, external_identities, users
 from app.core.users import USER_COLUMNS, User, get_user, normalize_email, row_to_user
 
@@ -252,7 +253,11 @@ class Authenticator:
         if config.authorized_parties and azp not in config.authorized_parties:
             raise Unauthorized("token issued for an unauthorized party", code="invalid_token")
         subject = claims["sub"]
-        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT:
+        if (
+            not isinstance(subject, str)
+            or not 0 < len(subject) <= MAX_SUBJECT
+            or not storable(subject)
+        ):
             raise Unauthorized("token has no usable subject", code="invalid_token")
         user = await self.user_for_identity(
             config.name, subject, email=claims.get("email"), profile=claims
@@ -379,4 +384,6 @@ class IdentityConflict(Unauthorized):
 
 
 def _str(value: object) -> str | None:
-    return value[:200] if isinstance(value, str) and value else None
+    """A profile field as stored (up to 200 characters); None where there is no text a
+    column can hold."""
+    return value[:200] if isinstance(value, str) and value and storable(value) else None

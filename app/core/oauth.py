@@ -18,10 +18,11 @@ from urllib.parse import urlencode
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.auth import Authenticator
+from app.core.auth import MAX_SUBJECT, Authenticator
 from app.core.config import OAuthConfig
-from app.core.errors import BadRequest
+from app.core.errors import ApiError, BadRequest
 from app.core.sessions import Sessions
+from app.core.strict_json import parse_json
 from app.core.tables import oauth_states
 
 logger = logging.getLogger("livegate.oauth")
@@ -112,19 +113,21 @@ class OAuthFlow:
                 timeout=15,
             )
             response.raise_for_status()
-            profile = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            # Strictly: a NUL or a lone surrogate in a name cannot be stored.
+            profile = parse_json(response.content)
+        except (httpx.HTTPError, ValueError, BadRequest) as exc:
             logger.warning("oauth code exchange failed: %s", exc)
             return self._error("auth_failed", "the provider refused the authorization code")
-        if not isinstance(profile, dict):
+        subject = _subject(profile)
+        if subject is None:
             return self._error("auth_failed", "the provider did not identify the user")
-        subject = profile.get("sub") or profile.get("id")
-        if not isinstance(subject, str) or not subject:
-            return self._error("auth_failed", "the provider did not identify the user")
-        user = await self._authenticator.user_for_identity(
-            self._config.name, subject, email=profile.get("email"), profile=profile
-        )
-        tokens = await self._sessions.issue(user.id)
+        try:
+            user = await self._authenticator.user_for_identity(
+                self._config.name, subject, email=profile.get("email"), profile=profile
+            )
+            tokens = await self._sessions.issue(user.id)
+        except ApiError as exc:  # the email is another account's; the user was deleted
+            return self._error("auth_failed", exc.message)
         query = urlencode(
             {
                 "access_token": tokens.access_token,
@@ -155,7 +158,8 @@ class OAuthFlow:
             timeout=15,
         )
         response.raise_for_status()
-        token = response.json().get("access_token")
+        answer = parse_json(response.content)
+        token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise ValueError("token response has no access_token")
         return token
@@ -163,3 +167,16 @@ class OAuthFlow:
     def _error(self, error: str, description: str) -> str:
         query = urlencode({"error": error, "description": description})
         return f"{self._config.error_redirect}?{query}"
+
+
+def _subject(profile: object) -> str | None:
+    """Who the userinfo says the user is: OIDC's `sub`, or an `id` as OAuth 2 providers
+    name it (a number at GitHub); None if it is neither or too long to store."""
+    if not isinstance(profile, dict):
+        return None
+    subject = profile.get("sub") or profile.get("id")
+    if isinstance(subject, int) and not isinstance(subject, bool):
+        subject = str(subject)
+    if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT:
+        return None
+    return subject

@@ -56,6 +56,12 @@ def parse_json(body: bytes) -> Any:
     return value
 
 
+def storable(text: str) -> bool:
+    """Whether a text column can hold `text`: no NUL (PostgreSQL refuses it) and no lone
+    surrogate (no encoding can write it). For text parsed by others, such as JWT claims."""
+    return "\x00" not in text and not _lone_surrogate(text)
+
+
 def _lone_surrogate(text: str) -> bool:
     try:
         text.encode("utf-8")

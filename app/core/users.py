@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, Unauthorized
 from app.core.security import Secrets, generate_api_key, hash_password, new_id
+from app.core.strict_json import storable
 from app.core.tables import KeyKind, api_keys, users, webhooks
 
 ROLES = ("user", "admin", "super_admin")
@@ -28,7 +29,7 @@ def normalize_email(value: object) -> str | None:
     usable address."""
     # Checked as stored: lowercasing can lengthen a string ("İ" becomes two characters).
     email = value.strip().lower() if isinstance(value, str) else ""
-    return email if len(email) <= MAX_EMAIL and _EMAIL.match(email) else None
+    return email if len(email) <= MAX_EMAIL and _EMAIL.match(email) and storable(email) else None
 
 
 @dataclass(frozen=True, slots=True)

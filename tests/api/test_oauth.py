@@ -34,6 +34,9 @@ class FakeProvider:
     tokens: dict[str, dict[str, str]] = field(default_factory=dict)
     token_requests: list[dict[str, str]] = field(default_factory=list)
     deny: bool = False
+    # What the token endpoint and the userinfo answer instead, as raw JSON.
+    token_answer: bytes | None = None
+    userinfo_answer: bytes | None = None
 
     @property
     def url(self) -> str:
@@ -65,6 +68,8 @@ class FakeProvider:
         expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
         if expected.rstrip(b"=").decode() != challenge or form.get("redirect_uri") != uri:
             return JSONResponse({"error": "invalid_grant"}, status_code=400)
+        if self.token_answer is not None:
+            return Response(self.token_answer, media_type="application/json")
         access = secrets.token_urlsafe(16)
         self.tokens[access] = {
             "sub": "workos-user-1",
@@ -78,6 +83,8 @@ class FakeProvider:
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
         if token not in self.tokens:
             return JSONResponse({"error": "invalid_token"}, status_code=401)
+        if self.userinfo_answer is not None:
+            return Response(self.userinfo_answer, media_type="application/json")
         return JSONResponse(self.tokens[token])
 
 
@@ -205,6 +212,67 @@ async def test_bad_code_goes_to_the_error_url(navi: Livegate, provider: FakeProv
 
 async def test_provider_refusal_goes_to_the_error_url(navi: Livegate, provider: FakeProvider):
     provider.deny = True
+    _, location = await login(navi)
+    assert location.startswith("navi://auth/error?")
+    assert query(location)["error"] == "auth_failed"
+
+
+@pytest.mark.parametrize(
+    ("token_answer", "userinfo_answer"),
+    [
+        (b"[1, 2]", None),
+        (b'"a token"', None),
+        (None, b"[1, 2]"),
+        (None, b'{"email": "no-subject@example.test"}'),
+        (None, b'{"sub": "%s"}' % (b"s" * 256)),
+        (None, b'{"sub": "nul\\u0000"}'),
+        (None, b'{"sub": "workos-user-1", "given_name": "N\\u0000vi"}'),
+        (None, b'{"sub": "workos-user-1", "email": "a\\ud800@example.test"}'),
+        (None, b'{"sub": true}'),
+    ],
+    ids=[
+        "token-array",
+        "token-string",
+        "userinfo-array",
+        "no-subject",
+        "subject-too-long",
+        "subject-nul",
+        "name-nul",
+        "email-surrogate",
+        "subject-not-text",
+    ],
+)
+async def test_a_malformed_provider_answer_goes_to_the_error_url(
+    navi: Livegate,
+    provider: FakeProvider,
+    token_answer: bytes | None,
+    userinfo_answer: bytes | None,
+):
+    provider.token_answer, provider.userinfo_answer = token_answer, userinfo_answer
+    _, location = await login(navi)
+    assert location.startswith("navi://auth/error?")
+    assert query(location)["error"] == "auth_failed"
+
+
+async def test_a_numeric_id_identifies_the_user(navi: Livegate, provider: FakeProvider):
+    # OAuth 2 providers without OIDC (GitHub) name the user by a numeric `id`.
+    user_id = secrets.randbelow(10**12)
+    provider.userinfo_answer = b'{"id": %d, "email": "octo-%d@example.test"}' % (user_id, user_id)
+    _, location = await login(navi)
+    assert location.startswith(APP_CALLBACK + "?")
+    _, again = await login(navi)
+    assert query(again)["user_id"] == query(location)["user_id"]
+
+
+async def test_an_email_of_another_account_goes_to_the_error_url(
+    navi: Livegate, provider: FakeProvider
+):
+    taken = await navi.account()
+    subject = f"oauth-{secrets.token_hex(8)}"
+    provider.userinfo_answer = b'{"sub": "%s", "email": "%s"}' % (
+        subject.encode(),
+        taken.user.email.encode(),
+    )
     _, location = await login(navi)
     assert location.startswith("navi://auth/error?")
     assert query(location)["error"] == "auth_failed"

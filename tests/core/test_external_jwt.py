@@ -253,8 +253,8 @@ async def test_different_subjects_are_different_users(
 
 @pytest.mark.parametrize(
     "email",
-    [None, 42, "no-at-sign", "x" * 320 + "@example.test"],
-    ids=["absent", "number", "not-an-address", "longer-than-the-column"],
+    [None, 42, "no-at-sign", "x" * 320 + "@example.test", "a\x00b@example.test"],
+    ids=["absent", "number", "not-an-address", "longer-than-the-column", "nul"],
 )
 async def test_a_token_without_a_usable_email_gets_a_placeholder_address(
     livegate: Livegate, generated_keys: dict[str, SigningKey], email: object
@@ -263,6 +263,16 @@ async def test_a_token_without_a_usable_email_gets_a_placeholder_address(
     response = await get(livegate, token=sign(generated_keys["rsa"], payload))
     assert response.status_code == 200, response.text
     assert response.json()["user"]["email"].endswith(".invalid")
+
+
+async def test_profile_claims_a_column_cannot_hold_are_left_out(
+    livegate: Livegate, generated_keys: dict[str, SigningKey]
+):
+    payload = claims(given_name="Ai\x00ko", family_name="Tanaka \ud800")
+    response = await get(livegate, token=sign(generated_keys["rsa"], payload))
+    assert response.status_code == 200, response.text
+    user = response.json()["user"]
+    assert (user["firstName"], user["lastName"]) == (None, None)
 
 
 async def test_issuer_tokens_reach_every_surface(
@@ -342,6 +352,10 @@ def _empty_sub(keys: dict[str, SigningKey], secret: bytes) -> str:
     return sign(keys["rsa"], claims(sub=""))
 
 
+def _sub_with_nul(keys: dict[str, SigningKey], secret: bytes) -> str:
+    return sign(keys["rsa"], claims(sub="user_\x00admin"))
+
+
 def _missing_exp(keys: dict[str, SigningKey], secret: bytes) -> str:
     return sign(keys["rsa"], claims(exp=None))
 
@@ -385,6 +399,7 @@ REFUSED = {
     "not-yet-valid": _not_yet_valid,
     "missing-sub": _missing_sub,
     "empty-sub": _empty_sub,
+    "sub-with-nul": _sub_with_nul,
     "missing-exp": _missing_exp,
     "unknown-kid": _unknown_kid,
     "unpublished-rsa-key-known-kid": _unpublished_key_with_known_kid,
