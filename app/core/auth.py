@@ -76,6 +76,8 @@ class Principal:
     # None: a user session (our JWT or an external one), which may do anything the
     # user may; a set: an API key limited to these permissions.
     permissions: frozenset[str] | None = None
+    # When the API key expires: a key it creates expires no later.
+    key_expires_at: datetime | None = None
     token_id: str | None = None
     token_expires_at: datetime | None = None
     session_id: str | None = None
@@ -91,14 +93,6 @@ class Principal:
                 code="missing_permission",
                 details={"required": permission},
             )
-
-
-@dataclass(frozen=True, slots=True)
-class _KeyHolder:
-    """What the cache keeps for an API key: its principal and when the key expires."""
-
-    principal: Principal
-    expires_at: datetime | None
 
 
 def _aware(at: datetime | None) -> datetime | None:
@@ -189,22 +183,25 @@ class Authenticator:
         now = datetime.now(UTC)
         key_hash = hash_key(credential)
 
-        async def read() -> _KeyHolder | None:
+        async def read() -> Principal | None:
             async with self._reads.connect() as conn:
                 row = (await conn.execute(_KEY_HOLDER, {"key_hash": key_hash, "now": now})).first()
             if row is None:
                 return None
-            principal = Principal(
-                user=row_to_user(row), api_key_id=row.key_id, permissions=frozenset(row.permissions)
+            return Principal(
+                user=row_to_user(row),
+                api_key_id=row.key_id,
+                permissions=frozenset(row.permissions),
+                key_expires_at=_aware(row.key_expires_at),
             )
-            return _KeyHolder(principal, _aware(row.key_expires_at))
 
-        holder = await self._read_through(key_hash, read)
-        if holder is None or (holder.expires_at is not None and holder.expires_at <= now):
+        principal = await self._read_through(key_hash, read)
+        expires_at = principal.key_expires_at if principal is not None else None
+        if principal is None or (expires_at is not None and expires_at <= now):
             raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
-        assert holder.principal.api_key_id is not None
-        self._key_usage.record(holder.principal.api_key_id, now)
-        return holder.principal
+        assert principal.api_key_id is not None
+        self._key_usage.record(principal.api_key_id, now)
+        return principal
 
     async def _own_token(self, credential: str) -> Principal:
         try:

@@ -106,10 +106,20 @@ _OWNED_LIVE = (api_keys.c.kind == KeyKind.USER, api_keys.c.revoked_at.is_(None))
 
 
 async def create_key(
-    engine: AsyncEngine, user_id: str, name: str, permissions: list[str], expires_in_days: int
+    engine: AsyncEngine,
+    user_id: str,
+    name: str,
+    permissions: list[str],
+    expires_in_days: int,
+    not_after: datetime | None = None,
 ) -> CreatedKey:
+    """A new key; with `not_after` (the expiry of the key creating it), expiring no
+    later than that."""
     issued = generate_api_key()
     now = datetime.now(UTC)
+    expires_at = now + timedelta(days=expires_in_days)
+    if not_after is not None:
+        expires_at = min(expires_at, not_after)
     key_id = f"key_{new_id()}"
     async with engine.begin() as conn:
         await conn.execute(
@@ -122,7 +132,7 @@ async def create_key(
                 key_mask=issued.mask,
                 permissions=permissions,
                 created_at=now,
-                expires_at=now + timedelta(days=expires_in_days),
+                expires_at=expires_at,
             )
         )
     return CreatedKey(key=await get_key(engine, user_id, key_id), plaintext=issued.plaintext)

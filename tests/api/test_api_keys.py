@@ -500,6 +500,20 @@ async def test_a_key_cannot_grant_more_than_it_holds(livegate: Livegate):
     assert widened.status_code == 403, widened.text
 
 
+async def test_a_key_cannot_create_a_key_that_outlives_it(livegate: Livegate):
+    account = await livegate.account()
+    manager = await create_key(livegate, account.token, permissions=["keys:write"], expires_in=2)
+    ends = parse_ms(manager["expires_at"])
+    for body in ({}, {"expires_in": 3650}):
+        minted = await create_key(livegate, manager["key"], permissions=["keys:write"], **body)
+        assert parse_ms(minted["expires_at"]) == ends
+        # Nor can a key it made, in turn.
+        grandchild = await create_key(livegate, minted["key"], permissions=["keys:write"])
+        assert parse_ms(grandchild["expires_at"]) == ends
+    sooner = await create_key(livegate, manager["key"], permissions=["keys:write"], expires_in=1)
+    assert parse_ms(sooner["expires_at"]) - parse_ms(sooner["created_at"]) == timedelta(days=1)
+
+
 async def test_expired_key_is_401(livegate: Livegate):
     account = await livegate.account()
     created = await create_key(livegate, account.token, expires_in=1)

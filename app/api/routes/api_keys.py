@@ -44,6 +44,7 @@ async def create(request: Request) -> Response:
             keys.validate_permissions(body.get("permissions", list(keys.DEFAULT_PERMISSIONS))),
         ),
         expires_in_days=keys.validate_expiry_days(body.get("expires_in")),
+        not_after=principal.key_expires_at,  # a key cannot outlive the key creating it
     )
     shape = {**masked_key_shape(created.key), "key": created.plaintext}
     return playground_ok({"api_key": shape}, "API key created successfully", 201)
