@@ -63,7 +63,11 @@ def create_engine(url: str, *, checkpoint_in_background: bool = False) -> AsyncE
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(
-            url, connect_args={"timeout": 30, "async_creator_fn": sqlite_connection.connect}
+            url,
+            connect_args={"timeout": 30, "async_creator_fn": sqlite_connection.connect},
+            # A failed statement's error, logged, would otherwise carry the values it
+            # was given (password and key hashes, encrypted webhook secrets).
+            hide_parameters=True,
         )
         on_connect = (
             _sqlite_on_connect_no_autocheckpoint if checkpoint_in_background else _sqlite_on_connect
@@ -73,7 +77,11 @@ def create_engine(url: str, *, checkpoint_in_background: bool = False) -> AsyncE
     # No pre-ping: it costs a round trip per checkout on the hot path; recycling
     # connections and asyncpg's own errors on a dead one cover the same ground.
     return create_async_engine(
-        url, pool_size=20, max_overflow=30, pool_recycle=POOL_RECYCLE_SECONDS
+        url,
+        pool_size=20,
+        max_overflow=30,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        hide_parameters=True,  # as for SQLite
     )
 
 

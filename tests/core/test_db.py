@@ -54,6 +54,30 @@ async def test_single_reads_on_sqlite_is_the_engine_itself(tmp_path: Path):
         await engine.dispose()
 
 
+async def assert_failed_statements_hide_values(url: str) -> None:
+    # Such errors get logged: the values may be password hashes or encrypted secrets.
+    engine = create_engine(url)
+    secret = f"secret-{uuid.uuid4().hex}"
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as failed:
+            async with engine.connect() as conn:
+                await conn.execute(
+                    sa.text("SELECT * FROM no_such_table WHERE x = :x"), {"x": secret}
+                )
+        assert "no_such_table" in str(failed.value)
+        assert secret not in str(failed.value)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failed_statement_does_not_carry_its_values_on_sqlite(tmp_path: Path):
+    await assert_failed_statements_hide_values(f"sqlite:///{tmp_path / 'x.db'}")
+
+
+async def test_a_failed_statement_does_not_carry_its_values_on_postgres(postgres_url: str):
+    await assert_failed_statements_hide_values(postgres_url)
+
+
 @pytest.fixture
 async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(postgres_url)
