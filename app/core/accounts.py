@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -29,9 +30,9 @@ from app.core.users import (
 # `\Z`, not `$`: `$` also matches before a final newline, which would get stored.
 _USERNAME = re.compile(r"^[A-Za-z0-9]{3,30}\Z")
 MAX_PASSWORD = 1024  # argon2 hashes any length; a cap keeps one request from costing much
-# A real hash of a random password, verified when the email is unknown so that
-# login takes the same time either way.
-_DUMMY_HASH = hash_password("livegate-timing-equaliser")
+# A real hash of a password nobody knows (a new one each start), verified when the
+# account is unknown or has no password, so that login takes the same time either way.
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +94,11 @@ async def login(
                 )
             )
         ).first()
-    stored = row.password_hash if row is not None and row.password_hash else _DUMMY_HASH
-    if not verify_password(stored, password[:MAX_PASSWORD]) or row is None:
+    stored: str | None = row.password_hash if row is not None else None
+    # An account without a password (signed up through an identity provider) is never
+    # opened by one, whatever it is.
+    verified = verify_password(stored or _DUMMY_HASH, password[:MAX_PASSWORD])
+    if row is None or not stored or not verified:
         raise Unauthorized("invalid email or password", code="invalid_credentials")
     user = row_to_user(row)
     return AccountSession(user, await sessions.issue(user.id))
