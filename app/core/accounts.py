@@ -16,7 +16,7 @@ from app.core.keys import revoke_all_keys
 from app.core.live import QuotaPublisher
 from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.security import hash_password, verify_password
-from app.core.sessions import Sessions, SessionTokens
+from app.core.sessions import Sessions, SessionTokens, lock_sessions, revoke_refresh_tokens
 from app.core.tables import users
 from app.core.users import (
     USER_COLUMNS,
@@ -120,32 +120,27 @@ async def update_profile(
     return await get_user(engine, user_id)
 
 
-async def change_password(
-    engine: AsyncEngine, sessions: Sessions, user_id: str, *, old: str, new: str
-) -> None:
-    """Replace the password; every session of the user, on every device, ends.
-
-    Access tokens carry whole seconds: ones issued in the second of the change
-    itself may outlive it.
-    """
+async def change_password(engine: AsyncEngine, user_id: str, *, old: str, new: str) -> None:
+    """Replace the password; every session of the user, on every device, ends: their
+    refresh tokens are revoked, and access tokens issued before the change refused."""
     async with engine.connect() as conn:
         stored = (
             await conn.execute(sa.select(users.c.password_hash).where(users.c.id == user_id))
         ).scalar()
     if not stored or not verify_password(stored, old[:MAX_PASSWORD]):
         raise Unauthorized("current password is incorrect", code="invalid_credentials")
-    now = datetime.now(UTC)
+    new_hash = hash_password(new)
     async with engine.begin() as conn:
+        # One transaction under the user's lock: a refresh runs wholly before it (its
+        # access token predates the change) or after (its refresh token is revoked).
+        await lock_sessions(conn, user_id)
+        now = datetime.now(UTC)
         await conn.execute(
             users.update()
             .where(users.c.id == user_id)
-            .values(
-                password_hash=hash_password(new),
-                updated_at=now,
-                tokens_valid_after=now.replace(microsecond=0),
-            )
+            .values(password_hash=new_hash, updated_at=now, tokens_valid_after=now)
         )
-    await sessions.revoke_user_refresh_tokens(user_id)
+        await revoke_refresh_tokens(conn, user_id, now)
 
 
 async def set_tier(
@@ -210,13 +205,15 @@ async def update_user_admin(
     return await get_user(engine, user_id)
 
 
-async def delete_user(engine: AsyncEngine, sessions: Sessions, user_id: str) -> None:
+async def delete_user(engine: AsyncEngine, user_id: str) -> None:
     """Soft delete: the user and all their keys and sessions stop working at once."""
     async with engine.begin() as conn:
+        await lock_sessions(conn, user_id)
+        now = datetime.now(UTC)
         await conn.execute(
             users.update()
             .where(users.c.id == user_id, users.c.deleted_at.is_(None))
-            .values(deleted_at=datetime.now(UTC))
+            .values(deleted_at=now)
         )
+        await revoke_refresh_tokens(conn, user_id, now)
     await revoke_all_keys(engine, user_id)
-    await sessions.revoke_user_refresh_tokens(user_id)

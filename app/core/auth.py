@@ -212,7 +212,9 @@ class Authenticator:
 
     async def _own_principal(self, claims: TokenClaims) -> Principal:
         """The holder of one of our tokens, verified: unless it was revoked."""
-        if await self._denylist.is_revoked(claims.token_id):
+        # The token, or its whole session (logged out, or its refresh token reused).
+        session = () if claims.session_id is None else (claims.session_id,)
+        if await self._denylist.is_revoked(claims.token_id, *session):
             raise Unauthorized("token has been revoked", code="token_revoked")
         user = await self._user(claims.subject)
         if user.tokens_valid_after is not None and claims.issued_at < user.tokens_valid_after:

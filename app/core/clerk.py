@@ -90,7 +90,7 @@ async def _apply(svc: Services, event_type: str, data: dict[str, Any]) -> Outcom
     if event_type == "user.deleted":
         user_id = await _linked_user(svc, provider, clerk_id)
         if user_id is not None:
-            await delete_user(svc.engine, svc.sessions, user_id)
+            await delete_user(svc.engine, user_id)
         return Outcome.PROCESSED
     if event_type not in ("user.created", "user.updated"):
         return Outcome.IGNORED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ class Secrets:
         now = now or datetime.now(UTC)
         payload: dict[str, object] = {
             "sub": subject,
-            "iat": int(now.timestamp()),
+            # In milliseconds, rounded down: a token issued before a password change,
+            # even in the same second, is refused (`tokens_valid_after`).
+            "iat": math.floor(now.timestamp() * 1000) / 1000,
             "exp": int((now + JWT_LIFETIME).timestamp()),
             "jti": new_id(),
             "iss": JWT_ISSUER,

@@ -5,17 +5,17 @@ from __future__ import annotations
 import secrets as random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.batching import Batcher
 from app.core.db import single_reads
 from app.core.errors import Unauthorized
 from app.core.security import JWT_LIFETIME, Secrets, hash_key, new_id
-from app.core.tables import refresh_tokens, revoked_tokens
+from app.core.tables import refresh_tokens, revoked_tokens, users
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -51,7 +51,7 @@ class TokenDenylist:
         self._prefix = f"{prefix}:revoked:"
         # Every request with a token asks; those asking while a lookup is out share
         # the next one (one MGET or SELECT): the call costs more than what it reads.
-        self._lookups: Batcher[str, bool] = Batcher("revoked-tokens", self._revoked)
+        self._lookups: Batcher[tuple[str, ...], bool] = Batcher("revoked-tokens", self._revoked)
 
     async def revoke(self, token_id: str, expires_at: datetime) -> None:
         ttl = int((expires_at - datetime.now(UTC)).total_seconds()) + 1
@@ -71,17 +71,20 @@ class TokenDenylist:
             except IntegrityError:
                 pass  # revoked twice: already denied
 
-    async def is_revoked(self, token_id: str) -> bool:
-        return await self._lookups.submit(token_id)
+    async def is_revoked(self, *ids: str) -> bool:
+        """Whether any of `ids` (a token's id, its session's) was revoked."""
+        return await self._lookups.submit(ids)
 
-    async def _revoked(self, token_ids: list[str]) -> list[bool | Exception]:
+    async def _revoked(self, asked: list[tuple[str, ...]]) -> list[bool | Exception]:
+        ids = [token_id for ids in asked for token_id in ids]
         if self._redis is not None:
-            values = await self._redis.mget([self._prefix + t for t in token_ids])
-            return [value is not None for value in values]
-        async with self._reads.connect() as conn:
-            rows = await conn.execute(_REVOKED_AMONG, {"token_ids": token_ids})
-            found = {row.jti for row in rows}
-        return [token_id in found for token_id in token_ids]
+            values = await self._redis.mget([self._prefix + t for t in ids])
+            found = {token_id for token_id, value in zip(ids, values, strict=True) if value}
+        else:
+            async with self._reads.connect() as conn:
+                rows = await conn.execute(_REVOKED_AMONG, {"token_ids": ids})
+                found = {row.jti for row in rows}
+        return [any(token_id in found for token_id in ids) for ids in asked]
 
 
 class Sessions:
@@ -124,12 +127,27 @@ class Sessions:
     async def refresh(self, refresh_token: str) -> SessionTokens:
         """Spend a refresh token for a new pair; a spent one revokes its whole family.
 
-        The spend and the next token of the family are one transaction, so a reuse
-        detected concurrently can never miss the token the winner just received.
+        The spend and the next token of the family are one transaction, taken under
+        the user's lock (see `lock_sessions`) like every revocation: a revocation
+        running at the same time either comes first (the spend then finds the token
+        revoked) or sees the token the spend issued.
         """
         token_hash = hash_key(refresh_token)
         now = datetime.now(UTC)
+        revoked_family: str | None = None
         async with self._engine.begin() as conn:
+            holder = (
+                await conn.execute(
+                    sa.select(refresh_tokens.c.user_id).where(
+                        refresh_tokens.c.token_hash == token_hash
+                    )
+                )
+            ).scalar()
+            if holder is None:
+                raise Unauthorized(
+                    "invalid, expired or reused refresh token", code="invalid_refresh"
+                )
+            await lock_sessions(conn, holder)
             spent = (
                 await conn.execute(
                     refresh_tokens.update()
@@ -156,30 +174,53 @@ class Sessions:
                 ).first()
                 if known is not None and known.used_at is not None:
                     # Reuse of a spent token: someone else holds the family. End it.
-                    await self._revoke_family(conn, known.family_id, now)
+                    await _revoke_family(conn, known.family_id, now)
+                    revoked_family = known.family_id
+        if revoked_family is not None:
+            await self._end_access(revoked_family, now)
         if spent is None:
             raise Unauthorized("invalid, expired or reused refresh token", code="invalid_refresh")
         return self._tokens(spent.user_id, spent.family_id, plaintext, now)
 
-    @staticmethod
-    async def _revoke_family(conn: Any, family_id: str, now: datetime) -> None:
-        await conn.execute(
-            refresh_tokens.update()
-            .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
+    async def _end_access(self, family_id: str, now: datetime) -> None:
+        """Refuse every access token of the family: each carries the family as `sid`,
+        and the newest may still have a day to live."""
+        await self.denylist.revoke(family_id, now + JWT_LIFETIME)
 
-    async def logout(self, token_id: str, expires_at: datetime, session_id: str | None) -> None:
-        """End a session: its access token at once, and its refresh tokens with it."""
+    async def logout(
+        self, user_id: str, token_id: str, expires_at: datetime, session_id: str | None
+    ) -> None:
+        """End a session: its access tokens at once, and its refresh tokens with it."""
         await self.denylist.revoke(token_id, expires_at)
         if session_id is not None:
+            now = datetime.now(UTC)
             async with self._engine.begin() as conn:
-                await self._revoke_family(conn, session_id, datetime.now(UTC))
+                await lock_sessions(conn, user_id)
+                await _revoke_family(conn, session_id, now)
+            await self._end_access(session_id, now)
 
-    async def revoke_user_refresh_tokens(self, user_id: str) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                refresh_tokens.update()
-                .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None))
-                .values(revoked_at=datetime.now(UTC))
-            )
+
+async def lock_sessions(conn: AsyncConnection, user_id: str) -> None:
+    """Take the user's row lock (PostgreSQL) before spending or revoking their refresh
+    tokens, so those run one at a time per user. Without it a revocation's UPDATE, its
+    snapshot taken before a concurrent refresh commits, would miss the token that
+    refresh issues. SQLite runs one writer at a time anyway."""
+    await conn.execute(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
+
+
+async def revoke_refresh_tokens(conn: AsyncConnection, user_id: str, now: datetime) -> None:
+    """Revoke every refresh token of the user, in the caller's transaction; call
+    `lock_sessions` first."""
+    await conn.execute(
+        refresh_tokens.update()
+        .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+
+
+async def _revoke_family(conn: AsyncConnection, family_id: str, now: datetime) -> None:
+    await conn.execute(
+        refresh_tokens.update()
+        .where(refresh_tokens.c.family_id == family_id, refresh_tokens.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )

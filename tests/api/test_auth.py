@@ -485,9 +485,12 @@ async def test_change_password(livegate: Livegate):
 
     assert_playground_error(await login(livegate, email, PASSWORD), 401, "AUTHENTICATION_ERROR")
     assert (await login(livegate, email, new_password)).status_code == 200
-    # Every refresh token issued before the change stops working.
+    # Every refresh token issued before the change stops working, and every access
+    # token: also one issued in the second of the change.
     for stale in (earlier_refresh, second["refresh_token"]):
         assert_navi_error(await refresh(livegate, stale), 401, "UNAUTHORIZED")
+    for stale in (token, second["token"]):
+        assert_playground_error(await me(livegate, stale), 401, "AUTHENTICATION_ERROR")
 
 
 # --- logout ------------------------------------------------------------------------
@@ -511,8 +514,59 @@ async def test_logout_revokes_the_token_at_once(livegate: Livegate):
     # Revoked on every surface, not only the Playground's.
     profile = await call(livegate, "GET", "/api/user/profile", token=token)
     assert profile.status_code == 401
-    # Only that token: the user's other session lives on.
+    # Only that session: the user's other session lives on.
     assert (await me(livegate, other_session)).status_code == 200
+
+
+async def test_logout_ends_every_access_token_of_the_session(livegate: Livegate):
+    account = await register(livegate)
+    rotated = await refresh(livegate, account["refresh_token"])
+    assert rotated.status_code == 200, rotated.text
+    newest = rotated.json()["accessToken"]
+    assert (await call(livegate, "POST", "/api/auth/logout", token=newest)).status_code == 200
+    # The token the session had before its refresh is as dead as the one logged out.
+    assert_playground_error(await me(livegate, account["token"]), 401, "AUTHENTICATION_ERROR")
+    assert_navi_error(await refresh(livegate, rotated.json()["refreshToken"]), 401, "UNAUTHORIZED")
+
+
+async def race_a_thief(livegate: Livegate, ending: str) -> dict[str, str]:
+    """The victim ends the session while a thief spends its refresh tokens as fast as
+    it can; what the thief holds at the end."""
+    account = await register(livegate)
+    held = {"access": account["token"], "refresh": account["refresh_token"]}
+    done = asyncio.Event()
+
+    async def thief() -> None:
+        for _ in range(200):  # bounded: a thief never locked out must not hang the test
+            rotated = await refresh(livegate, held["refresh"])
+            if rotated.status_code == 200:
+                held["access"] = rotated.json()["accessToken"]
+                held["refresh"] = rotated.json()["refreshToken"]
+            elif done.is_set():
+                return
+
+    async def victim() -> None:
+        await asyncio.sleep(0.01)
+        if ending == "logout":
+            response = await call(livegate, "POST", "/api/auth/logout", token=account["token"])
+        else:
+            body = {"oldPassword": PASSWORD, "newPassword": "NewSecurePass456!"}
+            response = await call(
+                livegate, "PUT", "/api/auth/password", token=account["token"], json=body
+            )
+        assert response.status_code == 200, response.text
+        done.set()
+
+    await asyncio.gather(thief(), victim())
+    return held
+
+
+@pytest.mark.parametrize("ending", ["logout", "password-change"])
+async def test_a_thief_refreshing_in_a_loop_is_locked_out_too(livegate: Livegate, ending: str):
+    for _ in range(5):
+        held = await race_a_thief(livegate, ending)
+        assert_playground_error(await me(livegate, held["access"]), 401, "AUTHENTICATION_ERROR")
+        assert_navi_error(await refresh(livegate, held["refresh"]), 401, "UNAUTHORIZED")
 
 
 async def test_logout_holds_across_two_instances(start_livegate: StartLivegate):
@@ -640,9 +694,13 @@ async def test_reusing_a_spent_refresh_token_revokes_the_family(livegate: Livega
     reused = await refresh(livegate, spent)
     error = assert_navi_error(reused, 401, "UNAUTHORIZED")
     assert set(error) == {"code", "message"}
-    # The whole family ends: even the newest token of it is refused now.
+    # The whole family ends: even the newest token of it is refused now, and every
+    # access token it issued.
     assert_navi_error(await refresh(livegate, newest), 401, "UNAUTHORIZED")
+    for access in (account["token"], first.json()["accessToken"], second.json()["accessToken"]):
+        assert_playground_error(await me(livegate, access), 401, "AUTHENTICATION_ERROR")
     # Another family (another login) is not touched.
+    assert (await me(livegate, other_session["token"])).status_code == 200
     assert (await refresh(livegate, other_session["refresh_token"])).status_code == 200
 
 
@@ -696,7 +754,8 @@ async def test_concurrent_double_use_of_one_refresh_token_admits_exactly_one(
     winner = next(r for r in responses if r.status_code == 200)
     loser = next(r for r in responses if r.status_code == 401)
     assert_navi_error(loser, 401, "UNAUTHORIZED")
-    assert (await me(livegate, winner.json()["accessToken"])).status_code == 200
+    # The loser was a reuse: it ended the family, the winner's new pair with it.
+    assert (await me(livegate, winner.json()["accessToken"])).status_code == 401
 
 
 async def test_reuse_detected_in_a_race_still_ends_the_whole_family(livegate: Livegate):

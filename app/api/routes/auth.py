@@ -115,7 +115,7 @@ async def change_password(request: Request) -> Response:
         raise BadRequest("oldPassword is required", details={"field": "oldPassword"})
     new = accounts.validate_password(body.get("newPassword"), "newPassword")
     svc = services(request)
-    await accounts.change_password(svc.engine, svc.sessions, principal.user.id, old=old, new=new)
+    await accounts.change_password(svc.engine, principal.user.id, old=old, new=new)
     return playground_ok(message="Password changed successfully")
 
 
@@ -123,7 +123,7 @@ async def logout(request: Request) -> Response:
     principal: Principal = await require_principal(request, session_only=True)
     if principal.token_id is not None and principal.token_expires_at is not None:
         await services(request).sessions.logout(
-            principal.token_id, principal.token_expires_at, principal.session_id
+            principal.user.id, principal.token_id, principal.token_expires_at, principal.session_id
         )
     return playground_ok(message="Logout successful")
 
