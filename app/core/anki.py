@@ -61,16 +61,18 @@ class Anki:
         self._providers = identity_providers
 
     async def authorize(
-        self, principal: Principal | None, user_id: str, default_tier: str
+        self, principal: Principal | None, user_id: str, default_tier: str, permission: str
     ) -> AnkiCaller:
         """Unless in open mode, the caller must be `user_id`: as our user, or by an
-        external identity (e.g. Google) of theirs with that subject."""
+        external identity (e.g. Google) of theirs with that subject; an API key must
+        hold `permission`."""
         if self.open_mode:
             tier = principal.user.tier if principal is not None else default_tier
             # Kept apart from Livegate user ids: anyone may claim any id here.
             return AnkiCaller(user_id, tier, _open_subject(user_id))
         if principal is None:
             raise Unauthorized("sign in to act for this user", code="missing_token")
+        principal.require(permission)
         caller = AnkiCaller(user_id, principal.user.tier, principal.user.id)
         if principal.user.id == user_id:
             return caller

@@ -240,6 +240,45 @@ async def test_passthrough_needs_the_ai_write_permission(
     assert fake_upstream.requests == []
 
 
+async def test_user_routes_need_the_api_keys_permission(livegate: Livegate):
+    account = await livegate.account()
+
+    async def key(permissions: list[str]) -> str:
+        created = await call(
+            livegate,
+            "POST",
+            "/api/v1/api-keys",
+            account.token,
+            json={"name": "k", "permissions": permissions},
+        )
+        assert created.status_code == 201, created.text
+        return created.json()["data"]["api_key"]["key"]  # type: ignore[no-any-return]
+
+    user_id = account.user.id
+    calls: dict[str, tuple[str, str, Any]] = {
+        "read": ("GET", f"/api/user-data/{user_id}", None),
+        "can-generate": ("POST", "/api/generate-flashcard", {"userId": user_id}),
+        "save": ("POST", f"/api/user-data/{user_id}", {"userName": "Renamed"}),
+        "count": ("POST", "/api/increment-flashcard-count", {"userId": user_id}),
+    }
+    allowed = {
+        "webhooks:read": set(),
+        "usage:read": {"read", "can-generate"},
+        "ai:write": {"save", "count"},
+    }
+    for permission, may in allowed.items():
+        credential = await key([permission])
+        for name, (method, path, body) in calls.items():
+            response = await call(livegate, method, path, credential, json=body)
+            if name in may:
+                assert response.status_code == 200, (permission, name, response.text)
+            else:
+                anki_error(response, 403)
+    # Nothing refused changed anything: one count, by the key allowed to count.
+    read = await call(livegate, "GET", f"/api/user-data/{user_id}", account.token)
+    assert read.json()["flashcardCount"] == 1
+
+
 async def test_passthrough_errors_are_in_the_anki_envelope(
     livegate: Livegate, fake_upstream: FakeUpstream
 ):

@@ -29,11 +29,15 @@ def _user_shape(user: AnkiUser) -> dict[str, Any]:
     }
 
 
-async def _acting_for(request: Request, user_id: object) -> AnkiCaller:
+async def _acting_for(request: Request, user_id: object, permission: str) -> AnkiCaller:
+    """The caller, proven to be `user_id`; an API key must hold `permission`: reading
+    the user's record and allowance is `usage:read`, changing them `ai:write`."""
     svc = services(request)
     checked = anki.validate_user_id(user_id)
     principal = await resolve_principal(request)
-    return await svc.anki.authorize(principal, checked, svc.settings.server.default_tier)
+    return await svc.anki.authorize(
+        principal, checked, svc.settings.server.default_tier, permission
+    )
 
 
 async def models(request: Request) -> Response:
@@ -49,12 +53,12 @@ async def limits(request: Request) -> Response:
 
 
 async def get_user_data(request: Request) -> Response:
-    caller = await _acting_for(request, request.path_params["user_id"])
+    caller = await _acting_for(request, request.path_params["user_id"], "usage:read")
     return JSONResponse(_user_shape(await services(request).anki.user(caller)))
 
 
 async def save_user_data(request: Request) -> Response:
-    caller = await _acting_for(request, request.path_params["user_id"])
+    caller = await _acting_for(request, request.path_params["user_id"], "ai:write")
     body = await read_json_object(request)
     name, email = body.get("userName"), body.get("userEmail")
     if body.get("userId", caller.user_id) != caller.user_id:
@@ -71,7 +75,7 @@ async def save_user_data(request: Request) -> Response:
 
 async def generate_flashcard(request: Request) -> Response:
     body = await read_json_object(request)
-    caller = await _acting_for(request, body.get("userId"))
+    caller = await _acting_for(request, body.get("userId"), "usage:read")
     own_credits = body.get("isOwnCredits", False)
     if not isinstance(own_credits, bool):
         return JSONResponse({"error": "isOwnCredits must be a boolean"}, status_code=400)
@@ -82,7 +86,7 @@ async def generate_flashcard(request: Request) -> Response:
 
 async def increment_flashcard_count(request: Request) -> Response:
     body = await read_json_object(request)
-    caller = await _acting_for(request, body.get("userId"))
+    caller = await _acting_for(request, body.get("userId"), "ai:write")
     counted = await services(request).anki.count_generation(caller)
     if counted is None:
         return JSONResponse({"canGenerate": False, "reason": "LIMIT_REACHED"}, status_code=429)
