@@ -93,9 +93,11 @@ class CounterLimit(_Strict):
 
 
 class RateOverride(_Strict):
-    """A tier's request rate on one surface, where that surface's spec differs."""
+    """A tier's request rate on one surface, where that surface's spec differs. The
+    rate is required: an override giving only a burst would otherwise leave the
+    surface unlimited without saying so."""
 
-    requests_per_minute: PositiveInt | None = None
+    requests_per_minute: PositiveInt
     burst: PositiveInt | None = None
 
 

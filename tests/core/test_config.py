@@ -233,6 +233,7 @@ def test_unknown_key_is_a_config_error_naming_it(config_file, text: str, bad_key
         "[server]\nmax_body_bytes = 10\n",
         "[server]\ndefault_tier = 'gold'\n",
         "providers = 'none'\n",
+        "[tiers.free.surfaces.playground]\nburst = 10\n",
     ],
     ids=[
         "negative-limit",
@@ -244,6 +245,7 @@ def test_unknown_key_is_a_config_error_naming_it(config_file, text: str, bad_key
         "tiny-body-limit",
         "undefined-default-tier",
         "providers-not-a-list",
+        "surface-burst-without-rate",
     ],
 )
 def test_invalid_values_are_config_errors(config_file, text: str):
