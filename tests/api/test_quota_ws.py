@@ -26,7 +26,7 @@ from app.core.config import ServerConfig
 from app.core.live import quota_channel
 from app.core.quota import add_tokens, month_period
 from app.core.security import Secrets
-from app.core.tables import usage_logs
+from app.core.tables import usage_logs, users
 from tests.conftest import FAKE_MODEL, Account, Backend, Livegate, StartLivegate
 from tests.fake_upstream import FakeUpstream
 
@@ -409,6 +409,42 @@ async def test_a_bus_resync_pushes_a_fresh_snapshot_from_the_database(livegate: 
         pushed = await recv_until(ws, is_quota)
     assert pushed[-1]["used"] == first["used"] + 123
     assert pushed[-1]["seq"] > first["seq"]
+
+
+async def test_a_resync_reads_the_users_tier_again(livegate: Livegate):
+    account = await livegate.account(tier="free")
+    async with quota_socket(livegate, token=account.token) as ws:
+        first = await recv_json(ws)
+        assert first["unlimited"] is False
+        # A tier change whose push was lost with the bus ...
+        async with livegate.services.engine.begin() as conn:
+            await conn.execute(
+                users.update().where(users.c.id == account.user.id).values(tier="enterprise")
+            )
+            await add_tokens(conn, account.user.id, month_period(datetime.now(UTC)), 5)
+        livegate.services.bus._fan_out(quota_channel(account.user.id), RESYNC)
+        pushed = await recv_until(ws, is_quota)
+    # ... shows in the snapshot sent on resync.
+    assert pushed[-1]["unlimited"] is True
+    assert pushed[-1]["used"] == first["used"] + 5
+
+
+async def test_a_resync_lets_a_deleted_user_go(livegate: Livegate):
+    account = await livegate.account()
+    async with quota_socket(livegate, token=account.token) as ws:
+        assert is_quota(await recv_json(ws))
+        async with livegate.services.engine.begin() as conn:
+            await conn.execute(
+                users.update()
+                .where(users.c.id == account.user.id)
+                .values(deleted_at=datetime.now(UTC))
+            )
+        livegate.services.bus._fan_out(quota_channel(account.user.id), RESYNC)
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
 
 
 JUNK: list[str | bytes] = [

@@ -21,10 +21,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.api.requests import require_principal, services
 from app.core.bus import RESYNC, Signal
-from app.core.errors import ApiError
+from app.core.errors import ApiError, Unauthorized
 from app.core.live import quota_channel
 from app.core.services import Services
-from app.core.users import User
+from app.core.users import User, get_user
 
 logger = logging.getLogger("livegate.quota_ws")
 
@@ -87,6 +87,17 @@ class _QuotaSocket:
     async def send_snapshot(self) -> None:
         await self.send_quota((await self.svc.token_quota(self.user)).as_message())
 
+    async def resync(self) -> None:
+        """After the bus lost messages: a snapshot of the user as they are now (a tier
+        change may be among what was lost). A user deleted meanwhile is let go."""
+        try:
+            self.user = await get_user(self.svc.engine, self.user.id)
+        except Unauthorized:
+            async with self._send_lock:
+                await self.websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
+            return
+        await self.send_snapshot()
+
     def on_message(self, message: str | Signal) -> None:
         """The bus listener: the latest message wins (each carries the whole quota)."""
         self._due = message
@@ -118,7 +129,7 @@ class _QuotaSocket:
             while self._due is not None or self._ping_due:
                 message, self._due = self._due, None
                 if message is RESYNC:
-                    await self.send_snapshot()
+                    await self.resync()
                 elif isinstance(message, str):
                     await self.send_quota(message)
                 if self._ping_due:
