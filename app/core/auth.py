@@ -161,9 +161,11 @@ class Authenticator:
         self._key_usage = key_usage
         self._issuers = {i.issuer: (i, JwksCache(http, i.jwks_url)) for i in settings.auth.issuers}
 
-    async def authenticate(self, credential: str) -> Principal:
+    async def authenticate(self, credential: str, *, use: bool = True) -> Principal:
+        """The credential's holder, or `Unauthorized`. With `use=False` (a held
+        connection checking its credential again), an API key's use is not counted."""
         if looks_like_api_key(credential):
-            return await self._api_key(credential)
+            return await self._api_key(credential, use)
         if (claims := self._secrets.verified(credential)) is not None:
             return await self._own_principal(claims)
         try:
@@ -179,7 +181,7 @@ class Authenticator:
             return await self._external_token(credential, header, config, jwks)
         raise Unauthorized("token from an unknown issuer", code="invalid_token")
 
-    async def _api_key(self, credential: str) -> Principal:
+    async def _api_key(self, credential: str, use: bool = True) -> Principal:
         now = datetime.now(UTC)
         key_hash = hash_key(credential)
 
@@ -200,7 +202,8 @@ class Authenticator:
         if principal is None or (expires_at is not None and expires_at <= now):
             raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
         assert principal.api_key_id is not None
-        self._key_usage.record(principal.api_key_id, now)
+        if use:
+            self._key_usage.record(principal.api_key_id, now)
         return principal
 
     async def _own_token(self, credential: str) -> Principal:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -411,6 +412,59 @@ async def test_a_bus_resync_pushes_a_fresh_snapshot_from_the_database(livegate: 
     assert pushed[-1]["seq"] > first["seq"]
 
 
+async def closed_code(ws: ClientConnection) -> int | None:
+    """The close code the server sent, waiting for it (pings and pushes skipped)."""
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(WAIT):
+            while True:
+                await ws.recv()
+    return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+@pytest.mark.parametrize("ending", ["logout", "password-change", "key-revoked"])
+async def test_a_socket_closes_once_its_credential_stops_holding(
+    start_livegate: StartLivegate, backend: Backend, ending: str
+):
+    livegate = await start_livegate(
+        server=ServerConfig(redis_prefix=backend.redis_prefix, ws_ping_seconds=0.2)
+    )
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=WAIT) as http:
+        name = uuid.uuid4().hex[:12]
+        identity = {"username": name, "email": f"{name}@example.test", "password": "SecurePass123!"}
+        registered = await http.post("/api/auth/register", json=identity)
+        assert registered.status_code == 201, registered.text
+        credential = registered.json()["data"]["token"]
+        session = {"Authorization": f"Bearer {credential}"}
+        if ending == "key-revoked":
+            created = await http.post(
+                "/api/v1/api-keys",
+                json={"name": "ws", "permissions": ["usage:read"]},
+                headers=session,
+            )
+            assert created.status_code == 201, created.text
+            key = created.json()["data"]["api_key"]
+            credential = key["key"]
+        async with quota_socket(livegate, token=credential) as ws:
+            assert is_quota(await recv_json(ws))
+            # Checked again at every ping interval, and still good.
+            for _ in range(3):
+                assert await recv_json(ws) == {"type": "ping"}
+            if ending == "key-revoked":
+                # The checks do not count as uses of the key: only the connect does.
+                await livegate.services.key_usage.flush()
+                detail = await http.get(f"/api/v1/api-keys/{key['id']}", headers=session)
+                assert detail.json()["data"]["api_key"]["usage_count"] == 1
+            if ending == "logout":
+                ended = await http.post("/api/auth/logout", headers=session)
+            elif ending == "password-change":
+                body = {"oldPassword": "SecurePass123!", "newPassword": "NewSecurePass456!"}
+                ended = await http.put("/api/auth/password", json=body, headers=session)
+            else:
+                ended = await http.delete(f"/api/v1/api-keys/{key['id']}", headers=session)
+            assert ended.status_code == 200, ended.text
+            assert await closed_code(ws) == 4401
+
+
 async def test_a_resync_reads_the_users_tier_again(livegate: Livegate):
     account = await livegate.account(tier="free")
     async with quota_socket(livegate, token=account.token) as ws:
@@ -440,11 +494,7 @@ async def test_a_resync_lets_a_deleted_user_go(livegate: Livegate):
                 .values(deleted_at=datetime.now(UTC))
             )
         livegate.services.bus._fan_out(quota_channel(account.user.id), RESYNC)
-        with pytest.raises(ConnectionClosed) as closed:
-            async with asyncio.timeout(WAIT):
-                while True:
-                    await ws.recv()
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        assert await closed_code(ws) == 4401
 
 
 JUNK: list[str | bytes] = [

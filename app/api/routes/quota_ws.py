@@ -5,7 +5,10 @@ Server → client messages (JSON text frames):
   on connect, then on every change (coalesced, latest wins, `seq` only grows within
   a period);
 - `{"type": "ping"}` after a quiet interval; `{"type": "pong"}` answering a client ping.
-Client → server: `ping` or `{"type": "ping"}`. Bad or missing auth closes with 4401.
+Client → server: `ping` or `{"type": "ping"}`. Bad or missing auth closes with 4401,
+and so does a credential that stops being valid while the socket is open (logged
+out, revoked, expired, a password change, the user deleted): it is checked again at
+every ping interval.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import orjson
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from app.api.requests import require_principal, services
+from app.api.requests import credential, require_principal, services
 from app.core.bus import RESYNC, Signal
 from app.core.errors import ApiError, Unauthorized
 from app.core.live import quota_channel
@@ -42,6 +45,8 @@ class _QuotaSocket:
     """
 
     __slots__ = (
+        "_check_due",
+        "_credential",
         "_due",
         "_last_sent",
         "_live",
@@ -57,10 +62,14 @@ class _QuotaSocket:
         "websocket",
     )
 
-    def __init__(self, websocket: WebSocket, svc: Services, user: User) -> None:
+    def __init__(
+        self, websocket: WebSocket, svc: Services, user: User, credential: str | None
+    ) -> None:
         self.websocket = websocket
         self.svc = svc
         self.user = user
+        self._credential = credential  # None: a development `x-user-id`
+        self._check_due = False
         self._send_lock = asyncio.Lock()
         self._position: tuple[str, int] = ("", -1)  # (resetDate, seq) of the last push
         self._quiet = svc.settings.server.ws_ping_seconds
@@ -87,6 +96,19 @@ class _QuotaSocket:
     async def send_snapshot(self) -> None:
         await self.send_quota((await self.svc.token_quota(self.user)).as_message())
 
+    async def _still_authorized(self) -> bool:
+        """Whether the socket's credential still holds; if not, the socket is closed."""
+        assert self._credential is not None
+        try:
+            principal = await self.svc.authenticator.authenticate(self._credential, use=False)
+            principal.require("usage:read")
+        except ApiError:
+            async with self._send_lock:
+                await self.websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
+            return False
+        self.user = principal.user
+        return True
+
     async def resync(self) -> None:
         """After the bus lost messages: a snapshot of the user as they are now (a tier
         change may be among what was lost). A user deleted meanwhile is let go."""
@@ -111,9 +133,12 @@ class _QuotaSocket:
 
     def _ping(self) -> None:
         # One timer per socket, moved only when it fires: a push does not re-arm it.
+        # Each firing also has the credential checked again, busy socket or quiet.
+        self._check_due = self._credential is not None
         quiet_for = self._loop.time() - self._last_sent
         if quiet_for < self._quiet:
             self._ping_timer = self._loop.call_later(self._quiet - quiet_for, self._ping)
+            self._wake()
             return
         self._ping_due = True
         self._last_sent = self._loop.time()
@@ -121,12 +146,17 @@ class _QuotaSocket:
         self._wake()
 
     def _wake(self) -> None:
-        if self._live and self._sender is None and (self._due is not None or self._ping_due):
+        due = self._due is not None or self._ping_due or self._check_due
+        if self._live and self._sender is None and due:
             self._sender = asyncio.create_task(self._send_due())
 
     async def _send_due(self) -> None:
         try:
-            while self._due is not None or self._ping_due:
+            while self._due is not None or self._ping_due or self._check_due:
+                if self._check_due:
+                    self._check_due = False
+                    if not await self._still_authorized():
+                        return
                 message, self._due = self._due, None
                 if message is RESYNC:
                     await self.resync()
@@ -174,7 +204,8 @@ async def quota_socket(websocket: WebSocket) -> None:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
         return
     svc = services(websocket)
-    conn = _QuotaSocket(websocket, svc, principal.user)
+    held = credential(websocket, allow_query=True)
+    conn = _QuotaSocket(websocket, svc, principal.user, held)
     # Subscribe before reading the snapshot, so no change falls between the two.
     subscription = await svc.bus.subscribe(
         quota_channel(principal.user.id), listener=conn.on_message
