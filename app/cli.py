@@ -43,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # A credential in a logged query string (browsers put their token in the URL of
-# `/ws/quota`, and uvicorn logs paths with their query).
-_QUERY_CREDENTIAL = re.compile(r"([?&]token=)[^&\s\"]*")
+# `/ws/quota`, an OAuth return brings a code or a token, and uvicorn logs paths with
+# their query).
+_QUERY_CREDENTIAL = re.compile(
+    r"([?&](?:token|access_token|refresh_token|id_token|code)=)[^&\s\"]*", re.IGNORECASE
+)
 
 
 class _ConnectionLogFilter(logging.Filter):

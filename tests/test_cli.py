@@ -362,11 +362,14 @@ def test_serve_never_logs_a_token_from_a_websocket_url(
         with websockets.sync.client.connect(url) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "quota"
         http.get("/v1/models", params={"token": token})  # an HTTP line with one too
+        # The AnkiLingoFlash OAuth page, given its token in the query.
+        http.get("/oauth-redirect", params={"access_token": token})
     log = (tmp_path / "serve.log").read_text()
     assert token not in log
     if access_log:
         assert '"WebSocket /ws/quota?deviceId=d1&token=***" [accepted]' in log
         assert "/v1/models?token=*** HTTP/1.1" in log
+        assert "/oauth-redirect?access_token=*** HTTP/1.1" in log
     else:
         assert "WebSocket" not in log and "connection open" not in log
 
