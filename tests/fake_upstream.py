@@ -31,6 +31,7 @@ class Script:
     prompt_tokens: int = 11
     report_usage: bool = True  # honour stream_options.include_usage / add usage
     status: int = 200  # anything else: answer with this status and an error body
+    error_body: bytes | None = None  # that error body's bytes, instead of the usual one
     fail_after: int | None = None  # drop the connection after this many tokens
     # Stop after this many tokens until released (non-stream: hold the whole answer).
     hold_after: int | None = None
@@ -65,6 +66,10 @@ class FakeUpstream:
         self.requests.append(body)
         script = self.script
         if script.status != 200:
+            if script.error_body is not None:
+                return Response(
+                    script.error_body, status_code=script.status, media_type="application/json"
+                )
             return JSONResponse(
                 {"error": {"message": f"scripted failure {script.status}", "type": "test"}},
                 status_code=script.status,
@@ -218,6 +223,7 @@ class FakeAnthropic:
     # Sent instead of the answer (whole) or of the events (stream), each as JSON.
     answer: Any = None
     events: list[Any] | None = None
+    event_delay: float = 0.0  # seconds before each of those events but the first
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -241,6 +247,8 @@ class FakeAnthropic:
             )
         if body.get("stream"):
             if self.events is not None:
+                if self.event_delay:
+                    return StreamingResponse(self._events(), media_type="text/event-stream")
                 raw = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in self.events)
                 return Response(raw, media_type="text/event-stream")
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
@@ -259,6 +267,13 @@ class FakeAnthropic:
                 ),
             }
         )
+
+    async def _events(self):  # type: ignore[no-untyped-def]
+        """The scripted events, paced: each in a read of its own."""
+        for i, event in enumerate(self.events or []):
+            if i:
+                await asyncio.sleep(self.event_delay)
+            yield f"data: {json.dumps(event)}\n\n".encode()
 
     async def _stream(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
         def event(kind: str, payload: dict[str, Any]) -> bytes:

@@ -23,6 +23,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def well_formed(text: str) -> str:
+    """`text` with each lone surrogate replaced by "?".
+
+    A JSON `\\ud800` escape decodes to a lone surrogate, which no UTF-8 encoder takes:
+    text an upstream chose could otherwise be neither rendered nor stored.
+    """
+    return text if text.isascii() else text.encode("utf-8", "replace").decode()
+
+
 class LivegateError(Exception):
     pass
 
@@ -41,6 +50,7 @@ class ApiError(LivegateError):
         headers: dict[str, str] | None = None,
         status_code: int | None = None,
     ) -> None:
+        message = well_formed(message)  # may quote an upstream's text; always rendered
         super().__init__(message)
         self.message = message
         if status_code is not None:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import MeteringConfig
 from app.core.db import dialect_insert
-from app.core.errors import ApiError
+from app.core.errors import ApiError, well_formed
 from app.core.live import QuotaPublisher
 from app.core.quota import (
     TOKENS,
@@ -53,12 +53,13 @@ def _storable(text: str | None, length: int | None = None) -> str | None:
 
     PostgreSQL refuses a NUL in text and a string longer than its column, and a write
     it refuses would leave the row unfinished; SQLite takes both, so both databases
-    get the same row.
+    get the same row. Neither driver can encode a lone surrogate.
     """
     if text is None:
         return None
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
+    text = well_formed(text)
     return text if length is None else text[:length]
 
 

@@ -194,6 +194,28 @@ async def test_upstream_failure_before_stream_is_502_and_not_billed(
     assert windows
 
 
+@pytest.mark.parametrize(("upstream_status", "status"), [(400, 400), (503, 502)])
+async def test_an_upstream_error_quoting_a_lone_surrogate_is_relayed_and_ends_the_row(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str, upstream_status: int, status: int
+):
+    """`\\ud800` in the upstream's message decodes to a lone surrogate, which no UTF-8
+    encoder takes: the client still gets the error, and the row still ends."""
+    fake_upstream.script.status = upstream_status
+    fake_upstream.script.error_body = b'{"error": {"message": "bad \\ud800 thing"}}'
+    account = await livegate.account(tier)
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {account.api_key}"},
+        )
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert message == f"provider fake answered {upstream_status}: bad ? thing"
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert (row.error, row.total_tokens) == (message, 0)
+
+
 async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
     livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):

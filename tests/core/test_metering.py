@@ -307,6 +307,23 @@ async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends
     await assert_counter(env.engine, user, 14)
 
 
+async def test_a_lone_surrogate_in_an_upstreams_error_still_ends_the_row(env: Env):
+    """A JSON `\\ud800` escape in an upstream's error decodes to text neither database
+    driver can encode: it is stored replaced, and the row ends all the same."""
+    metering = await env.started_metering()
+    user = await env.user()
+    failed = await metering.begin(request(user), prompt_tokens=5)
+    deliver(failed, 2)
+    await failed.finish(UsageStatus.ERROR, error="provider error mid-stream: bad\ud800text")
+    row = await row_of(env.engine, failed.row_id)
+    assert (row.status, row.error, row.total_tokens) == (
+        "error",
+        "provider error mid-stream: bad?text",
+        7,
+    )
+    await assert_counter(env.engine, user, 7)
+
+
 async def test_discard_after_checkpoints_gives_everything_back(env: Env):
     metering = await env.started_metering()
     user = await env.user()

@@ -242,6 +242,32 @@ async def test_anthropic_malformed_answer_is_an_upstream_error(
         assert (row.prompt_tokens, row.completion_tokens) == (0, 0)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_anthropic_error_event_quoting_a_lone_surrogate_ends_the_stream_and_row(
+    start_livegate: StartLivegate, fake_anthropic: FakeAnthropic
+):
+    """`\\udc80` in a mid-stream error decodes to a lone surrogate: the client still gets
+    the error event, and the row still ends billing what was delivered."""
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "x\udc80y"}}
+    fake_anthropic.events = [_START, _TEXT, error]
+    fake_anthropic.event_delay = 0.05  # the error comes after the stream started
+    livegate = await start_livegate(providers=[anthropic_provider(fake_anthropic)])
+    account = await livegate.account()
+    body = {"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={**body, "stream": True},
+            headers={"Authorization": f"Bearer {account.api_key}"},
+        )
+    assert response.status_code == 200
+    last = json.loads(response.text.rsplit("data: ", 1)[-1])
+    assert last["error"]["message"] == "provider error mid-stream: x?y"
+    row = await final_row(livegate, account.user.id)
+    assert (row.status, row.error) == ("error", "provider error mid-stream: x?y")
+    assert row.completion_tokens == 1
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_fallback_when_first_provider_fails_before_any_token(
     start_livegate: StartLivegate,
