@@ -37,6 +37,7 @@ class Script:
     hold_after: int | None = None
     content_prefix: str = "tok"
     meta_on_first_only: bool = False  # id, created and model on the first event only
+    finish_event: bytes | None = None  # the finish event's data, instead of the usual one
 
 
 @dataclass
@@ -148,7 +149,10 @@ class FakeUpstream:
                     }
                 )
                 record.sent_tokens += 1
-            yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            if script.finish_event is not None:
+                yield b"data: " + script.finish_event + b"\n\n"
+            else:
+                yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
             if include_usage and script.report_usage:
                 yield event({"choices": [], "usage": self._usage()})
             yield b"data: [DONE]\n\n"

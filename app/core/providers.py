@@ -146,7 +146,8 @@ def parse_chunk(data: bytes) -> StreamChunk:
     """
     try:
         event = _CHUNK_EVENT.decode(data)
-    except msgspec.DecodeError as exc:  # and ValidationError, its subclass
+    except (msgspec.DecodeError, RecursionError) as exc:  # DecodeError: and ValidationError
+        # RecursionError: msgspec's answer to nesting too deep, even in a skipped field.
         raise UpstreamError("provider sent a malformed stream event") from exc
     if event.error is not msgspec.UNSET:
         error = event.error
@@ -225,7 +226,7 @@ def upstream_error(provider: str, response: UpstreamResponse, body: bytes) -> Ap
         detail = error.get("message") if isinstance(error, dict) else error
         if isinstance(detail, str) and detail:
             message = f"{message}: {detail}"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, no object, too deep
         pass
     status = response.status_code
     if status == 429:

@@ -216,6 +216,43 @@ async def test_an_upstream_error_quoting_a_lone_surrogate_is_relayed_and_ends_th
     assert (row.error, row.total_tokens) == (message, 0)
 
 
+async def test_an_upstream_error_body_nested_too_deep_to_parse_is_a_502(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
+):
+    fake_upstream.script.status = 503
+    fake_upstream.script.error_body = b"[" * 100_000 + b"]" * 100_000
+    account = await livegate.account(tier)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 502
+    assert caught.value.message.endswith(" - provider fake answered 503")
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.total_tokens == 0
+
+
+async def test_a_stream_event_nested_too_deep_to_parse_ends_the_stream_with_an_error(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
+):
+    fake_upstream.script.tokens = 3
+    fake_upstream.script.finish_event = (
+        b'{"choices": [], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    )
+    account = await livegate.account(tier)
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    received = 0
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+    assert caught.value.message == "provider sent a malformed stream event"
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.completion_tokens == received == 3
+
+
 async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
     livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
