@@ -32,6 +32,7 @@ class Script:
     report_usage: bool = True  # honour stream_options.include_usage / add usage
     status: int = 200  # anything else: answer with this status and an error body
     error_body: bytes | None = None  # that error body's bytes, instead of the usual one
+    error_headers: dict[str, bytes] = field(default_factory=dict)  # sent as they are
     fail_after: int | None = None  # drop the connection after this many tokens
     # Stop after this many tokens until released (non-stream: hold the whole answer).
     hold_after: int | None = None
@@ -67,14 +68,17 @@ class FakeUpstream:
         self.requests.append(body)
         script = self.script
         if script.status != 200:
-            if script.error_body is not None:
-                return Response(
-                    script.error_body, status_code=script.status, media_type="application/json"
+            error: Response = (
+                Response(script.error_body, script.status, media_type="application/json")
+                if script.error_body is not None
+                else JSONResponse(
+                    {"error": {"message": f"scripted failure {script.status}", "type": "test"}},
+                    status_code=script.status,
                 )
-            return JSONResponse(
-                {"error": {"message": f"scripted failure {script.status}", "type": "test"}},
-                status_code=script.status,
             )
+            # Raw: a value need not be one Starlette would encode (latin-1).
+            error.raw_headers += [(k.lower().encode(), v) for k, v in script.error_headers.items()]
+            return error
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(

@@ -219,6 +219,21 @@ def _event_data(lines: list[bytes]) -> bytes | None:
     return b"\n".join(value[1:] if value.startswith(b" ") else value for value in data)
 
 
+# Past this many digits, a Retry-After is no wait worth passing on.
+RETRY_AFTER_DIGITS = 6
+
+
+def retry_after_seconds(value: str | None) -> int | None:
+    """The seconds of a Retry-After in its delay form, else None (a date, or nonsense).
+
+    ASCII digits only: `str.isdigit` also takes "¹", which `float` refuses, and a
+    header passed on to the client must be plain ASCII.
+    """
+    if value and len(value) <= RETRY_AFTER_DIGITS and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
 def upstream_error(provider: str, response: UpstreamResponse, body: bytes) -> ApiError:
     message = f"provider {provider} answered {response.status_code}"
     try:
@@ -231,8 +246,8 @@ def upstream_error(provider: str, response: UpstreamResponse, body: bytes) -> Ap
     status = response.status_code
     if status == 429:
         headers = {}
-        if retry_after := response.headers.get("retry-after"):
-            headers["Retry-After"] = retry_after
+        if (seconds := retry_after_seconds(response.headers.get("retry-after"))) is not None:
+            headers["Retry-After"] = str(seconds)
         return RateLimited(message, code="upstream_rate_limited", headers=headers)
     if status in (400, 404, 409, 413, 422):
         # The request itself was refused: the client can fix it, so it sees the status.

@@ -11,7 +11,13 @@ from typing import TypeVar
 from app.core.anthropic import AnthropicProvider
 from app.core.config import ModelRoute, Price, ProviderConfig
 from app.core.errors import ApiError, NotFound, RateLimited, UpstreamError
-from app.core.providers import ECHO_MODEL, EchoProvider, OpenAIProvider, Provider
+from app.core.providers import (
+    ECHO_MODEL,
+    EchoProvider,
+    OpenAIProvider,
+    Provider,
+    retry_after_seconds,
+)
 from app.core.upstream_transport import AiohttpTransport
 
 logger = logging.getLogger("livegate.routing")
@@ -107,8 +113,8 @@ class ModelRouter:
 
 def backoff(attempt: int, error: ApiError) -> float:
     """Seconds before retry `attempt` (1-based): exponential, or the upstream's Retry-After."""
-    retry_after = error.headers.get("Retry-After", "")
-    if retry_after.isdigit():
+    retry_after = retry_after_seconds(error.headers.get("Retry-After"))
+    if retry_after is not None:
         return min(float(retry_after), 5.0)
     return float(min(0.25 * 2 ** (attempt - 1), 2.0))
 

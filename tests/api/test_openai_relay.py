@@ -253,6 +253,41 @@ async def test_a_stream_event_nested_too_deep_to_parse_ends_the_stream_with_an_e
     assert row.completion_tokens == received == 3
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "retries"),
+    [("¹".encode(), 1), ("€".encode(), 0), (b"9" * 20, 0)],
+    ids=["superscript-digit", "not-latin-1", "too-long"],
+)
+async def test_an_upstream_429_with_a_retry_after_that_is_no_delay_is_a_429_without_it(
+    start_livegate: StartLivegate,
+    fake_upstream: FakeUpstream,
+    tier: str,
+    retry_after: bytes,
+    retries: int,
+):
+    """Only a delay in ASCII digits is waited for and passed on; anything else is left
+    out, not a 500 (a retry that could not read it, a header Starlette cannot send)."""
+    provider = ProviderConfig(
+        name="fake",
+        base_url=fake_upstream.base_url,
+        api_key="sk-upstream",
+        models=[FAKE_MODEL],
+        max_retries=retries,
+    )
+    livegate = await start_livegate(providers=[provider])
+    fake_upstream.script.status = 429
+    fake_upstream.script.error_headers = {"Retry-After": retry_after}
+    account = await livegate.account(tier)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert "retry-after" not in caught.value.response.headers
+    assert len(fake_upstream.requests) == retries + 1
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.total_tokens == 0
+
+
 async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
     livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
