@@ -23,6 +23,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+_USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+# Whole answers whose `choices` are not a list of objects each with a `message` object.
+MALFORMED_ANSWERS: dict[str, Any] = {
+    "choices-text": {"id": "x", "choices": "abc", "usage": _USAGE},
+    "choices-missing": {"id": "x", "usage": _USAGE},
+    "choice-number": {"id": "x", "choices": [5], "usage": _USAGE},
+    "message-text": {"id": "x", "choices": [{"index": 0, "message": "hello"}], "usage": _USAGE},
+    "message-array": {"id": "x", "choices": [{"index": 0, "message": ["a"]}], "usage": _USAGE},
+}
+
 
 @dataclass
 class Script:
@@ -39,6 +50,7 @@ class Script:
     content_prefix: str = "tok"
     meta_on_first_only: bool = False  # id, created and model on the first event only
     finish_event: bytes | None = None  # the finish event's data, instead of the usual one
+    answer: Any = None  # sent (as JSON) instead of the usual whole answer
 
 
 @dataclass
@@ -92,6 +104,8 @@ class FakeUpstream:
                     record.closed_early = True
                     return Response(status_code=499)
                 await asyncio.sleep(0.01)
+        if script.answer is not None:
+            return JSONResponse(script.answer)
         text = "".join(self.token(i) for i in range(script.tokens))
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

@@ -366,16 +366,27 @@ class OpenAIProvider(HttpProvider):
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         raw, parsed = await self._post_json(body)
-        choices = parsed.get("choices") or []
-        text = "".join(
-            content_text((c.get("message") or {}).get("content"))
-            for c in choices
-            if isinstance(c, dict)
-        )
+        text = _answer_text(parsed.get("choices"))
+        if text is None:
+            raise UpstreamError(f"provider {self.name} sent a malformed response")
         return Completion(body=raw, usage=parse_usage(parsed.get("usage")), completion_text=text)
 
     async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
         return _OpenAIStream(self.name, await self._send(body))
+
+
+def _answer_text(choices: object) -> str | None:
+    """The text of a whole answer's `choices`; None unless they are a list of objects
+    each with a `message` object (the relay and its routes read them so)."""
+    if not isinstance(choices, list):
+        return None
+    texts = []
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            return None
+        texts.append(content_text(message.get("content")))
+    return "".join(texts)
 
 
 class EchoProvider:

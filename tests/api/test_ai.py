@@ -25,7 +25,7 @@ from openai.types.chat import ChatCompletionChunk
 from app.core.config import ModelRoute, Price, ProviderConfig
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import MALFORMED_ANSWERS, FakeUpstream
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
@@ -387,6 +387,26 @@ async def test_generate_answers_text_choices(livegate: Livegate, fake_upstream: 
     assert "prompt" not in sent
     assert (sent["n"], sent["stop"], sent["max_tokens"]) == (2, ["\n\n", "END"], 500)
     assert (sent["temperature"], sent["top_p"], sent["stream"]) == (0.8, 0.95, False)
+
+
+@pytest.mark.parametrize("answer", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+async def test_generate_of_an_answer_of_the_wrong_shape_is_a_502_and_not_billed(
+    livegate: Livegate, fake_upstream: FakeUpstream, answer: dict[str, Any]
+):
+    account = await livegate.account()
+    fake_upstream.script.answer = answer
+    body = {"prompt": "Say hi", "model": FAKE_MODEL}
+    assert_error(
+        await call(livegate, "POST", "/api/v1/ai/generate", account.token, json=body),
+        502,
+        "SERVICE_UNAVAILABLE",
+    )
+    [row] = await wait_for_rows(livegate, account.user.id, all_final(1))
+    assert (row.status, row.error, row.total_tokens) == (
+        "error",
+        "provider fake sent a malformed response",
+        0,
+    )
 
 
 async def test_generate_defaults_and_single_stop(livegate: Livegate, fake_upstream: FakeUpstream):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import openai
@@ -13,7 +14,7 @@ from app.core.config import ProviderConfig
 from app.core.db import create_engine
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import MALFORMED_ANSWERS, FakeUpstream
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
@@ -286,6 +287,30 @@ async def test_an_upstream_429_with_a_retry_after_that_is_no_delay_is_a_429_with
     assert len(fake_upstream.requests) == retries + 1
     row = await wait_for_status(livegate, account.user.id, "error")
     assert row.total_tokens == 0
+
+
+@pytest.mark.parametrize("answer", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+async def test_a_whole_answer_of_the_wrong_shape_is_a_502_and_not_billed(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str, answer: dict[str, Any]
+):
+    """`choices` not a list of objects each with a `message` object is the provider's
+    fault, as for Anthropic: a 502, never an internal error, and nothing billed."""
+    fake_upstream.script.answer = answer
+    account = await livegate.account(tier)
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {account.api_key}"},
+        )
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["message"]) == (
+        "upstream_error",
+        "provider fake sent a malformed response",
+    )
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert (row.error, row.total_tokens) == (error["message"], 0)
 
 
 async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
