@@ -53,9 +53,23 @@ class StreamChunk(msgspec.Struct, frozen=True, gc=False):
     @property
     def meta(self) -> dict[str, Any]:
         """The event's id, created and model, for chunks we add ourselves (a quota cut,
-        a usage chunk). Parsed again when asked: once per stream, not once per token."""
-        event = orjson.loads(self.data)
-        return {key: event[key] for key in ("id", "created", "model") if key in event}
+        a usage chunk). Parsed again when asked: once per stream, not once per token.
+
+        Parsed as `parse_chunk` did (skipping the other fields), so an event it took
+        cannot fail here; one of these of the wrong type is left out.
+        """
+        try:
+            event = _META.decode(self.data)
+        except (msgspec.DecodeError, RecursionError):
+            return {}
+        meta: dict[str, Any] = {}
+        if isinstance(event.id, str):
+            meta["id"] = event.id
+        if isinstance(event.created, int) and not isinstance(event.created, bool):
+            meta["created"] = event.created
+        if isinstance(event.model, str):
+            meta["model"] = event.model
+        return meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +150,17 @@ class _ChunkEvent(msgspec.Struct):
 
 
 _CHUNK_EVENT = msgspec.json.Decoder(_ChunkEvent)
+
+
+class _Meta(msgspec.Struct):
+    """What `StreamChunk.meta` reads of an event."""
+
+    id: Any = None
+    created: Any = None
+    model: Any = None
+
+
+_META = msgspec.json.Decoder(_Meta)
 
 
 def parse_chunk(data: bytes) -> StreamChunk:

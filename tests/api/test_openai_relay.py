@@ -313,6 +313,34 @@ async def test_a_whole_answer_of_the_wrong_shape_is_a_502_and_not_billed(
     assert (row.error, row.total_tokens) == (error["message"], 0)
 
 
+async def test_a_last_event_with_a_number_out_of_range_still_ends_the_stream(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
+):
+    """-1e400 is skipped unread when the event is metered; reading the id, created and
+    model of the last event for the usage chunk must not trip on it either."""
+    fake_upstream.script.tokens = 2
+    fake_upstream.script.report_usage = False  # the finish event is the last one
+    fake_upstream.script.finish_event = (
+        b'{"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m",'
+        b' "choices": [{"index": 0, "delta": {}, "finish_reason": "stop",'
+        b' "logprobs": {"content": [{"token": "b", "logprob": -1e400}]}}]}'
+    )
+    account = await livegate.account(tier)
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 2
+    assert (chunks[-1].id, chunks[-1].created, chunks[-1].model) == ("chatcmpl-x", 1, "m")
+    row = await wait_for_status(livegate, account.user.id, "completed")
+    assert row.completion_tokens == 2
+
+
 async def test_upstream_failure_mid_stream_bills_delivered_and_reports_error(
     livegate: Livegate, fake_upstream: FakeUpstream, tier: str
 ):
