@@ -105,6 +105,7 @@ async def fake_upstream() -> AsyncIterator[FakeUpstream]:
         yield fake
     finally:
         fake.release.set()
+        fake.finish_release.set()
         await server.stop()
 
 

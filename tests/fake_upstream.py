@@ -47,6 +47,7 @@ class Script:
     fail_after: int | None = None  # drop the connection after this many tokens
     # Stop after this many tokens until released (non-stream: hold the whole answer).
     hold_after: int | None = None
+    hold_finish: bool = False  # stop before the finish event until `finish_release`
     content_prefix: str = "tok"
     meta_on_first_only: bool = False  # id, created and model on the first event only
     finish_event: bytes | None = None  # the finish event's data, instead of the usual one
@@ -66,6 +67,7 @@ class FakeUpstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     streams: list[StreamRecord] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    finish_release: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
 
     @property
@@ -167,6 +169,8 @@ class FakeUpstream:
                     }
                 )
                 record.sent_tokens += 1
+            if script.hold_finish:
+                await self.finish_release.wait()
             if script.finish_event is not None:
                 yield b"data: " + script.finish_event + b"\n\n"
             else:

@@ -337,14 +337,17 @@ async def relay_stream(
                 first = first or batch[0]
                 tokens = sum([chunk.tokens for chunk in batch])
                 budget = meter.remaining
-                if budget is not None and tokens > budget:
+                # A batch without tokens (a finish) costs nothing: it goes through even
+                # with the quota overrun meanwhile by another request.
+                if tokens and budget is not None and tokens > budget:
                     # More tokens than the quota holds: end here, cleanly, as a length cut.
                     sent = _within(batch, budget)
                     if data := fmt.encode(sent):
                         yield data
                     if delivered := sum([chunk.tokens for chunk in sent]):
                         meter.deliver(delivered)
-                    last = batch[len(sent)]
+                    # The first chunk not sent; all were if one chunk holds several tokens.
+                    last = batch[min(len(sent), len(batch) - 1)]
                     status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
                     yield b"".join(fmt.cut(_meta(first, last), meter.counted))
                     return

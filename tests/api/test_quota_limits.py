@@ -339,6 +339,43 @@ async def test_stream_started_with_little_quota_left_stops_within_one_checkpoint
     assert limit <= used <= limit + CHECKPOINT_TOKENS
 
 
+async def test_a_finish_after_the_quota_was_overrun_meanwhile_ends_the_stream(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    """Another request overran the quota while this stream ran: a last batch without
+    tokens (only the finish) has nothing to cut, and the stream ends as it came."""
+    livegate = await start_livegate(tiers=tiny_tier(40))
+    account = await livegate.account(tier="tiny")
+    fake_upstream.script.tokens = 2 * CHECKPOINT_TOKENS
+    fake_upstream.script.hold_after = CHECKPOINT_TOKENS
+    fake_upstream.script.hold_finish = True
+    streaming = asyncio.create_task(stream_lines(livegate, account, chat_body(stream=True)))
+    await wait_until(
+        lambda: fake_upstream.streams and len(livegate.services.metering.active) == 1, "held"
+    )
+    [meter] = livegate.services.metering.active
+    await wait_until(lambda: meter.completion_tokens == CHECKPOINT_TOKENS, "first tokens delivered")
+    # The overrun, as another instance's request would write it.
+    async with livegate.services.engine.begin() as conn:
+        await add_tokens(conn, account.user.id, month_period(datetime.now(UTC)), 100)
+    fake_upstream.release.set()
+    # The next checkpoint brings the overrun counter back: no quota left at all.
+    await wait_until(lambda: (meter.remaining or 0) < 0, "the overrun seen")
+    fake_upstream.finish_release.set()
+
+    status, lines = await streaming
+    assert status == 200 and lines[-1] == "data: [DONE]"
+    events = sse_events(lines)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert content_count(events) == 2 * CHECKPOINT_TOKENS
+    [row] = await wait_all_final(livegate, account.user.id, 1)
+    assert (row.status, row.finish_reason, row.completion_tokens) == (
+        "completed",
+        "stop",
+        2 * CHECKPOINT_TOKENS,
+    )
+
+
 # --- what the Sokuji routes report --------------------------------------------------
 
 
