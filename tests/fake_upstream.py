@@ -48,6 +48,8 @@ class Script:
     # Stop after this many tokens until released (non-stream: hold the whole answer).
     hold_after: int | None = None
     hold_finish: bool = False  # stop before the finish event until `finish_release`
+    # The usage so far on every token's event too (vLLM's `continuous_usage_stats`).
+    usage_every_token: bool = False
     content_prefix: str = "tok"
     meta_on_first_only: bool = False  # id, created and model on the first event only
     finish_event: bytes | None = None  # the finish event's data, instead of the usual one
@@ -126,8 +128,9 @@ class FakeUpstream:
             payload["usage"] = self._usage()
         return JSONResponse(payload)
 
-    def _usage(self) -> dict[str, int]:
-        prompt, completion = self.script.prompt_tokens, self.script.tokens
+    def _usage(self, completion: int | None = None) -> dict[str, int]:
+        prompt = self.script.prompt_tokens
+        completion = self.script.tokens if completion is None else completion
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -161,13 +164,13 @@ class FakeUpstream:
                     raise ConnectionAbortedError("scripted mid-stream failure")
                 if script.delay:
                     await asyncio.sleep(script.delay)
-                yield event(
-                    {
-                        "choices": [
-                            {"index": 0, "delta": {"content": self.token(i)}, "finish_reason": None}
-                        ]
-                    }
-                )
+                delta = {"content": self.token(i)}
+                payload: dict[str, Any] = {
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}]
+                }
+                if script.usage_every_token:
+                    payload["usage"] = self._usage(completion=i + 1)
+                yield event(payload)
                 record.sent_tokens += 1
             if script.hold_finish:
                 await self.finish_release.wait()

@@ -349,7 +349,11 @@ async def relay_stream(
                     # The first chunk not sent; all were if one chunk holds several tokens.
                     last = batch[min(len(sent), len(batch) - 1)]
                     status, finish_reason, error = UsageStatus.COMPLETED, QUOTA_FINISH_REASON, None
-                    yield b"".join(fmt.cut(_meta(first, last), meter.counted))
+                    # A usage the upstream sent so far (some send one on every chunk)
+                    # counts what it had generated then, not what reached the client:
+                    # a cut bills the delivered tokens, and the upstream's prompt count.
+                    usage = _delivered(meter, usage)
+                    yield b"".join(fmt.cut(_meta(first, last), usage))
                     return
                 last = batch[-1]
                 for chunk in batch:
@@ -391,6 +395,13 @@ def _within(batch: list[StreamChunk], budget: int) -> list[StreamChunk]:
             return batch[:i]
         pending += chunk.tokens
     return batch
+
+
+def _delivered(meter: UsageMeter, upstream: Usage | None) -> Usage:
+    """What a stream cut short bills: the delivered tokens, after the prompt tokens the
+    upstream reported, or else the estimated ones."""
+    prompt = upstream.prompt_tokens if upstream is not None else meter.prompt_tokens
+    return Usage(prompt, meter.completion_tokens)
 
 
 def _meta(first: StreamChunk | None, last: StreamChunk | None) -> dict[str, Any]:

@@ -376,6 +376,41 @@ async def test_a_finish_after_the_quota_was_overrun_meanwhile_ends_the_stream(
     )
 
 
+async def test_a_cut_bills_what_was_delivered_over_the_upstreams_usage_so_far(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    """An upstream that reports its usage on every token's event: the last one taken
+    before the cut counts fewer tokens than were delivered by the cut's own batch."""
+    livegate = await start_livegate(tiers=tiny_tier(40))
+    account = await livegate.account(tier="tiny")
+    fake_upstream.script.tokens = 200
+    fake_upstream.script.hold_after = 20
+    fake_upstream.script.usage_every_token = True
+    body = chat_body(stream=True, include_usage=True)
+    streaming = asyncio.create_task(stream_lines(livegate, account, body))
+    await wait_until(lambda: len(livegate.services.metering.active) == 1, "stream started")
+    [meter] = livegate.services.metering.active
+    await wait_until(lambda: meter.completion_tokens == 20, "the first tokens delivered")
+    fake_upstream.release.set()  # the rest in a read or a few: the cut comes mid-read
+
+    status, lines = await streaming
+    assert status == 200 and lines[-1] == "data: [DONE]"
+    events = sse_events(lines)
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    delivered = content_count(events)
+    [row] = await wait_all_final(livegate, account.user.id, 1)
+    assert (row.status, row.finish_reason) == ("completed", "quota_exhausted")
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        fake_upstream.script.prompt_tokens,
+        delivered,
+    )
+    assert events[-1]["usage"] == {
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.total_tokens,
+    }
+
+
 # --- what the Sokuji routes report --------------------------------------------------
 
 
