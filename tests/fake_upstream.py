@@ -249,7 +249,8 @@ class FakeAnthropic:
     input_tokens: int = 17
     # The usage counts sent; a count left out is missing from every usage object.
     usage_counts: tuple[str, ...] = ("input_tokens", "output_tokens")
-    # Sent instead of the answer (whole) or of the events (stream), each as JSON.
+    # Sent instead of the answer (whole) or of the events (stream), each as JSON (an
+    # event given as bytes is sent as it is).
     answer: Any = None
     events: list[Any] | None = None
     event_delay: float = 0.0  # seconds before each of those events but the first
@@ -278,7 +279,7 @@ class FakeAnthropic:
             if self.events is not None:
                 if self.event_delay:
                     return StreamingResponse(self._events(), media_type="text/event-stream")
-                raw = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in self.events)
+                raw = b"".join(b"data: %s\n\n" % _event_data(e) for e in self.events)
                 return Response(raw, media_type="text/event-stream")
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
         if self.answer is not None:
@@ -302,7 +303,7 @@ class FakeAnthropic:
         for i, event in enumerate(self.events or []):
             if i:
                 await asyncio.sleep(self.event_delay)
-            yield f"data: {json.dumps(event)}\n\n".encode()
+            yield b"data: %s\n\n" % _event_data(event)
 
     async def _stream(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
         def event(kind: str, payload: dict[str, Any]) -> bytes:
@@ -351,3 +352,7 @@ async def start_fake_anthropic() -> tuple[FakeAnthropic, LoopbackServer]:
     fake.port = server.port
     await server.start()
     return fake, server
+
+
+def _event_data(event: Any) -> bytes:
+    return event if isinstance(event, bytes) else json.dumps(event).encode()

@@ -195,7 +195,7 @@ class _AnthropicStream:
         """Append the OpenAI chunks one Anthropic event makes; True at `message_stop`."""
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             event = None
         if not isinstance(event, dict):
             raise UpstreamError("provider sent a malformed stream event")

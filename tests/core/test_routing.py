@@ -196,6 +196,7 @@ _TEXT = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 
         ),
         (None, [_START, _TEXT, {"type": "message_delta", "delta": {"stop_reason": ["end_turn"]}}]),
         (None, [_START, _TEXT, {"type": "error", "error": "overloaded"}]),
+        (None, [_START, _TEXT, b"[" * 100_000 + b"]" * 100_000]),
     ],
     ids=[
         "content-number",
@@ -207,6 +208,7 @@ _TEXT = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 
         "text-number",
         "stop-reason-array",
         "error-string",
+        "event-too-deep",
     ],
 )
 async def test_anthropic_malformed_answer_is_an_upstream_error(
