@@ -16,13 +16,14 @@ from app.core.keys import revoke_all_keys
 from app.core.live import QuotaPublisher
 from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.security import hash_password, verify_password
-from app.core.sessions import Sessions, SessionTokens, lock_sessions, revoke_refresh_tokens
+from app.core.sessions import Sessions, SessionTokens, revoke_refresh_tokens
 from app.core.tables import users
 from app.core.users import (
     USER_COLUMNS,
     User,
     create_user,
     get_user,
+    lock_user,
     normalize_email,
     row_to_user,
 )
@@ -133,7 +134,7 @@ async def change_password(engine: AsyncEngine, user_id: str, *, old: str, new: s
     async with engine.begin() as conn:
         # One transaction under the user's lock: a refresh runs wholly before it (its
         # access token predates the change) or after (its refresh token is revoked).
-        await lock_sessions(conn, user_id)
+        await lock_user(conn, user_id)
         now = datetime.now(UTC)
         await conn.execute(
             users.update()
@@ -208,7 +209,7 @@ async def update_user_admin(
 async def delete_user(engine: AsyncEngine, user_id: str) -> None:
     """Soft delete: the user and all their keys and sessions stop working at once."""
     async with engine.begin() as conn:
-        await lock_sessions(conn, user_id)
+        await lock_user(conn, user_id)
         now = datetime.now(UTC)
         await conn.execute(
             users.update()

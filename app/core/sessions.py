@@ -15,7 +15,8 @@ from app.core.batching import Batcher
 from app.core.db import single_reads
 from app.core.errors import Unauthorized
 from app.core.security import JWT_LIFETIME, Secrets, hash_key, new_id
-from app.core.tables import refresh_tokens, revoked_tokens, users
+from app.core.tables import refresh_tokens, revoked_tokens
+from app.core.users import lock_user
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -128,9 +129,11 @@ class Sessions:
         """Spend a refresh token for a new pair; a spent one revokes its whole family.
 
         The spend and the next token of the family are one transaction, taken under
-        the user's lock (see `lock_sessions`) like every revocation: a revocation
-        running at the same time either comes first (the spend then finds the token
-        revoked) or sees the token the spend issued.
+        the user's lock (`lock_user`) like every revocation: a revocation running at
+        the same time either comes first (the spend then finds the token revoked) or
+        sees the token the spend issued. Without the lock, on PostgreSQL, the
+        revocation's UPDATE, its snapshot taken before the spend commits, would miss
+        the new token.
         """
         token_hash = hash_key(refresh_token)
         now = datetime.now(UTC)
@@ -147,7 +150,7 @@ class Sessions:
                 raise Unauthorized(
                     "invalid, expired or reused refresh token", code="invalid_refresh"
                 )
-            await lock_sessions(conn, holder)
+            await lock_user(conn, holder)
             spent = (
                 await conn.execute(
                     refresh_tokens.update()
@@ -195,22 +198,14 @@ class Sessions:
         if session_id is not None:
             now = datetime.now(UTC)
             async with self._engine.begin() as conn:
-                await lock_sessions(conn, user_id)
+                await lock_user(conn, user_id)
                 await _revoke_family(conn, session_id, now)
             await self._end_access(session_id, now)
 
 
-async def lock_sessions(conn: AsyncConnection, user_id: str) -> None:
-    """Take the user's row lock (PostgreSQL) before spending or revoking their refresh
-    tokens, so those run one at a time per user. Without it a revocation's UPDATE, its
-    snapshot taken before a concurrent refresh commits, would miss the token that
-    refresh issues. SQLite runs one writer at a time anyway."""
-    await conn.execute(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
-
-
 async def revoke_refresh_tokens(conn: AsyncConnection, user_id: str, now: datetime) -> None:
-    """Revoke every refresh token of the user, in the caller's transaction; call
-    `lock_sessions` first."""
+    """Revoke every refresh token of the user, in the caller's transaction; lock the
+    user first (see `Sessions.refresh`)."""
     await conn.execute(
         refresh_tokens.update()
         .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None))

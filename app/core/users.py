@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, Unauthorized
@@ -109,6 +109,16 @@ async def create_user(
     except IntegrityError as exc:
         raise Conflict("a user with this email or username already exists") from exc
     return await get_user(engine, str(values["id"]))
+
+
+async def lock_user(conn: AsyncConnection, user_id: str) -> None:
+    """Hold the user's row until the transaction ends, so transactions that first lock
+    one user run one after another: a write takes the row's lock on PostgreSQL and the
+    database's write lock on SQLite (where `FOR UPDATE` does nothing). What such a
+    transaction reads afterwards stays true until it commits."""
+    await conn.execute(
+        users.update().where(users.c.id == user_id).values(updated_at=users.c.updated_at)
+    )
 
 
 async def get_user(engine: AsyncEngine, user_id: str) -> User:

@@ -38,7 +38,8 @@ from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.pagination import Page
 from app.core.security import Secrets, new_id
-from app.core.tables import users, webhook_deliveries, webhook_subscriptions, webhooks
+from app.core.tables import webhook_deliveries, webhook_subscriptions, webhooks
+from app.core.users import lock_user
 
 if TYPE_CHECKING:
     from svix.webhooks import Webhook as Signer
@@ -245,12 +246,9 @@ async def create_endpoint(
     now = datetime.now(UTC)
     webhook_id = f"wh-{new_id()}"
     async with engine.begin() as conn:
-        # Writing the user's row first takes its lock on PostgreSQL (the write lock on
-        # SQLite): creations of one user run one after another, so the count read next
-        # holds until this one commits and concurrent requests cannot pass the cap.
-        await conn.execute(
-            users.update().where(users.c.id == user_id).values(updated_at=users.c.updated_at)
-        )
+        # Creations of one user run one after another: the count read next holds until
+        # this one commits, so concurrent requests cannot pass the cap.
+        await lock_user(conn, user_id)
         count = await conn.scalar(
             sa.select(sa.func.count()).select_from(webhooks).where(webhooks.c.user_id == user_id)
         )

@@ -103,11 +103,14 @@ class _QuotaSocket:
             principal = await self.svc.authenticator.authenticate(self._credential, use=False)
             principal.require("usage:read")
         except ApiError:
-            async with self._send_lock:
-                await self.websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
+            await self._close_unauthorized()
             return False
         self.user = principal.user
         return True
+
+    async def _close_unauthorized(self) -> None:
+        async with self._send_lock:
+            await self.websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
 
     async def resync(self) -> None:
         """After the bus lost messages: a snapshot of the user as they are now (a tier
@@ -115,8 +118,7 @@ class _QuotaSocket:
         try:
             self.user = await get_user(self.svc.engine, self.user.id)
         except Unauthorized:
-            async with self._send_lock:
-                await self.websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
+            await self._close_unauthorized()
             return
         await self.send_snapshot()
 
