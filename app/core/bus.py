@@ -123,8 +123,7 @@ class Bus:
         sub = Subscription(self, channel, maxlen, listener)
         subs = self._subscribers.setdefault(channel, set())
         subs.add(sub)
-        if len(subs) == 1:
-            await self._first_subscriber(channel)
+        await self._joined(channel, first=len(subs) == 1)
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
@@ -140,8 +139,8 @@ class Bus:
         for sub in self._subscribers.get(channel, ()):
             sub.deliver(message)
 
-    async def _first_subscriber(self, channel: str) -> None:
-        pass
+    async def _joined(self, channel: str, first: bool) -> None:
+        """Return once messages published on `channel` reach the new subscriber."""
 
     async def _last_unsubscriber(self, channel: str) -> None:
         pass
@@ -229,7 +228,11 @@ class RedisBus(Bus):
                     pipe.publish(self._prefix + channel, self._origin + message)
                 await pipe.execute()
 
-    async def _first_subscriber(self, channel: str) -> None:
+    async def _joined(self, channel: str, first: bool) -> None:
+        # A later subscriber waits too while the first one's SUBSCRIBE is under way:
+        # returning at once, it could miss what is published before Redis listens.
+        if not first and channel not in self._waiters:
+            return  # subscribed already
         ready = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(ready)
         self._changed.set()

@@ -377,6 +377,31 @@ async def test_redis_own_subscribers_get_a_message_at_once_and_once_others_throu
         await close_redis_bus(other)
 
 
+async def test_redis_subscribers_joining_at_once_each_hear_the_next_message(
+    bus_kind: str | None,
+):
+    """Two subscribers of one channel subscribe at the same moment: neither returns
+    before Redis listens on the channel for this process."""
+    if bus_kind is None:
+        pytest.skip("a Redis bus only")
+    bus = await open_redis_bus(bus_kind)
+    other = await open_redis_bus(bus_kind)
+    try:
+        for round_ in range(5):
+            channel = f"joined-{round_}"
+            joining = asyncio.create_task(bus.bus.subscribe(channel, maxlen=10))
+            await asyncio.sleep(0)  # the first is waiting for Redis to subscribe
+            second = await bus.bus.subscribe(channel, maxlen=10)
+            # Published by another instance as soon as the second subscriber is back.
+            await other.bus.publish(channel, "hello")
+            first = await joining
+            assert await first.get(within=5) == "hello"
+            assert await second.get(within=5) == "hello"
+    finally:
+        await close_redis_bus(other)
+        await close_redis_bus(bus)
+
+
 async def test_a_listener_gets_each_message_as_it_arrives_and_has_no_mailbox(
     bus: BusUnderTest,
 ):
