@@ -221,12 +221,11 @@ async def _events_of(conn: AsyncConnection, ids: list[str]) -> dict[str, list[st
     return found
 
 
-async def _owned(conn: AsyncConnection, user_id: str, webhook_id: str) -> Any:
-    row = (
-        await conn.execute(
-            sa.select(webhooks).where(webhooks.c.id == webhook_id, webhooks.c.user_id == user_id)
-        )
-    ).first()
+async def _owned(
+    conn: AsyncConnection, user_id: str, webhook_id: str, *, lock: bool = False
+) -> Any:
+    query = sa.select(webhooks).where(webhooks.c.id == webhook_id, webhooks.c.user_id == user_id)
+    row = (await conn.execute(query.with_for_update() if lock else query)).first()
     if row is None:
         raise NotFound("Webhook not found")
     return row
@@ -338,9 +337,14 @@ async def update_endpoint(
 
 
 async def delete_endpoint(engine: AsyncEngine, user_id: str, webhook_id: str) -> None:
-    """Delete the webhook with its subscriptions and deliveries (pending ones are dropped)."""
+    """Delete the webhook with its subscriptions and deliveries (pending ones are dropped).
+
+    The webhook's row is locked first: an event being queued for it at the same time
+    holds a share of it (`_SUBSCRIBED`), so the two run one after the other, and the
+    delete never misses a delivery that would then refer to no webhook.
+    """
     async with engine.begin() as conn:
-        await _owned(conn, user_id, webhook_id)
+        await _owned(conn, user_id, webhook_id, lock=True)
         for table in (webhook_deliveries, webhook_subscriptions):
             await conn.execute(table.delete().where(table.c.webhook_id == webhook_id))
         await conn.execute(webhooks.delete().where(webhooks.c.id == webhook_id))
@@ -353,7 +357,9 @@ def _timestamp(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-# Built once: it runs as every relayed request finishes.
+# Built once: it runs as every relayed request of a user with webhooks finishes. The
+# share of each webhook's row (PostgreSQL) keeps it from being deleted until the
+# deliveries queued for it are committed (see `delete_endpoint`).
 _SUBSCRIBED = (
     sa.select(webhooks.c.id)
     .join(webhook_subscriptions, webhook_subscriptions.c.webhook_id == webhooks.c.id)
@@ -362,6 +368,7 @@ _SUBSCRIBED = (
         webhooks.c.active.is_(True),
         webhook_subscriptions.c.event == sa.bindparam("event"),
     )
+    .with_for_update(key_share=True, of=webhooks)
 )
 
 

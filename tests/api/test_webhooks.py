@@ -29,8 +29,9 @@ from svix.webhooks import Webhook
 
 from app.core.config import TierConfig, WebhooksConfig
 from app.core.tables import usage_logs, webhook_deliveries
+from app.core.webhooks import Event, enqueue
 from tests.api.test_ai import ISO_MS, assert_error, call
-from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
+from tests.conftest import FAKE_MODEL, Backend, Livegate, StartLivegate
 from tests.fake_upstream import FakeUpstream, LoopbackServer
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -507,6 +508,44 @@ async def test_deleting_a_webhook_drops_what_it_had_not_received(
     assert await waiting() == 1  # its retry is a minute away
     await call(livegate, "DELETE", f"/api/v1/webhooks/{webhook['id']}", account.token)
     assert await waiting() == 0
+
+
+async def test_a_webhook_deleted_while_an_event_is_queued_for_it_leaves_nothing(
+    start_livegate: StartLivegate, backend: Backend
+) -> None:
+    if backend.name != "postgres":
+        pytest.skip("SQLite runs one writer at a time: the two cannot overlap")
+    livegate = await start_livegate()
+    account = await livegate.account()
+    webhook = await create_webhook(livegate, account.token, "https://hooks.example.com/")
+    engine = livegate.services.engine
+    async with engine.connect() as queueing:
+        # An event queued for the webhook, not yet committed (a request finishing) ...
+        transaction = await queueing.begin()
+        queued = await enqueue(queueing, account.user.id, Event.TASK_COMPLETED, dict)
+        assert queued == 1
+        path = f"/api/v1/webhooks/{webhook['id']}"
+        deleting = asyncio.create_task(call(livegate, "DELETE", path, account.token))
+        # ... while the user deletes the webhook: the delete waits for it.
+        async with asyncio.timeout(10):
+            while not await lock_waits(livegate):
+                assert not deleting.done(), (await deleting).text
+                await asyncio.sleep(0.02)
+        await transaction.commit()
+    response = await deleting
+    assert response.status_code == 200, response.text
+    assert await deliveries_of(livegate, webhook["id"]) == []
+
+
+async def lock_waits(livegate: Livegate) -> int:
+    async with livegate.services.engine.connect() as conn:
+        waiting = await conn.scalar(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return int(waiting or 0)
 
 
 async def deliveries_of(livegate: Livegate, webhook_id: str) -> list[Any]:
