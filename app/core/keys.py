@@ -278,8 +278,10 @@ class KeyUsageRecorder:
                             ),
                         )
                     )
-        except Exception:
-            for key_id, (count, last_used) in batch.items():  # keep them for the next try
+        except BaseException:
+            # Kept for the next try; also when cancelled (a shutdown: `close` flushes
+            # again), else the counts would be lost.
+            for key_id, (count, last_used) in batch.items():
                 pending, _ = self._pending.get(key_id, (0, last_used))
                 self._pending[key_id] = (pending + count, last_used)
             raise

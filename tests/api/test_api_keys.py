@@ -281,6 +281,24 @@ async def test_usage_reaches_the_database_without_help(livegate: Livegate):
     assert detail["last_used"] is not None
 
 
+async def test_a_flush_cancelled_midway_keeps_its_counts(livegate: Livegate):
+    # As at shutdown, when the flusher is cancelled in the middle of a write.
+    account = await livegate.account()
+    created = await create_key(livegate, account.token)
+    for _ in range(3):
+        assert (await models(livegate, created["key"])).status_code == 200
+    recorder = livegate.services.key_usage
+    flushing = asyncio.create_task(recorder.flush())
+    await asyncio.sleep(0)  # the batch is taken, its write under way
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    await recorder.flush()
+    path = f"/api/v1/api-keys/{created['id']}"
+    detail = (await call(livegate, "GET", path, account.token)).json()["data"]["api_key"]
+    assert detail["usage_count"] == 3
+
+
 # --- update --------------------------------------------------------------------------
 
 
