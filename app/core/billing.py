@@ -32,7 +32,7 @@ from app.core.errors import ApiError, BadRequest, Conflict, NotFound, UpstreamEr
 from app.core.live import QuotaPublisher
 from app.core.quota import QuotaSnapshot
 from app.core.strict_json import parse_json
-from app.core.tables import subscriptions, users, webhook_events
+from app.core.tables import MAX_EVENT_ID, subscriptions, users, webhook_events
 from app.core.users import User
 
 logger = logging.getLogger("livegate.billing")
@@ -351,7 +351,7 @@ class Billing:
         )
         data = payload.get("data")
         obj = data.get("object") if isinstance(data, dict) else None
-        if not isinstance(event_id, str) or not 0 < len(event_id) <= 255:
+        if not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_EVENT_ID:
             raise InvalidEvent("webhook event has no `id`")
         if not isinstance(event_type, str) or not isinstance(obj, dict):
             raise InvalidEvent("webhook event needs a `type` and a `data.object`")

@@ -15,12 +15,11 @@ from app.core.auth import MAX_SUBJECT, IdentityConflict
 from app.core.errors import ApiError, BadRequest
 from app.core.services import Services
 from app.core.strict_json import parse_json
-from app.core.tables import external_identities, users, webhook_events
+from app.core.tables import MAX_EVENT_ID, external_identities, users, webhook_events
 from app.core.users import normalize_email
 
 logger = logging.getLogger("livegate.clerk")
 SOURCE = "clerk"
-MAX_EVENT_ID = 255  # webhook_events.event_id
 
 
 class WebhookNotConfigured(ApiError):

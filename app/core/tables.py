@@ -201,11 +201,13 @@ revoked_tokens = Table(
 )
 
 # Inbound webhook deliveries already processed, so a replay is never applied twice.
+# The longest event id a source's delivery may carry (Stripe's, svix's).
+MAX_EVENT_ID = 255
 webhook_events = Table(
     "webhook_events",
     metadata,
     Column("source", String(32), primary_key=True),
-    Column("event_id", String(255), primary_key=True),
+    Column("event_id", String(MAX_EVENT_ID), primary_key=True),
     Column("received_at", UTCDateTime(), nullable=False),
 )
 
