@@ -147,15 +147,18 @@ class AnthropicProvider(HttpProvider):
 
     async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
         response = await self._send(to_messages_request(body))
-        return _AnthropicStream(self.name, response, body["model"])
+        return _AnthropicStream(self.name, response, body["model"], self.max_response_bytes)
 
 
 class _AnthropicStream:
     """Anthropic stream events as OpenAI `chat.completion.chunk`s."""
 
-    def __init__(self, provider: str, response: UpstreamResponse, model: str) -> None:
+    def __init__(
+        self, provider: str, response: UpstreamResponse, model: str, max_event_bytes: int
+    ) -> None:
         self._provider = provider
         self._response = response
+        self._max_event_bytes = max_event_bytes
         self._meta = {
             "id": f"chatcmpl-{new_id()}",
             "object": "chat.completion.chunk",
@@ -176,7 +179,9 @@ class _AnthropicStream:
     async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
         self._prompt_tokens = self._completion_tokens = None
         try:
-            async with aclosing(iter_sse_batches(self._response.aiter_bytes())) as batches:
+            async with aclosing(
+                iter_sse_batches(self._response.aiter_bytes(), self._max_event_bytes)
+            ) as batches:
                 async for batch in batches:
                     chunks: list[StreamChunk] = []
                     done = False

@@ -65,6 +65,8 @@ class ProviderConfig(_Strict):
     read_timeout: float = Field(default=120.0, gt=0)
     # Attempts on 429/5xx/timeouts before the first token, before falling back.
     max_retries: int = Field(default=1, ge=0, le=10)
+    # The most an answer may take, decoded: a whole answer, or one event of a stream.
+    max_response_bytes: int = Field(default=33_554_432, ge=65_536)
     prices: dict[str, Price] = Field(default_factory=dict)
 
 

@@ -204,25 +204,47 @@ def parse_chunk(data: bytes) -> StreamChunk:
 
 
 async def iter_sse_batches(
-    chunks: AsyncGenerator[bytes, None],
+    chunks: AsyncGenerator[bytes, None], max_event_bytes: int
 ) -> AsyncGenerator[list[bytes], None]:
     """The `data` payloads of an SSE byte stream (multi-line data joined by newlines),
     as a list per network read that completed any. Closes `chunks` when it ends or is
     closed.
 
+    An event longer than `max_event_bytes` raises `UpstreamError`, at the latest once
+    that much of it is in.
+
     Close it (`contextlib.aclosing`) rather than leave it mid-stream: an async
     generator dropped unfinished is closed later by a task of the event loop's, one
     per generator and stream.
     """
-    partial = b""  # an event not yet ended by its blank line
+    # The reads since the last event's end. Kept apart until one ends an event: joining
+    # each read onto the rest would copy a long event over and over.
+    pending: list[bytes] = []
+    pending_bytes = 0
+    tail = b""  # the last two bytes pending: an event's end can span reads
     async with aclosing(chunks):
         async for chunk in chunks:
+            if pending and not (_ends_event(chunk) or _ends_event(tail + chunk[:2])):
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                tail = (tail + chunk[-2:])[-2:]
+                if pending_bytes > max_event_bytes:
+                    raise UpstreamError(f"provider sent an event over {max_event_bytes} bytes")
+                continue
             # One split per read: an unpaced upstream packs hundreds of events in one.
-            buffer = partial + chunk if partial else chunk
+            buffer = b"".join([*pending, chunk]) if pending else chunk
             if b"\r" in buffer:
                 buffer = buffer.replace(b"\r\n", b"\n")
             events = buffer.split(b"\n\n")
             partial = events.pop()
+            pending = [partial] if partial else []
+            pending_bytes = len(partial)
+            tail = partial[-2:]
+            if pending_bytes > max_event_bytes or (
+                len(buffer) - pending_bytes > max_event_bytes
+                and any(len(event) > max_event_bytes for event in events)
+            ):
+                raise UpstreamError(f"provider sent an event over {max_event_bytes} bytes")
             batch: list[bytes] = []
             for event in events:
                 if event.startswith(b"data: ") and b"\n" not in event:
@@ -232,8 +254,14 @@ async def iter_sse_batches(
             if batch:
                 yield batch
     # At the end, an event whose blank line never came still counts its ended lines.
+    partial = b"".join(pending).replace(b"\r\n", b"\n")
     if (data := _event_data(partial.split(b"\n")[:-1])) is not None:
         yield [data]
+
+
+def _ends_event(data: bytes) -> bool:
+    """Whether `data` holds an event's end: a blank line, once CRLFs read as LFs."""
+    return b"\n\n" in data or b"\n\r\n" in data
 
 
 def _event_data(lines: list[bytes]) -> bytes | None:
@@ -243,6 +271,9 @@ def _event_data(lines: list[bytes]) -> bytes | None:
         return None
     return b"\n".join(value[1:] if value.startswith(b" ") else value for value in data)
 
+
+# An error answer is read this far, for its message; past it, the status alone tells.
+MAX_ERROR_BODY_BYTES = 65_536
 
 # Past this many digits, a Retry-After is no wait worth passing on.
 RETRY_AFTER_DIGITS = 6
@@ -289,13 +320,16 @@ def transport_error(provider: str, exc: httpx.HTTPError) -> ApiError:
 
 
 class _OpenAIStream:
-    def __init__(self, provider: str, response: UpstreamResponse) -> None:
+    def __init__(self, provider: str, response: UpstreamResponse, max_event_bytes: int) -> None:
         self._provider = provider
         self._response = response
+        self._max_event_bytes = max_event_bytes
 
     async def __aiter__(self) -> AsyncIterator[list[StreamChunk]]:
         try:
-            async with aclosing(iter_sse_batches(self._response.aiter_bytes())) as batches:
+            async with aclosing(
+                iter_sse_batches(self._response.aiter_bytes(), self._max_event_bytes)
+            ) as batches:
                 async for batch in batches:
                     chunks: list[StreamChunk] = []
                     for data in batch:
@@ -335,6 +369,7 @@ class HttpProvider:
         self._timeout = client_timeout(
             connect=config.connect_timeout, read=config.read_timeout, pool=10.0
         )
+        self.max_response_bytes = config.max_response_bytes
 
     async def _send(self, body: dict[str, Any]) -> UpstreamResponse:
         """POST `body`; the open response if it is a 200, else the mapped `ApiError`."""
@@ -346,7 +381,7 @@ class HttpProvider:
             raise transport_error(self.name, exc) from exc
         if response.status_code != 200:
             try:
-                error_body = await response.read()
+                error_body = await response.read(MAX_ERROR_BODY_BYTES) or b""
             except httpx.HTTPError:
                 error_body = b""
             finally:
@@ -358,11 +393,15 @@ class HttpProvider:
         """POST `body` and read the whole JSON answer: (raw bytes, parsed object)."""
         response = await self._send(body)
         try:
-            raw = await response.read()
+            raw = await response.read(self.max_response_bytes)
         except httpx.HTTPError as exc:
             raise transport_error(self.name, exc) from exc
         finally:
             await response.aclose()
+        if raw is None:
+            raise UpstreamError(
+                f"provider {self.name} sent a response over {self.max_response_bytes} bytes"
+            )
         try:
             parsed = orjson.loads(raw)
         except ValueError as exc:
@@ -397,7 +436,7 @@ class OpenAIProvider(HttpProvider):
         return Completion(body=raw, usage=parse_usage(parsed.get("usage")), completion_text=text)
 
     async def open_stream(self, body: dict[str, Any]) -> UpstreamStream:
-        return _OpenAIStream(self.name, await self._send(body))
+        return _OpenAIStream(self.name, await self._send(body), self.max_response_bytes)
 
 
 def _answer_text(choices: object) -> str | None:

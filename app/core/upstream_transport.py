@@ -94,8 +94,7 @@ def _release(response: aiohttp.ClientResponse) -> None:
 class UpstreamResponse:
     """An upstream's answer: status and headers, then the body whole or as it arrives.
 
-    The body is decoded (gzip, deflate). Close it with `aclose()` unless `read()`
-    read it all.
+    The body is decoded (gzip, deflate). Close it with `aclose()` once done with it.
     """
 
     __slots__ = ("_response", "headers", "status_code")
@@ -105,10 +104,21 @@ class UpstreamResponse:
         self.status_code = response.status
         self.headers: Mapping[str, str] = response.headers
 
-    async def read(self) -> bytes:
-        """The whole body; the connection goes back to the pool."""
+    async def read(self, limit: int) -> bytes | None:
+        """The whole body, decoded; None once it runs past `limit` bytes.
+
+        The limit counts decoded bytes: a small gzip body can inflate a thousandfold,
+        so a Content-Length says nothing of what reading it costs.
+        """
+        parts: list[bytes] = []
+        size = 0
         with _httpx_errors():
-            return await self._response.read()
+            async for data in self._response.content.iter_any():
+                size += len(data)
+                if size > limit:
+                    return None
+                parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         return _iter_body(self._response)

@@ -438,3 +438,81 @@ async def test_stream_cut_by_server_shutdown_is_interrupted(
     finally:
         await engine.dispose()
     assert (row.status, row.completion_tokens) == ("interrupted", 3)
+
+
+async def _with_response_limit(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+) -> Livegate:
+    provider = ProviderConfig(
+        name="fake",
+        base_url=fake_upstream.base_url,
+        api_key="sk-upstream",
+        models=[FAKE_MODEL],
+        max_response_bytes=65_536,
+        max_retries=0,
+    )
+    return await start_livegate(providers=[provider])
+
+
+async def test_a_whole_answer_past_the_response_limit_is_a_502_and_not_billed(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream, tier: str
+):
+    """The answer is never read past the provider's `max_response_bytes`."""
+    livegate = await _with_response_limit(start_livegate, fake_upstream)
+    fake_upstream.script.answer = {
+        "id": "x",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "a" * 70_000}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    account = await livegate.account(tier)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 502
+    assert caught.value.message.endswith(" - provider fake sent a response over 65536 bytes")
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.total_tokens == 0
+
+
+async def test_a_stream_event_past_the_response_limit_ends_the_stream_with_an_error(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream, tier: str
+):
+    """An event that never ends is not buffered without bound; what was delivered
+    before it is billed."""
+    livegate = await _with_response_limit(start_livegate, fake_upstream)
+    fake_upstream.script.tokens = 3
+    fake_upstream.script.report_usage = False
+    fake_upstream.script.hold_finish = True  # the tokens reach the client first
+    fake_upstream.script.finish_event = b'{"choices": [], "x": "' + b"a" * 70_000 + b'"}'
+    account = await livegate.account(tier)
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    received = 0
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+                if received == 3:
+                    fake_upstream.finish_release.set()
+    assert caught.value.message == "provider sent an event over 65536 bytes"
+    row = await wait_for_status(livegate, account.user.id, "error")
+    assert row.completion_tokens == received == 3
+
+
+async def test_an_error_answer_is_read_only_as_far_as_its_message_needs(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str
+):
+    """An error body past 64 KiB is not read: the status alone makes the message."""
+    fake_upstream.script.status = 500
+    fake_upstream.script.error_body = (
+        b'{"error": {"message": "long story", "padding": "' + b"a" * 70_000 + b'"}}'
+    )
+    account = await livegate.account(tier)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client(livegate, account.api_key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 502
+    assert caught.value.message.endswith(" - provider fake answered 500")

@@ -24,8 +24,8 @@ async def reads(*parts: bytes) -> AsyncIterator[bytes]:
         yield part
 
 
-async def batches(*parts: bytes) -> list[list[bytes]]:
-    return [batch async for batch in iter_sse_batches(reads(*parts))]
+async def batches(*parts: bytes, limit: int = 1 << 20) -> list[list[bytes]]:
+    return [batch async for batch in iter_sse_batches(reads(*parts), limit)]
 
 
 async def test_events_split_anywhere_across_reads_come_out_whole() -> None:
@@ -35,6 +35,28 @@ async def test_events_split_anywhere_across_reads_come_out_whole() -> None:
     for cut in range(1, len(stream)):
         split = await batches(stream[:cut], stream[cut:])
         assert [event for batch in split for event in batch] == whole[0], cut
+
+
+async def test_events_read_a_byte_at_a_time_come_out_whole() -> None:
+    stream = (
+        b'data: {"a":1}\n\ndata: {"b":2}\r\n\r\n: a comment\n\ndata: x\r\ndata: y\n\r\n'
+        b"data: [DONE]\n\ndata: tail\r\n"
+    )
+    split = await batches(*(stream[i : i + 1] for i in range(len(stream))))
+    assert split == [[b'{"a":1}'], [b'{"b":2}'], [b"x\ny"], [b"[DONE]"], [b"tail"]]
+
+
+@pytest.mark.parametrize("reads", [1, 3, 40], ids=["in-one-read", "in-3-reads", "in-40-reads"])
+async def test_an_event_past_the_limit_is_an_upstream_error(reads: int) -> None:
+    event = b"data: " + b"a" * 4000
+    size = -(-len(event) // reads)
+    parts = [b"data: 1\n\n"] + [event[i : i + size] for i in range(0, len(event), size)]
+    with pytest.raises(UpstreamError, match=r"^provider sent an event over 3000 bytes$"):
+        await batches(*parts, limit=3000)
+    with pytest.raises(UpstreamError, match=r"^provider sent an event over 3000 bytes$"):
+        await batches(*parts, b"\n\n", limit=3000)  # ended, in the read that ends it
+    # At the limit, the event comes out whole.
+    assert await batches(*parts, b"\n\n", limit=len(event)) == [[b"1"], [b"a" * 4000]]
 
 
 async def test_one_batch_per_read_that_completed_events() -> None:

@@ -17,6 +17,7 @@ from app.core.upstream_transport import AiohttpTransport, client_timeout
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 OK_BODY = b'{"ok":true}'
+LIMIT = 1 << 20
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
@@ -250,7 +251,7 @@ async def test_a_compressed_answer_is_decoded_once_either_way() -> None:
         response = await http.post(f"{url}/x", content=b"{}")
         assert response.json() == {"ok": True}
         answer = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
-        assert await answer.read() == OK_BODY
+        assert await answer.read(LIMIT) == OK_BODY
 
 
 # --- the relay's `post` ------------------------------------------------------------
@@ -273,7 +274,7 @@ async def test_post_sends_its_bytes_and_headers_and_reuses_the_connection() -> N
             )
             assert response.status_code == 200
             assert response.headers["Content-Type"] == "application/json"
-            assert await response.read() == OK_BODY
+            assert await response.read(LIMIT) == OK_BODY
 
     assert server.connections == 1
     head, body = server.requests[2]
@@ -296,7 +297,7 @@ async def test_post_hands_back_an_error_status_with_its_body() -> None:
         response = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
         assert response.status_code == 429
         assert response.headers.get("Retry-After") == "7"
-        assert await response.read() == b'{"error":{"message":"slow down"}}'
+        assert await response.read(LIMIT) == b'{"error":{"message":"slow down"}}'
 
 
 async def test_a_half_read_post_does_not_hand_its_connection_to_the_next() -> None:
@@ -305,7 +306,7 @@ async def test_a_half_read_post_does_not_hand_its_connection_to_the_next() -> No
         assert await anext(response.aiter_bytes()) == b"first"
         await response.aclose()
         response = await upstream.post(URL(f"{url}/next"), b"{}", JSON, TIMEOUTS)
-        assert await response.read() == OK_BODY
+        assert await response.read(LIMIT) == OK_BODY
     assert server.connections == 2
 
 
@@ -331,7 +332,7 @@ async def test_a_broken_post_raises_the_matching_httpx_error(
     async with serving(broken) as (_, url), transport() as upstream:
         with pytest.raises(error):
             response = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
-            await response.read()
+            await response.read(LIMIT)
 
 
 async def test_a_silent_post_is_a_read_timeout() -> None:
@@ -367,6 +368,29 @@ async def test_cookies_an_upstream_sets_are_never_sent_back() -> None:
         named = url.replace("127.0.0.1", "localhost")
         for _ in range(2):
             response = await upstream.post(URL(f"{named}/v1/chat"), b"{}", JSON, TIMEOUTS)
-            assert await response.read() == OK_BODY
+            assert await response.read(LIMIT) == OK_BODY
     assert len(server.requests) == 2
     assert b"\r\ncookie:" not in server.requests[1][0].lower()
+
+
+async def test_read_stops_at_its_limit_counting_decoded_bytes() -> None:
+    """A gzip body a thousandth of its decoded size is refused by what it decodes to."""
+    decoded = b"a" * 2_000_000
+    body = gzip.compress(decoded)
+    assert len(body) < 10_000
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            await writer.drain()
+
+    async with serving(gzipped) as (_, url), transport() as upstream:
+        answer = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
+        assert await answer.read(len(decoded) - 1) is None
+        await answer.aclose()
+        answer = await upstream.post(URL(f"{url}/x"), b"{}", JSON, TIMEOUTS)
+        assert await answer.read(len(decoded)) == decoded
+        await answer.aclose()
