@@ -40,10 +40,12 @@ def parse_json(body: bytes) -> Any:
     try:
         # As `json.loads` reads bytes: UTF-8, -16 or -32, told apart by the first bytes.
         # Strictly, unlike `json.loads`: a raw (unescaped) surrogate is no valid text.
-        text = body.decode(json.detect_encoding(body))
+        encoding = json.detect_encoding(body)
+        text = body.decode(encoding)
         value = _DECODER.decode(text)
     except UnicodeDecodeError as exc:
-        raise BadRequest("request body is not valid UTF-8") from exc
+        name = encoding.upper().removesuffix("-SIG")  # UTF-8-SIG: UTF-8 after a BOM
+        raise BadRequest(f"request body is not valid {name}") from exc
     except RecursionError as exc:
         raise BadRequest("request body is nested too deeply") from exc
     except ValueError as exc:

@@ -35,8 +35,9 @@ def test_bodies_in_each_encoding_json_allows_parse_alike(encoding: str) -> None:
         (b'{"x": "a\xed\xa0\x80"}', "not valid UTF-8"),
         (
             '{"x": "a'.encode("utf-16-le") + b"\x00\xd8" + '"}'.encode("utf-16-le"),
-            "not valid UTF-8",
+            "not valid UTF-16-LE",
         ),
+        (b"\xef\xbb\xbf" + b'{"x": "\xff"}', "not valid UTF-8"),
         (b'{"x": ', "not valid JSON"),
         (b"[" * 100_000, "nested too deeply"),
     ],
