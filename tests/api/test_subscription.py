@@ -1120,6 +1120,32 @@ async def test_a_subscription_maps_its_user_by_metadata(livegate: Livegate):
     assert (await stored(livegate, account.user.id)).stripe_customer_id == customer
 
 
+async def test_a_deleted_users_customer_is_never_given_to_the_user_its_metadata_names(
+    livegate: Livegate,
+):
+    """The customer belongs to whom it is stored for. Once that user is deleted, its
+    events are for no user of ours: not a 500 for the customer id being taken, and
+    not another user's tier moved by an event about someone else's customer."""
+    owner, named = await livegate.account(), await livegate.account()
+    customer, sub_id = f"cus_{uuid.uuid4().hex[:14]}", new_sub_id()
+    created = event(
+        "customer.subscription.created",
+        subscription_obj(sub_id, customer, "active", user_id=owner.user.id),
+    )
+    assert_outcome(await deliver(livegate, created), "processed")
+    async with livegate.services.engine.begin() as conn:
+        await conn.execute(
+            users.update().where(users.c.id == owner.user.id).values(deleted_at=datetime.now(UTC))
+        )
+    updated = event(
+        "customer.subscription.updated",
+        subscription_obj(new_sub_id(), customer, "active", user_id=named.user.id),
+    )
+    assert_outcome(await deliver(livegate, updated), "unknown_customer")
+    assert await tier_of(livegate, named.user.id) == "free"
+    assert await stored(livegate, named.user.id) is None
+
+
 async def test_events_for_unknown_customers_are_acknowledged(livegate: Livegate):
     for body in (
         event("customer.subscription.updated", subscription_obj(new_sub_id(), "cus_nobody")),
