@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 from app.core.keys import revoke_all_keys
 from app.core.live import QuotaPublisher
+from app.core.policy import Policy
 from app.core.quota import QuotaSnapshot, add_tokens, month_period
 from app.core.security import hash_password, verify_password
 from app.core.sessions import Sessions, SessionTokens, revoke_refresh_tokens
@@ -30,6 +31,8 @@ from app.core.users import (
 
 # `\Z`, not `$`: `$` also matches before a final newline, which would get stored.
 _USERNAME = re.compile(r"^[A-Za-z0-9]{3,30}\Z")
+# The action limit on wrong passwords (per email and client address).
+LOGIN_FAIL = "login_fail"
 MAX_PASSWORD = 1024  # argon2 hashes any length; a cap keeps one request from costing much
 # A real hash of a password nobody knows (a new one each start), verified when the
 # account is unknown or has no password, so that login takes the same time either way.
@@ -85,13 +88,28 @@ async def register(
 
 
 async def login(
-    engine: AsyncEngine, sessions: Sessions, *, email: str, password: str
+    engine: AsyncEngine,
+    sessions: Sessions,
+    policy: Policy,
+    *,
+    email: str,
+    password: str,
+    client_ip: str,
 ) -> AccountSession:
+    """A new session for the account's password.
+
+    Past the `login_fail` limit of wrong passwords for this email from this address,
+    even the right one is refused (429) until the window has room again: otherwise
+    guessing would go on, and the right guess would still tell itself by its answer.
+    """
+    email = email.strip().lower()
+    attempt = f"{email} {client_ip}"
+    await policy.limit_action(LOGIN_FAIL, attempt, record=False)
     async with engine.connect() as conn:
         row = (
             await conn.execute(
                 sa.select(users.c.password_hash, *USER_COLUMNS).where(
-                    users.c.email == email.strip().lower(), users.c.deleted_at.is_(None)
+                    users.c.email == email, users.c.deleted_at.is_(None)
                 )
             )
         ).first()
@@ -100,6 +118,8 @@ async def login(
     # opened by one, whatever it is.
     verified = verify_password(stored or _DUMMY_HASH, password[:MAX_PASSWORD])
     if row is None or not stored or not verified:
+        # Unknown emails count too: whether one is known must not show in the answers.
+        await policy.limit_action(LOGIN_FAIL, attempt)
         raise Unauthorized("invalid email or password", code="invalid_credentials")
     user = row_to_user(row)
     return AccountSession(user, await sessions.issue(user.id))

@@ -183,12 +183,15 @@ class ActionLimit(_Strict):
 
     limit: int = Field(ge=1)
     window_seconds: int = Field(ge=1)
-    scope: Literal["user", "ip", "email"] = "user"
+    scope: Literal["user", "ip", "email", "email_ip"] = "user"
 
 
 def _builtin_actions() -> dict[str, ActionLimit]:
-    # The workspace spec's table.
     return {
+        # Wrong passwords for one email from one address. Per address, so that no one
+        # else can lock the owner out by failing on purpose.
+        "login_fail": ActionLimit(limit=10, window_seconds=900, scope="email_ip"),
+        # The workspace spec's table.
         "otp_send": ActionLimit(limit=3, window_seconds=600, scope="email"),
         "otp_send_ip": ActionLimit(limit=10, window_seconds=600, scope="ip"),
         "otp_try": ActionLimit(limit=5, window_seconds=600, scope="email"),

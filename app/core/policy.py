@@ -109,12 +109,19 @@ class Policy:
         key = f"{caller}:{surface}" if surface in self.tier(tier_name).surfaces else caller
         return await self._limiter.hit(key, rate)
 
-    async def limit_action(self, action: str, scope_value: str) -> Decision:
-        """Count one `action` for its scope value; raise `RateLimited` past the limit."""
+    async def limit_action(self, action: str, scope_value: str, *, record: bool = True) -> Decision:
+        """Count one `action` for its scope value; raise `RateLimited` past the limit.
+
+        With `record=False`, only raise if one more would be past it: for an action
+        counted once its outcome is known, such as a failed login.
+        """
         config = self._settings.actions[action]
         # A sliding window, not a bucket: "3 per 10 minutes" must hold in any 10 minutes.
         decision = await self._limiter.hit_window(
-            f"action:{action}:{scope_value.lower()}", config.limit, config.window_seconds
+            f"action:{action}:{scope_value.lower()}",
+            config.limit,
+            config.window_seconds,
+            record=record,
         )
         if not decision.allowed:
             raise RateLimited(

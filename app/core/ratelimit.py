@@ -54,8 +54,13 @@ class RateLimiter(Protocol):
     async def hit(self, key: str, rate: Rate) -> Decision:
         """One request against a GCRA bucket."""
 
-    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
-        """One event against "at most `limit` in any `window` seconds" (a sliding log)."""
+    async def hit_window(
+        self, key: str, limit: int, window: float, *, record: bool = True
+    ) -> Decision:
+        """One event against "at most `limit` in any `window` seconds" (a sliding log).
+
+        With `record=False`, only whether one more would be admitted: nothing is counted.
+        """
 
 
 def _decide(now_ms: float, tat_ms: float | None, rate: Rate) -> tuple[Decision, float | None]:
@@ -111,14 +116,16 @@ class LocalRateLimiter:
         )
         self._max_keys = max_keys
 
-    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
+    async def hit_window(
+        self, key: str, limit: int, window: float, *, record: bool = True
+    ) -> Decision:
         now = time.time() * 1000
         log = self._logs.setdefault(key, collections.deque())
         self._logs.move_to_end(key)
         while log and log[0] <= now - window * 1000:
             log.popleft()
-        decision, record = _window_decision(now, list(log), limit, window)
-        if record:
+        decision, admitted = _window_decision(now, list(log), limit, window)
+        if admitted and record:
             log.append(now)
         while len(self._logs) > 10 * self._max_keys:
             self._logs.popitem(last=False)
@@ -173,6 +180,7 @@ return out
 
 
 # A sorted set of event times per key, cut to the window, on the server's clock.
+# ARGV[4] "0": decide only, record nothing.
 _WINDOW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -184,8 +192,10 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
 if count >= limit then
   return {0, 0, tostring(tonumber(oldest) + window - now)}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1)
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1)
+end
 local reset = window
 if oldest then reset = tonumber(oldest) + window - now end
 return {1, limit - count - 1, tostring(reset)}
@@ -208,9 +218,11 @@ class RedisRateLimiter:
         self._window_script = redis.register_script(_WINDOW_LUA)
         self._hits: Batcher[tuple[str, Rate], Decision] = Batcher("rate-limit", self._decide)
 
-    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
+    async def hit_window(
+        self, key: str, limit: int, window: float, *, record: bool = True
+    ) -> Decision:
         allowed, remaining, seconds_ms = await self._window_script(
-            keys=[f"{self._prefix}w:{key}"], args=[window, limit, new_id()]
+            keys=[f"{self._prefix}w:{key}"], args=[window, limit, new_id(), int(record)]
         )
         wait = float(seconds_ms) / 1000
         return Decision(

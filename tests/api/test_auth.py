@@ -18,8 +18,9 @@ import jwt
 import pytest
 import sqlalchemy as sa
 
+from app.core.config import ActionLimit, ServerConfig
 from app.core.tables import refresh_tokens, revoked_tokens, users
-from tests.conftest import FAKE_MODEL, Livegate, StartLivegate
+from tests.conftest import FAKE_MODEL, Backend, Livegate, StartLivegate
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
@@ -292,6 +293,61 @@ async def test_wrong_password_and_unknown_email_fail_alike(livegate: Livegate):
     assert errors[0]["details"] == errors[1]["details"]
     assert_playground_error(case_changed, 401, "AUTHENTICATION_ERROR")
     assert "token" not in wrong.text and "token" not in unknown.text
+
+
+async def _with_login_limit(start_livegate: StartLivegate, backend: Backend) -> Livegate:
+    """Three wrong passwords per email and address; addresses from X-Forwarded-For."""
+    return await start_livegate(
+        actions={"login_fail": ActionLimit(limit=3, window_seconds=900, scope="email_ip")},
+        server=ServerConfig(redis_prefix=backend.redis_prefix, trusted_proxies=["127.0.0.1/32"]),
+    )
+
+
+async def login_from(livegate: Livegate, address: str, email: str, password: str) -> httpx.Response:
+    return await call(
+        livegate,
+        "POST",
+        "/api/auth/login",
+        json={"email": email, "password": password},
+        headers={"X-Forwarded-For": address},
+    )
+
+
+async def test_past_the_wrong_password_limit_even_the_right_one_is_refused_from_that_address(
+    start_livegate: StartLivegate, backend: Backend
+):
+    livegate = await _with_login_limit(start_livegate, backend)
+    account, other = await register(livegate), await register(livegate)
+    email = account["user"]["email"]
+    for _ in range(3):
+        wrong = await login_from(livegate, "203.0.113.7", email, "WrongPass123!")
+        assert_playground_error(wrong, 401, "AUTHENTICATION_ERROR")
+    # The email is matched whatever its case or spaces, so these count as the same.
+    for attempt in (email.upper(), f" {email} "):
+        refused = await login_from(livegate, "203.0.113.7", attempt, PASSWORD)
+        assert_playground_error(refused, 429, "RATE_LIMIT_EXCEEDED")
+        assert 890 <= int(refused.headers["Retry-After"]) <= 900
+    # Someone failing on purpose elsewhere locks no one out: the owner's address, and
+    # another account from the guessing address, still log in.
+    assert (await login_from(livegate, "198.51.100.2", email, PASSWORD)).status_code == 200
+    other_ok = await login_from(livegate, "203.0.113.7", other["user"]["email"], PASSWORD)
+    assert other_ok.status_code == 200, other_ok.text
+
+
+async def test_logins_that_succeed_and_unknown_emails_are_counted_as_they_should(
+    start_livegate: StartLivegate, backend: Backend
+):
+    livegate = await _with_login_limit(start_livegate, backend)
+    account = await register(livegate)
+    for _ in range(5):  # successes never count
+        ok = await login_from(livegate, "203.0.113.7", account["user"]["email"], PASSWORD)
+        assert ok.status_code == 200, ok.text
+    # An unknown email is limited like a known one: the answers tell nothing apart.
+    unknown = f"{unique_name()}@example.test"
+    statuses = [
+        (await login_from(livegate, "203.0.113.7", unknown, PASSWORD)).status_code for _ in range(4)
+    ]
+    assert statuses == [401, 401, 401, 429]
 
 
 @pytest.mark.parametrize(

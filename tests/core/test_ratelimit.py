@@ -187,6 +187,19 @@ async def test_keys_are_separate_buckets(make_limiter: MakeLimiter):
     assert fresh.allowed and fresh.remaining == 2
 
 
+async def test_a_window_check_without_record_decides_but_counts_nothing(
+    make_limiter: MakeLimiter,
+):
+    limiter = await make_limiter()
+    k = key()
+    checks = [await limiter.hit_window(k, 2, 600, record=False) for _ in range(5)]
+    assert all(c.allowed for c in checks)
+    assert [(await limiter.hit_window(k, 2, 600)).allowed for _ in range(2)] == [True, True]
+    full = await limiter.hit_window(k, 2, 600, record=False)
+    assert not full.allowed
+    assert 590 < full.retry_after <= 600
+
+
 async def test_burst_then_one_per_interval(make_limiter: MakeLimiter):
     """A burst of 3 at once; refused after; the refusal names a wait of at most one
     interval, and once that wait has passed exactly one more is admitted (a partial

@@ -8,7 +8,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from app.api.requests import read_body, read_json_object, require_principal, services
+from app.api.requests import (
+    client_ip,
+    read_body,
+    read_json_object,
+    require_principal,
+    services,
+)
 from app.api.responses import iso_millis, playground_ok
 from app.core import accounts, clerk
 from app.core.auth import Principal
@@ -69,7 +75,14 @@ async def login(request: Request) -> Response:
     if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
         raise BadRequest("email and password are required", details={"field": "email"})
     svc = services(request)
-    session = await accounts.login(svc.engine, svc.sessions, email=email, password=password)
+    session = await accounts.login(
+        svc.engine,
+        svc.sessions,
+        svc.policy,
+        email=email,
+        password=password,
+        client_ip=client_ip(request),
+    )
     return playground_ok(_session_data(session), "Login successful")
 
 
