@@ -245,6 +245,11 @@ class AnkiConfig(_Strict):
     open_mode: bool = False
     # Which external identities may prove a `userId` (the extension signs in with Google).
     identity_providers: list[str] = Field(default_factory=lambda: ["google"])
+    # The origins `/oauth-redirect` hands the token to (the extension's own, such as
+    # "chrome-extension://<id>"). Empty: any page that opened it, as in the spec.
+    opener_origins: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://[^/\s]+$")]] = Field(
+        default_factory=list
+    )
 
 
 class OAuthConfig(_Strict):

@@ -9,6 +9,7 @@ PostgreSQL+Redis; the official OpenAI SDK and httpx as clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -811,6 +812,20 @@ async def test_oauth_redirect_serves_the_page(livegate: Livegate):
     with_token = await call(livegate, "GET", "/oauth-redirect?access_token=ya29.a0Af-token_1")
     assert with_token.status_code == 200
     assert '"ya29.a0Af-token_1"' in with_token.text
+
+
+async def test_oauth_redirect_hands_the_token_only_to_the_configured_origins(
+    livegate: Livegate, start_livegate: StartLivegate
+):
+    """Unconfigured, any opener gets it, as in the spec; configured, the browser
+    delivers it only to an opener of one of those origins."""
+    default = await call(livegate, "GET", "/oauth-redirect")
+    assert 'for (const origin of ["*"])' in default.text
+    origins = ["chrome-extension://abcdefghijklmnop", "https://app.example:8443"]
+    limited = await start_livegate(anki=AnkiConfig(opener_origins=origins))
+    page = (await call(limited, "GET", "/oauth-redirect")).text
+    assert f"for (const origin of {json.dumps(origins)})" in page
+    assert '"*"' not in page
 
 
 async def test_oauth_redirect_escapes_the_token(livegate: Livegate):

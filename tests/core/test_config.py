@@ -291,3 +291,19 @@ def test_config_path_can_be_passed_as_override(tmp_path: Path):
     path = tmp_path / "other.toml"
     path.write_text("[tiers.free]\nmonthly_tokens = 1\n")
     assert load_settings(livegate_config=path).tiers["free"].monthly_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://app.example/", "https://app.example/path", "app.example", "https://a b", ""],
+)
+def test_an_opener_origin_that_is_no_origin_is_a_config_error(config_file, origin: str):
+    config_file(f"[anki]\nopener_origins = [{origin!r}]\n")
+    with pytest.raises(ConfigError, match="opener_origins"):
+        load_settings()
+
+
+def test_opener_origins_are_read(config_file):
+    config_file('[anki]\nopener_origins = ["chrome-extension://abc", "https://a.example:8443"]\n')
+    origins = load_settings().anki.opener_origins
+    assert origins == ["chrome-extension://abc", "https://a.example:8443"]

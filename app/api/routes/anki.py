@@ -100,8 +100,9 @@ async def check_connectivity(request: Request) -> Response:
 
 
 # The token normally arrives in the URL fragment, which never reaches the server: the
-# page reads it in the browser. A token given as a query parameter is written into the
-# page as a JSON string literal with <, > and & escaped, so it cannot end the script.
+# page reads it in the browser. A token given as a query parameter, and the opener
+# origins, are written into the page as JSON literals with <, > and & escaped, so they
+# cannot end the script.
 _OAUTH_PAGE = """<!doctype html>
 <html>
     <body>
@@ -111,7 +112,11 @@ _OAUTH_PAGE = """<!doctype html>
             if (!token) {
                 document.body.textContent = "Authentication failed";
             } else if (window.opener) {
-                window.opener.postMessage({token: token}, "*");
+                // The browser hands the message over only where the opener's origin
+                // is the one named: the token goes to no page it was not meant for.
+                for (const origin of __OPENER_ORIGINS__) {
+                    window.opener.postMessage({token: token}, origin);
+                }
                 window.close();
             } else if (typeof browser !== "undefined" && browser.runtime) {
                 // For Firefox, we need to use browser.runtime.sendMessage
@@ -126,7 +131,7 @@ _OAUTH_PAGE = """<!doctype html>
 """
 
 
-def _script_string(value: str) -> str:
+def _script_literal(value: object) -> str:
     return (
         json.dumps(value)
         .replace("<", "\\u003c")
@@ -143,7 +148,10 @@ async def oauth_redirect(request: Request) -> Response:
     token = request.query_params.get("access_token")
     if token is not None and (not token or len(token) > 4096):
         return Response("Authentication failed", status_code=400, media_type="text/plain")
-    page = _OAUTH_PAGE.replace("__SERVER_TOKEN__", _script_string(token) if token else "null")
+    origins = services(request).settings.anki.opener_origins or ["*"]
+    page = _OAUTH_PAGE.replace(
+        "__SERVER_TOKEN__", _script_literal(token) if token else "null"
+    ).replace("__OPENER_ORIGINS__", _script_literal(origins))
     return HTMLResponse(
         page,
         headers={
