@@ -31,8 +31,15 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_flo
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
+# Deeper nesting is refused: what parses must encode again, and encoders give up
+# sooner than Python's parser does (orjson past 254 levels, `json.dumps` some way
+# before the recursion limit that bounds the parser).
+MAX_DEPTH = 128
+
+
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates, no NUL.
+    """Strict JSON: no NaN/Infinity, no overflowing numbers, no lone surrogates, no NUL,
+    no nesting past `MAX_DEPTH`.
 
     Each of those parses in Python but cannot be encoded again (to the upstream, or
     into a database), so it is refused here as the client's error.
@@ -50,6 +57,9 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("request body is nested too deeply") from exc
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    # Each level opens a bracket: a body with few of them cannot be deep.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        raise BadRequest("request body is nested too deeply")
     if _SURROGATE_ESCAPE.search(text) and _any_string(value, _lone_surrogate):
         raise BadRequest("request body contains an unpaired UTF-16 surrogate escape")
     # Valid JSON, but no text column of PostgreSQL can hold it.
@@ -85,4 +95,18 @@ def _any_string(value: Any, test: Callable[[str], bool]) -> bool:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+    return False
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels deep in `value`."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
     return False

@@ -592,6 +592,13 @@ BAD_BODIES = [
         + b"}" * 50_001,
         id="deeply-nested-object",
     ),
+    pytest.param(
+        b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "metadata": '
+        + b"[" * 930
+        + b"]" * 930
+        + b"}",
+        id="nested-past-what-encodes",
+    ),
 ]
 
 

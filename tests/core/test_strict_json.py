@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.core.errors import BadRequest
-from app.core.strict_json import parse_json
+from app.core.strict_json import MAX_DEPTH, parse_json
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "héllo ✓"}], "n": 1.5}
 
@@ -40,6 +40,10 @@ def test_bodies_in_each_encoding_json_allows_parse_alike(encoding: str) -> None:
         (b"\xef\xbb\xbf" + b'{"x": "\xff"}', "not valid UTF-8"),
         (b'{"x": ', "not valid JSON"),
         (b"[" * 100_000, "nested too deeply"),
+        # Parsed, but past what encoders take again.
+        (b"[" * 129 + b"]" * 129, "nested too deeply"),
+        (b'{"a": ' * 129 + b"1" + b"}" * 129, "nested too deeply"),
+        (b'{"x": 1, "y": ' + b"[" * 930 + b"]" * 930 + b"}", "nested too deeply"),
     ],
 )
 def test_what_cannot_be_encoded_again_is_the_clients_error(raw: bytes, says: str) -> None:
@@ -53,3 +57,11 @@ def test_a_decoder_reused_across_bodies_keeps_no_state() -> None:
     with pytest.raises(BadRequest):
         parse_json(b'{"a": NaN}')
     assert parse_json(b'[1.25, "\\ud83d\\ude00"]') == [1.25, "\U0001f600"]
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_text_are_fine() -> None:
+    deepest = b"[" * MAX_DEPTH + b"]" * MAX_DEPTH
+    assert parse_json(deepest) is not None
+    brackets = b'{"code": "' + b"{[" * 500 + b'", "n": [1, [2]]}'
+    assert parse_json(brackets) == {"code": "{[" * 500, "n": [1, [2]]}
+    assert parse_json(b'"' + b"[" * 300 + b'"') == "[" * 300
