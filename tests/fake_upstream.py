@@ -48,6 +48,7 @@ class Script:
     # Stop after this many tokens until released (non-stream: hold the whole answer).
     hold_after: int | None = None
     hold_finish: bool = False  # stop before the finish event until `finish_release`
+    hold_start: bool = False  # a stream sends nothing until `release`
     # The usage so far on every token's event too (vLLM's `continuous_usage_stats`).
     usage_every_token: bool = False
     content_prefix: str = "tok"
@@ -152,6 +153,8 @@ class FakeUpstream:
             return b"data: " + json.dumps({**meta, **payload}).encode() + b"\n\n"
 
         try:
+            if script.hold_start:
+                await self.release.wait()
             yield event(
                 {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
             )

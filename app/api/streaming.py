@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -118,6 +119,32 @@ async def cancel_on_disconnect(
     if disconnected:
         caller.uncancel()  # the work got to its end all the same
     return result
+
+
+async def open_for_client(
+    request: Request, opening: Awaitable[AsyncGenerator[bytes, None]]
+) -> AsyncGenerator[bytes, None] | None:
+    """A relayed stream once its first event is in; None if the client left meanwhile.
+
+    A response watches for its client only once it is under way. A client gone before
+    then would otherwise be sent, and billed, every event already in: a response whose
+    events are all in writes them without pausing, and uvicorn's `send` on a closed
+    connection returns as if it had written.
+    """
+    stream = await cancel_on_disconnect(request.receive, opening)
+    if stream is not None and await request.is_disconnected():
+        await _close_unstarted(stream)
+        return None
+    return stream
+
+
+async def _close_unstarted(stream: AsyncGenerator[bytes, None]) -> None:
+    # A generator closed before its first step runs none of its own cleanup. Up to its
+    # first yield nothing is sent, nor counted as delivered: it ends as cancelled.
+    try:
+        await anext(stream, None)
+    finally:
+        await stream.aclose()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

@@ -387,6 +387,43 @@ async def test_client_disconnect_bills_exactly_the_delivered_events(
     assert quota["used"] == row.total_tokens
 
 
+async def test_a_client_gone_before_the_first_event_is_not_counted_nor_billed(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    livegate = await start_livegate(tiers=NAVI_TIERS)
+    account = await livegate.account()
+    fake_upstream.script.hold_start = True
+    try:
+        async with httpx.AsyncClient(base_url=livegate.base_url, timeout=WAIT) as http:
+            request = asyncio.create_task(
+                http.post("/api/chat", json={"message": "hi"}, headers=bearer(account.token))
+            )
+            await wait_until(lambda: bool(fake_upstream.streams), "upstream called")
+            request.cancel()  # the client leaves while the upstream is still silent
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        [row] = await wait_for_rows(livegate, all_final(1), user_id=account.user.id)
+        assert (row.status, row.completion_tokens) == ("cancelled", 0)
+    finally:
+        fake_upstream.release.set()
+    await wait_until(lambda: fake_upstream.streams[0].closed_early, "upstream closed")
+    assert fake_upstream.streams[0].sent_tokens == 0
+    # The message is given back (after the row ends: wait for it).
+    for _ in range(WAIT * 50):
+        if await chat_messages_used(livegate, account.user.id) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await chat_messages_used(livegate, account.user.id) == 0
+    fake_upstream.script.hold_start = False
+    content_of((await chat_sse(livegate, {"message": "hi"}, bearer(account.token)))[1])
+    assert await chat_messages_used(livegate, account.user.id) == 1
+
+
+async def chat_messages_used(livegate: Livegate, user_id: str) -> int:
+    usage = await livegate.services.policy.counter_usage(user_id, "free", "chat_messages")
+    return usage.used
+
+
 async def test_anonymous_chat_is_metered_to_the_anonymous_user(
     start_livegate: StartLivegate,
     fake_upstream: FakeUpstream,

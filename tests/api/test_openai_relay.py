@@ -115,6 +115,28 @@ async def test_stream_with_include_usage_gets_upstream_usage_chunk(
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (11, 5)
 
 
+async def test_an_upstream_usage_that_is_not_believed_is_replaced_not_forwarded(
+    livegate: Livegate, fake_upstream: FakeUpstream
+):
+    """The client gets one usage chunk, the one billed: not the upstream's nonsense
+    followed by Livegate's own count."""
+    fake_upstream.script.tokens = 8
+    fake_upstream.script.prompt_tokens = -1
+    account = await livegate.account()
+    stream = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL,
+        messages=[{"role": "user", "content": "count me"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usages = [chunk.usage async for chunk in stream if chunk.usage is not None]
+    row = await wait_for_status(livegate, account.user.id, "completed")
+    assert [(u.prompt_tokens, u.completion_tokens) for u in usages] == [
+        (row.prompt_tokens, row.completion_tokens)
+    ]
+    assert row.prompt_tokens > 0 and row.completion_tokens == 8
+
+
 async def test_stream_without_upstream_usage_counts_delivered_tokens(
     livegate: Livegate, fake_upstream: FakeUpstream
 ):
@@ -398,6 +420,50 @@ async def test_non_stream_disconnect_cancels_upstream_and_bills_nothing(
             break
         await asyncio.sleep(0.01)
     assert fake_upstream.streams[-1].closed_early
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": FAKE_MODEL, "stream": True}),
+        ("/api/v1/ai/chat", {"model": FAKE_MODEL, "stream": True}),
+    ],
+    ids=["openai", "playground"],
+)
+async def test_a_client_gone_before_the_first_event_is_billed_nothing_of_the_stream(
+    livegate: Livegate, fake_upstream: FakeUpstream, tier: str, path: str, body: dict[str, Any]
+):
+    """Nothing is sent to a client that left while the upstream was still silent:
+    the stream is dropped at once, not relayed, and billed, in full once it comes."""
+    fake_upstream.script.hold_start = True
+    fake_upstream.script.tokens = 30
+    account = await livegate.account(tier)
+    try:
+        async with httpx.AsyncClient(base_url=livegate.base_url) as http:
+            request = asyncio.create_task(
+                http.post(
+                    path,
+                    headers={"Authorization": f"Bearer {account.api_key}"},
+                    json={**body, "messages": [{"role": "user", "content": "hi"}]},
+                )
+            )
+            for _ in range(500):
+                if fake_upstream.streams:
+                    break
+                await asyncio.sleep(0.01)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        row = await wait_for_status(livegate, account.user.id, "cancelled")
+        assert (row.completion_tokens, row.total_tokens) == (0, row.prompt_tokens)
+    finally:
+        fake_upstream.release.set()
+    for _ in range(500):
+        if fake_upstream.streams[-1].closed_early:
+            break
+        await asyncio.sleep(0.01)
+    assert fake_upstream.streams[-1].closed_early
+    assert fake_upstream.streams[-1].sent_tokens == 0
 
 
 async def test_stream_cut_by_server_shutdown_is_interrupted(

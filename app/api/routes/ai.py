@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from app.api.requests import read_json_object, request_context, require_principal, services
 from app.api.responses import iso_millis, playground_ok
-from app.api.streaming import SSE_HEADERS, cancel_on_disconnect
+from app.api.streaming import SSE_HEADERS, cancel_on_disconnect, open_for_client
 from app.core import reports
 from app.core.auth import Principal
 from app.core.errors import BadRequest
@@ -61,9 +61,14 @@ async def chat(request: Request) -> Response:
     chat_request = parse_chat_request(payload)
     if chat_request.stream:
         svc = services(request)
-        stream = await svc.relay.open_stream(
-            principal, chat_request, request_context(request), OpenAIFormat(True)
+        stream = await open_for_client(
+            request,
+            svc.relay.open_stream(
+                principal, chat_request, request_context(request), OpenAIFormat(True)
+            ),
         )
+        if stream is None:  # the client is gone
+            return Response(status_code=499)
         return EventSourceResponse(stream, ping=15, headers=SSE_HEADERS)
     answer = await _answer(request, principal, chat_request)
     return playground_ok(

@@ -27,7 +27,7 @@ from app.api.requests import (
     services,
 )
 from app.api.routes.openai import relay_openai
-from app.api.streaming import SSE_HEADERS
+from app.api.streaming import SSE_HEADERS, open_for_client
 from app.core.auth import Principal
 from app.core.errors import ApiError, BadRequest, RateLimited
 from app.core.formats import ContentFormat
@@ -120,14 +120,17 @@ async def _navi_chat(request: Request, payload: object) -> Response:
             "stream": True,
         }
     )
+    stream = None
     try:
-        stream = await svc.relay.open_stream(
-            principal, chat, request_context(request), ContentFormat()
+        stream = await open_for_client(
+            request,
+            svc.relay.open_stream(principal, chat, request_context(request), ContentFormat()),
         )
-    except BaseException:
-        # No answer, no count.
-        await svc.policy.refund_counter(subject, tier, CHAT_MESSAGES, counted_at)
-        raise
+    finally:
+        if stream is None:  # no answer (a failure, or the client gone): no count
+            await svc.policy.refund_counter(subject, tier, CHAT_MESSAGES, counted_at)
+    if stream is None:
+        return Response(status_code=499)
     headers = dict(SSE_HEADERS)
     if counted.limit is not None:
         headers["X-RateLimit-Remaining"] = str(counted.remaining)

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.api.requests import read_json, request_context, require_principal, services
-from app.api.streaming import RelayStreamResponse, cancel_on_disconnect
+from app.api.streaming import RelayStreamResponse, cancel_on_disconnect, open_for_client
 from app.core.auth import Principal
 from app.core.formats import OpenAIFormat
 from app.core.relay import ChatRequest, parse_chat_request
@@ -27,10 +27,12 @@ async def relay_openai(request: Request, principal: Principal, chat: ChatRequest
     relay = svc.relay
     context = request_context(request)
     if chat.stream:
-        return RelayStreamResponse(
-            await relay.open_stream(principal, chat, context, OpenAIFormat(chat.include_usage)),
-            on_server_cancel=svc.metering.drain,
+        stream = await open_for_client(
+            request, relay.open_stream(principal, chat, context, OpenAIFormat(chat.include_usage))
         )
+        if stream is None:  # the client is gone
+            return Response(status_code=499)
+        return RelayStreamResponse(stream, on_server_cancel=svc.metering.drain)
     body = await cancel_on_disconnect(request.receive, relay.complete(principal, chat, context))
     if body is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
