@@ -49,8 +49,13 @@ class OpenAIFormat:
         self.include_usage = include_usage
 
     def encode(self, chunks: Sequence[StreamChunk]) -> bytes:
-        # The usage chunk: we asked for it; the client may not have.
-        data = [c.data for c in chunks if self.include_usage or not c.usage_only]
+        # The usage chunk: we asked for it; the client may not have. One whose usage is
+        # not believed goes to no one: the client gets the count billed, at the end.
+        data = [
+            c.data
+            for c in chunks
+            if not c.usage_only or (self.include_usage and c.usage is not None)
+        ]
         # One join for the whole read: the upstream's bytes, framed again as they came.
         return b"data: " + b"\n\ndata: ".join(data) + b"\n\n" if data else b""
 
