@@ -20,6 +20,7 @@ import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
 # The start of every head uvicorn's httptools protocol writes (and of a WebSocket
 # handshake's answer): a body starting with it is held too, which costs nothing but
@@ -85,8 +86,26 @@ class HeadWithBodyTransport:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a `HeadWithBodyTransport`; pass it as `http`."""
+    """uvicorn's httptools protocol on a `HeadWithBodyTransport`; pass it as `http`.
+
+    It also answers 400 to a WebSocket upgrade that the WebSocket protocol would refuse
+    for its size (a line past `websockets`' limit, say a long `?token=`): uvicorn's
+    default implementation then sends no answer at all and leaves the connection open.
+    """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         wrapped = HeadWithBodyTransport(transport, self.loop)
         super().connection_made(wrapped)  # type: ignore[arg-type]
+
+    def handle_websocket_upgrade(self) -> None:
+        headers = list(self.scope["headers"])
+        # The lines as uvicorn hands them over, each with its CRLF.
+        request_line = len(self.scope["method"]) + len(self.url) + len(" HTTP/1.1\r\n") + 1
+        if (
+            request_line > MAX_LINE_LENGTH
+            or len(headers) > MAX_NUM_HEADERS
+            or any(len(name) + len(value) + 4 > MAX_LINE_LENGTH for name, value in headers)
+        ):
+            self.send_400_response("WebSocket upgrade request too large")
+            return
+        super().handle_websocket_upgrade()

@@ -10,8 +10,9 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from app.api.http_protocol import HeadWithBodyTransport, HttpProtocol
 from tests.fake_upstream import LoopbackServer
@@ -138,8 +139,16 @@ async def server() -> AsyncIterator[tuple[LoopbackServer, asyncio.Event]]:
     async def plain(request: Request) -> PlainTextResponse:
         return PlainTextResponse("hello")
 
+    async def socket(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close(4401)
+
     app = Starlette(
-        routes=[Route("/plain", plain, methods=["GET", "HEAD"]), Route("/slow", SlowBody())]
+        routes=[
+            Route("/plain", plain, methods=["GET", "HEAD"]),
+            Route("/slow", SlowBody()),
+            WebSocketRoute("/ws", socket),
+        ]
     )
     loopback = LoopbackServer(app, http=HttpProtocol)
     await loopback.start()
@@ -188,5 +197,42 @@ async def test_a_head_whose_body_is_late_is_not_kept_waiting(server):
         head_seen.set()
         chunk = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
         assert b"late" in chunk
+    finally:
+        writer.close()
+
+
+def _upgrade(path: str, extra: str = "") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # The request line at the WebSocket parser's limit of 8,192 bytes, then past it.
+        (_upgrade("/ws?token=" + "a" * (8192 - len("GET /ws?token= HTTP/1.1\r\n"))), b"101"),
+        (_upgrade("/ws?token=" + "a" * 9000), b"400"),
+        (_upgrade("/ws", "X-Big: " + "b" * 9000 + "\r\n"), b"400"),
+        (_upgrade("/ws", "".join(f"X-{i}: 1\r\n" for i in range(130))), b"400"),
+    ],
+    ids=["line-at-the-limit", "line-too-long", "header-too-long", "too-many-headers"],
+)
+async def test_an_upgrade_too_large_for_websockets_is_answered_400(
+    server, request_bytes: bytes, status: bytes
+):
+    """Not left unanswered, its connection open, as the WebSocket protocol would."""
+    loopback, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", loopback.port)
+    try:
+        writer.write(request_bytes)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 " + status + b" ")
+        if status == b"400":
+            assert (
+                await asyncio.wait_for(reader.read(), 5) == b"WebSocket upgrade request too large"
+            )
     finally:
         writer.close()
