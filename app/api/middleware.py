@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,7 +41,8 @@ class RequestIdMiddleware:
     """Adopts a sane client `X-Request-Id` or makes one; echoes it on the response.
 
     Also the last line of defence: an unexpected exception becomes a 500 in the
-    surface's envelope here, inside the request id, never a traceback.
+    surface's envelope here, inside the request id, never a traceback. A client that
+    left mid-body gets nothing: it is gone.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -78,6 +79,10 @@ class RequestIdMiddleware:
             return
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client left before its body was read: a client's choice, not a fault
+            # of ours, and there is nobody to answer.
+            logger.debug("client left mid-body on %s %s", scope["method"], scope["path"])
         except Exception:
             logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:

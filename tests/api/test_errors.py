@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -644,6 +645,45 @@ async def test_internal_failure_response_carries_the_request_id(livegate: Livega
         )
     assert response.status_code == 500
     assert response.headers.get("x-request-id") == "trace-500"
+
+
+# --- Clients that leave -------------------------------------------------------------
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+@pytest.mark.parametrize("path", ["/api/conversations", "/v1/chat/completions"])
+async def test_a_client_that_leaves_mid_body_is_no_error(
+    livegate: Livegate, caplog: pytest.LogCaptureFixture, path: str
+):
+    account = await livegate.account()
+    requests_in_flight = livegate.server.server.server_state.tasks
+    caplog.set_level(logging.INFO)
+    _, writer = await asyncio.open_connection("127.0.0.1", livegate.server.port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {account.api_key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"a": '
+    )
+    await writer.drain()
+    # The route must be waiting for the rest of the body when the client goes.
+    await _until(lambda: bool(requests_in_flight))
+    writer.close()
+    await writer.wait_closed()
+    await _until(lambda: not requests_in_flight)
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == []
+    async with httpx.AsyncClient(base_url=livegate.base_url, timeout=30) as http:
+        response = await http.get("/api/conversations", headers=auth(account.api_key))
+    assert response.status_code == 200, response.text
 
 
 # --- NUL characters -----------------------------------------------------------------
