@@ -19,6 +19,8 @@ from app.core.tables import anki_users, external_identities
 GENERATIONS = "flashcard_generations"
 REGENERATIONS = "flashcard_regenerations"
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}\Z")  # `$` would pass a final newline
+MAX_USER_NAME = 200  # anki_users.user_name
+MAX_USER_EMAIL = 320  # anki_users.user_email
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,24 @@ class AnkiUser:
 def validate_user_id(value: object) -> str:
     if not isinstance(value, str) or not _USER_ID.match(value):
         raise BadRequest("Invalid user ID")
+    return value
+
+
+def validate_user_name(value: object) -> str | None:
+    return _profile_text(value, "userName", MAX_USER_NAME)
+
+
+def validate_user_email(value: object) -> str | None:
+    """Only its type and length: the extension's copy of the Google profile's address,
+    never mailed or signed in with, so it is given back exactly as it was sent."""
+    return _profile_text(value, "userEmail", MAX_USER_EMAIL)
+
+
+def _profile_text(value: object, field: str, longest: int) -> str | None:
+    # Refused, not shortened: a shortened address or name would be returned as if
+    # it had been saved as sent.
+    if value is not None and (not isinstance(value, str) or len(value) > longest):
+        raise BadRequest(f"{field} must be a string of at most {longest} characters, or null")
     return value
 
 

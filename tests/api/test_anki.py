@@ -508,6 +508,50 @@ async def test_user_data_body_must_name_the_same_user(livegate: Livegate):
     anki_error(await call(livegate, "POST", path, account.token, json={"userName": 12}), 400)
 
 
+@pytest.mark.parametrize(
+    "field, longest, value",
+    [
+        ("userName", 200, 12),
+        ("userName", 200, True),
+        ("userName", 200, ["John"]),
+        ("userName", 200, {"first": "John"}),
+        ("userName", 200, "x" * 201),
+        ("userEmail", 320, 12),
+        ("userEmail", 320, ["john@example.com"]),
+        ("userEmail", 320, "j" * 309 + "@example.com"),
+    ],
+    ids=[
+        "name-int",
+        "name-bool",
+        "name-array",
+        "name-object",
+        "name-201-chars",
+        "email-int",
+        "email-array",
+        "email-321-chars",
+    ],
+)
+async def test_a_profile_value_too_long_or_not_a_string_is_400(
+    livegate: Livegate, field: str, longest: int, value: Any
+):
+    account = await livegate.account()
+    path = f"/api/user-data/{account.user.id}"
+    # The longest values are kept whole. Counted in characters, as the columns count:
+    # each "é" is two bytes in UTF-8.
+    saved = {"userName": "é" * 200, "userEmail": "é" * 308 + "@example.com"}
+    first = await call(livegate, "POST", path, account.token, json=saved)
+    assert first.status_code == 200, first.text
+    assert {name: first.json()[name] for name in saved} == saved
+
+    other = "userEmail" if field == "userName" else "userName"
+    body = {other: "changed", field: value}
+    error = anki_error(await call(livegate, "POST", path, account.token, json=body), 400)
+    assert field in error and str(longest) in error
+    # Nothing of a refused save is written, not even its valid field.
+    got = await call(livegate, "GET", path, account.token)
+    assert {name: got.json()[name] for name in saved} == saved
+
+
 @pytest.mark.parametrize("longest", [False, True], ids=["numeric-id", "255-character-id"])
 async def test_open_mode_user_data_needs_no_credentials(
     start_livegate: StartLivegate, longest: bool

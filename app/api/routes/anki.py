@@ -16,6 +16,7 @@ from starlette.routing import Route
 from app.api.requests import read_json_object, resolve_principal, services
 from app.core import anki
 from app.core.anki import AnkiCaller, AnkiUser
+from app.core.errors import BadRequest
 
 
 def _user_shape(user: AnkiUser) -> dict[str, Any]:
@@ -60,16 +61,11 @@ async def get_user_data(request: Request) -> Response:
 async def save_user_data(request: Request) -> Response:
     caller = await _acting_for(request, request.path_params["user_id"], "ai:write")
     body = await read_json_object(request)
-    name, email = body.get("userName"), body.get("userEmail")
     if body.get("userId", caller.user_id) != caller.user_id:
-        return JSONResponse({"error": "Invalid user ID"}, status_code=400)
-    if (name is not None and not isinstance(name, str)) or (
-        email is not None and not isinstance(email, str)
-    ):
-        return JSONResponse({"error": "userName and userEmail must be strings"}, status_code=400)
-    saved = await services(request).anki.save_user(
-        caller, name[:200] if name else None, email[:320] if email else None
-    )
+        raise BadRequest("Invalid user ID")
+    name = anki.validate_user_name(body.get("userName"))
+    email = anki.validate_user_email(body.get("userEmail"))
+    saved = await services(request).anki.save_user(caller, name, email)
     return JSONResponse(_user_shape(saved))
 
 
