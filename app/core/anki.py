@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypedDict
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -55,6 +56,13 @@ def _profile_text(value: object, field: str, longest: int) -> str | None:
     if value is not None and (not isinstance(value, str) or len(value) > longest):
         raise BadRequest(f"{field} must be a string of at most {longest} characters, or null")
     return value
+
+
+class ProfileChanges(TypedDict, total=False):
+    """The profile fields a save sets; a field left out keeps its stored value."""
+
+    user_name: str | None
+    user_email: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,27 +140,17 @@ class Anki:
             regeneration_limit=regeneration_limit,
         )
 
-    async def save_user(
-        self, caller: AnkiCaller, user_name: str | None, user_email: str | None
-    ) -> AnkiUser:
+    async def save_user(self, caller: AnkiCaller, changes: ProfileChanges) -> AnkiUser:
         now = datetime.now(UTC)
         insert = dialect_insert(self._engine)
         stmt = insert(anki_users).values(
-            id=caller.user_id,
-            user_name=user_name,
-            user_email=user_email,
-            created_at=now,
-            updated_at=now,
+            id=caller.user_id, created_at=now, updated_at=now, **changes
         )
+        updates = {column: stmt.excluded[column] for column in changes}
         async with self._engine.begin() as conn:
             await conn.execute(
                 stmt.on_conflict_do_update(
-                    index_elements=[anki_users.c.id],
-                    set_={
-                        "user_name": stmt.excluded.user_name,
-                        "user_email": stmt.excluded.user_email,
-                        "updated_at": now,
-                    },
+                    index_elements=[anki_users.c.id], set_={**updates, "updated_at": now}
                 )
             )
         return await self.user(caller)

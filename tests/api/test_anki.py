@@ -508,6 +508,30 @@ async def test_user_data_body_must_name_the_same_user(livegate: Livegate):
     anki_error(await call(livegate, "POST", path, account.token, json={"userName": 12}), 400)
 
 
+async def test_a_save_changes_only_the_fields_it_sends(livegate: Livegate):
+    account = await livegate.account()
+    path = f"/api/user-data/{account.user.id}"
+
+    async def save(body: dict[str, Any]) -> dict[str, Any]:
+        response = await call(livegate, "POST", path, account.token, json=body)
+        assert response.status_code == 200, response.text
+        got = await call(livegate, "GET", path, account.token)
+        assert got.json() == response.json()
+        return {name: got.json()[name] for name in ("userName", "userEmail")}
+
+    john = {"userName": "John Doe", "userEmail": "john@example.com"}
+    assert await save(john) == john
+    assert await save({"userName": "Johnny"}) == {**john, "userName": "Johnny"}
+    assert await save({"userId": account.user.id}) == {**john, "userName": "Johnny"}
+    # null clears a field; an empty string is kept as sent.
+    assert await save({"userEmail": None}) == {"userName": "Johnny", "userEmail": None}
+    assert await save({"userName": ""}) == {"userName": "", "userEmail": None}
+    assert await save({"userEmail": "j@example.com"}) == {
+        "userName": "",
+        "userEmail": "j@example.com",
+    }
+
+
 @pytest.mark.parametrize(
     "field, longest, value",
     [

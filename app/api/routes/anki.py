@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from app.api.requests import read_json_object, resolve_principal, services
 from app.core import anki
-from app.core.anki import AnkiCaller, AnkiUser
+from app.core.anki import AnkiCaller, AnkiUser, ProfileChanges
 from app.core.errors import BadRequest
 
 
@@ -63,9 +63,14 @@ async def save_user_data(request: Request) -> Response:
     body = await read_json_object(request)
     if body.get("userId", caller.user_id) != caller.user_id:
         raise BadRequest("Invalid user ID")
-    name = anki.validate_user_name(body.get("userName"))
-    email = anki.validate_user_email(body.get("userEmail"))
-    saved = await services(request).anki.save_user(caller, name, email)
+    # Only the fields sent change, so a client may save its name alone without
+    # erasing the address; null clears a field, as a new record starts with both null.
+    changes: ProfileChanges = {}
+    if "userName" in body:
+        changes["user_name"] = anki.validate_user_name(body["userName"])
+    if "userEmail" in body:
+        changes["user_email"] = anki.validate_user_email(body["userEmail"])
+    saved = await services(request).anki.save_user(caller, changes)
     return JSONResponse(_user_shape(saved))
 
 
