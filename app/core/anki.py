@@ -15,13 +15,16 @@ from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Forbidden, Unauthorized
 from app.core.policy import Policy, QuotaExhausted, WindowUsage
 from app.core.security import hash_key
-from app.core.tables import anki_users, external_identities
+from app.core.tables import (
+    MAX_ANKI_USER_EMAIL,
+    MAX_ANKI_USER_NAME,
+    anki_users,
+    external_identities,
+)
 
 GENERATIONS = "flashcard_generations"
 REGENERATIONS = "flashcard_regenerations"
 _USER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}\Z")  # `$` would pass a final newline
-MAX_USER_NAME = 200  # anki_users.user_name
-MAX_USER_EMAIL = 320  # anki_users.user_email
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +44,13 @@ def validate_user_id(value: object) -> str:
 
 
 def validate_user_name(value: object) -> str | None:
-    return _profile_text(value, "userName", MAX_USER_NAME)
+    return _profile_text(value, "userName", MAX_ANKI_USER_NAME)
 
 
 def validate_user_email(value: object) -> str | None:
     """Only its type and length: the extension's copy of the Google profile's address,
     never mailed or signed in with, so it is given back exactly as it was sent."""
-    return _profile_text(value, "userEmail", MAX_USER_EMAIL)
+    return _profile_text(value, "userEmail", MAX_ANKI_USER_EMAIL)
 
 
 def _profile_text(value: object, field: str, longest: int) -> str | None:

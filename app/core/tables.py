@@ -237,13 +237,17 @@ messages = Table(
     ),
 )
 
+# The longest profile values the AnkiLingoFlash extension may store.
+MAX_ANKI_USER_NAME = 200
+MAX_ANKI_USER_EMAIL = 320
+
 # AnkiLingoFlash's user records, keyed by the extension's own user id (Google's).
 anki_users = Table(
     "anki_users",
     metadata,
     Column("id", String(255), primary_key=True),
-    Column("user_name", String(200), nullable=True),
-    Column("user_email", String(320), nullable=True),
+    Column("user_name", String(MAX_ANKI_USER_NAME), nullable=True),
+    Column("user_email", String(MAX_ANKI_USER_EMAIL), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
