@@ -126,6 +126,39 @@ async def run_to_completion(step: Callable[[], Awaitable[None]]) -> None:
         raise
 
 
+class InFlight:
+    """The metered requests of one user and period in flight on this instance, and the
+    newest reading of their quota any of them had.
+
+    A request alone would hold the tokens it has not yet written against the quota as
+    it last read it, so ten streams of one user would each spend all that was left.
+    Together they count every one's unwritten tokens against the newest reading.
+    (Another instance's unwritten tokens still show only once written: at most one
+    checkpoint's worth per request.)
+    """
+
+    __slots__ = ("meters", "snapshot")
+
+    def __init__(self, snapshot: QuotaSnapshot) -> None:
+        self.meters: list[UsageMeter] = []
+        self.snapshot = snapshot
+
+    def read(self, snapshot: QuotaSnapshot) -> None:
+        """Take a reading of the counter, if newer than the one held."""
+        if snapshot.seq > self.snapshot.seq:
+            self.snapshot = snapshot
+
+    @property
+    def unwritten(self) -> int:
+        return sum([meter.unwritten for meter in self.meters])
+
+    @property
+    def remaining(self) -> int | None:
+        if self.snapshot.limit is None:
+            return None
+        return self.snapshot.limit - self.snapshot.used - self.unwritten
+
+
 class UsageMeter:
     """The meter of one relayed request. Not shared between tasks except its flusher."""
 
@@ -163,6 +196,8 @@ class UsageMeter:
         self._target: Target | None = None
         # A non-streamed request's whole answer, for the `ai.task.completed` webhook.
         self.answer: bytes | None = None
+        # The user's requests in flight with it, once it is one of them.
+        self.in_flight: InFlight | None = None
 
     def answered_by(self, target: Target) -> None:
         """Record the provider that answered (the fallback chain may have moved on)."""
@@ -180,12 +215,19 @@ class UsageMeter:
         return Usage(self.prompt_tokens, self.completion_tokens)
 
     @property
+    def unwritten(self) -> int:
+        """Tokens counted here and not yet in the quota counter."""
+        return self.total_tokens - self._flushed_total
+
+    @property
     def remaining(self) -> int | None:
-        """Tokens left in the quota counting what this request has not yet flushed."""
+        """Tokens left in the quota, counting what the user's requests in flight on this
+        instance have not yet written."""
+        if self.in_flight is not None:
+            return self.in_flight.remaining
         if self._snapshot.limit is None:
             return None
-        unflushed = self.total_tokens - self._flushed_total
-        return self._snapshot.limit - self._snapshot.used - unflushed
+        return self._snapshot.limit - self._snapshot.used - self.unwritten
 
     def exhausted_after(self, pending: int) -> bool:
         """Whether the quota is used up once `pending` more tokens are delivered."""
@@ -279,12 +321,15 @@ class UsageMeter:
             self._unsure = True
             raise
         self._unsure = False
-        if counter is None:
-            return
-        used, seq = counter
-        self._flushed_total = total
-        self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
-        self._metering.publisher.push(self.info.user_id, self._snapshot)
+        if counter is not None:
+            used, seq = counter
+            self._flushed_total = total
+            self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
+            if self.in_flight is not None:
+                self.in_flight.read(self._snapshot)
+            self._metering.publisher.push(self.info.user_id, self._snapshot)
+        if status is not UsageStatus.STREAMING:
+            self._metering.leave(self)  # all it billed is in the counter now
 
     def _task_event(
         self, status: UsageStatus, finish_reason: str | None, error: str | None
@@ -393,6 +438,7 @@ class Metering:
         self.writer = UsageWriter(engine, self.warnings)
         self.instance_id = instance_id or new_id()
         self.active: set[UsageMeter] = set()
+        self._in_flight: dict[tuple[str, str], InFlight] = {}  # by user and period
         # Set once the server starts cancelling requests to shut down.
         self.draining = False
         self._heartbeat: asyncio.Task[None] | None = None
@@ -505,6 +551,8 @@ class Metering:
                 conn, info.user_id, "monthly_tokens", used - prompt_tokens, used, info.token_limit
             )
             if admit is not None:
+                # What requests in flight here delivered and have yet to write is used too.
+                used += self.unwritten(info.user_id, period)
                 await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
 
         increments = [Increment(TOKENS, period, prompt_tokens), *also]
@@ -520,7 +568,30 @@ class Metering:
         self.publisher.push(start.info.user_id, snapshot)
         meter = self._meter(start, start.info, snapshot)
         self.active.add(meter)
+        key = (start.info.user_id, start.period)
+        in_flight = self._in_flight.get(key)
+        if in_flight is None:
+            in_flight = self._in_flight[key] = InFlight(snapshot)
+        else:
+            in_flight.read(snapshot)
+        in_flight.meters.append(meter)
+        meter.in_flight = in_flight
         return meter
+
+    def leave(self, meter: UsageMeter) -> None:
+        """Take `meter` out of its user's requests in flight: all it billed is written."""
+        in_flight = meter.in_flight
+        if in_flight is None:
+            return
+        meter.in_flight = None
+        in_flight.meters.remove(meter)
+        if not in_flight.meters:
+            del self._in_flight[(meter.info.user_id, meter.period)]
+
+    def unwritten(self, user_id: str, period: str) -> int:
+        """Tokens the user's requests in flight here have counted but not yet written."""
+        in_flight = self._in_flight.get((user_id, period))
+        return 0 if in_flight is None else in_flight.unwritten
 
     def _meter(
         self, start: _Start, info: RequestInfo, snapshot: QuotaSnapshot, *, unsure: bool = False

@@ -15,6 +15,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 
+from app.core.config import MeteringConfig
 from app.core.quota import add_tokens, month_period
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Account, Livegate, StartLivegate, tiny_tier
@@ -337,6 +338,67 @@ async def test_stream_started_with_little_quota_left_stops_within_one_checkpoint
     used = (await get_json(livegate, "/api/usage/quota", account.token))["used"]
     assert used == sum(r.total_tokens for r in rows)
     assert limit <= used <= limit + CHECKPOINT_TOKENS
+
+
+async def test_parallel_streams_of_one_user_share_what_is_left(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    """Ten streams admitted together, whose tokens then all arrive at once: what one
+    delivers is gone for the others before it is written, not spent again by each."""
+    limit = 200
+    livegate = await start_livegate(tiers=tiny_tier(limit))
+    account = await livegate.account(tier="tiny")
+    fake_upstream.script.tokens = 60
+    fake_upstream.script.hold_start = True  # every stream admitted before any token
+    streams = [
+        asyncio.create_task(stream_lines(livegate, account, chat_body(stream=True)))
+        for _ in range(10)
+    ]
+    await wait_until(lambda: len(fake_upstream.streams) == 10, "ten streams started")
+    prompts = (await get_json(livegate, "/api/usage/quota", account.token))["used"]
+    fake_upstream.release.set()
+    results = await asyncio.gather(*streams)
+    assert [status for status, _ in results] == [200] * 10
+    delivered = [content_count(sse_events(lines)) for _, lines in results]
+    # What the prompts left, and no more (each stream alone would have taken 60 of it).
+    left = limit - prompts
+    assert left - CHECKPOINT_TOKENS <= sum(delivered) <= left, delivered
+    rows = await wait_all_final(livegate, account.user.id, 10)
+    assert sum(r.completion_tokens for r in rows) == sum(delivered)
+    used = (await get_json(livegate, "/api/usage/quota", account.token))["used"]
+    assert used == sum(r.total_tokens for r in rows)
+
+
+async def test_a_request_is_refused_for_tokens_delivered_but_not_yet_written(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    """Admission counts what streams in flight on the instance have delivered, not
+    only what their checkpoints wrote."""
+    unhurried = MeteringConfig(
+        checkpoint_tokens=1000, checkpoint_ms=60_000, push_interval_ms=0, heartbeat_seconds=10
+    )
+    livegate = await start_livegate(tiers=tiny_tier(100), metering=unhurried)
+    account = await livegate.account(tier="tiny")
+    fake_upstream.script.tokens = 200
+    fake_upstream.script.hold_after = 92
+    headers = {"Authorization": f"Bearer {account.api_key}"}
+    async with (
+        httpx.AsyncClient(base_url=livegate.base_url, timeout=10) as http,
+        http.stream(
+            "POST", "/v1/chat/completions", json=chat_body(stream=True), headers=headers
+        ) as response,
+    ):
+        received = 0
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                received += content_count([json.loads(line[6:])])
+            if received == 92:
+                break
+        [row] = await usage_rows(livegate, account.user.id)
+        assert row.completion_tokens == 0  # nothing written yet
+        refused = await post_chat(livegate, account, chat_body(stream=False))
+        assert_openai_quota_error(refused)
+        fake_upstream.release.set()
 
 
 async def test_a_finish_after_the_quota_was_overrun_meanwhile_ends_the_stream(
