@@ -396,6 +396,12 @@ class UsageMeter:
                     "finalizing usage row %s failed (attempt %d)", self.row_id, attempt + 1
                 )
                 await asyncio.sleep(0.2 * 2**attempt)
+        # This instance lives on, so no sweep will end the row: the metering service
+        # retries the write until the database takes it.
+        logger.error("usage row %s left unfinished; its end is retried", self.row_id)
+        self._metering.unwritten_ends[self] = functools.partial(
+            self._write, status, finish_reason, error
+        )
 
     async def discard(self, status: UsageStatus, error: str) -> None:
         """Finalize a request that delivered nothing: nothing is billed."""
@@ -443,6 +449,9 @@ class Metering:
         self.draining = False
         self._heartbeat: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
+        # The final writes of meters that failed all their attempts, retried at every
+        # heartbeat until they are written.
+        self.unwritten_ends: dict[UsageMeter, Callable[[], Awaitable[None]]] = {}
 
     def drain(self) -> None:
         """Mark requests cancelled from now on as interrupted by shutdown."""
@@ -671,6 +680,22 @@ class Metering:
                 await self.sweep_interrupted()
             except Exception:
                 logger.exception("metering heartbeat failed")
+            if self.unwritten_ends:
+                await self._write_unwritten()
+
+    async def _write_unwritten(self) -> None:
+        """Try each final write left unwritten once more."""
+        for meter, write in list(self.unwritten_ends.items()):
+            # To its end even if the heartbeat is cancelled (a shutdown): a write
+            # abandoned midway may still commit, and its retry would count it twice.
+            try:
+                await run_to_completion(functools.partial(self._write_end, meter, write))
+            except Exception:
+                logger.exception("finalizing usage row %s failed again", meter.row_id)
+
+    async def _write_end(self, meter: UsageMeter, write: Callable[[], Awaitable[None]]) -> None:
+        await write()
+        del self.unwritten_ends[meter]
 
     async def _register(self) -> None:
         """Insert or refresh this instance's row (another's sweep may have removed it

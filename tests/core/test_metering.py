@@ -8,6 +8,7 @@ Invariant checked throughout: the user's quota counter equals the sum of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -660,3 +661,73 @@ async def test_concurrent_meters_of_one_user_keep_the_counter_exact(env: Env):
     assert len(statuses) == 20 and "streaming" not in statuses
 
     await assert_last_push_is_the_counter(env, pushes, user)
+
+
+# (7) an outage as a stream ends ----------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def refusing_updates(engine: AsyncEngine, row_id: str) -> AsyncIterator[None]:
+    """The database refuses every update of the row while the block runs (a trigger
+    raises in its place), whichever of the writer's paths sends it: to the meter, an
+    outage as long as the block. Other rows, and `instances`, are written as usual."""
+    name = f"refuse_{uuid.uuid4().hex[:12]}"
+    if engine.dialect.name == "postgresql":
+        create = [
+            f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'database unavailable'; END $$",
+            f"CREATE TRIGGER {name} BEFORE UPDATE ON usage_logs FOR EACH ROW "
+            f"WHEN (OLD.id = '{row_id}') EXECUTE FUNCTION {name}()",
+        ]
+        drop = [f"DROP TRIGGER {name} ON usage_logs", f"DROP FUNCTION {name}()"]
+    else:
+        create = [
+            f"CREATE TRIGGER {name} BEFORE UPDATE ON usage_logs FOR EACH ROW "
+            f"WHEN OLD.id = '{row_id}' BEGIN SELECT RAISE(ABORT, 'database unavailable'); END"
+        ]
+        drop = [f"DROP TRIGGER {name}"]
+    async with engine.begin() as conn:
+        for statement in create:
+            await conn.exec_driver_sql(statement)
+    try:
+        yield
+    finally:
+        async with engine.begin() as conn:
+            for statement in drop:
+                await conn.exec_driver_sql(statement)
+
+
+async def end_in_an_outage(env: Env, metering: Metering, user: str) -> UsageMeter:
+    """A stream checkpointed at 10 tokens whose end (the upstream's 11 + 30) fails
+    every attempt: its row is left as the checkpoint wrote it."""
+    meter = await metering.begin(request(user), prompt_tokens=10)
+    deliver(meter, 10)
+    await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens == 10, "10 tokens")
+    async with refusing_updates(env.engine, meter.row_id):
+        await meter.finish(UsageStatus.COMPLETED, usage=Usage(11, 30), finish_reason="stop")
+        row = await row_of(env.engine, meter.row_id)
+        assert (row.status, row.total_tokens) == ("streaming", 20)
+    return meter
+
+
+async def assert_ended(env: Env, meter: UsageMeter, user: str) -> None:
+    row = await row_of(env.engine, meter.row_id)
+    assert (row.status, row.finish_reason) == ("completed", "stop")
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (11, 30, 41)
+    assert row.finished_at is not None
+    await assert_counter(env.engine, user, 41)
+    events = await queued_events(env, user)
+    expected = [(f"evt_{meter.row_id}_completed", "ai.task.completed")]
+    assert [(e.event_id, e.event) for e in events] == expected
+
+
+async def test_an_end_that_failed_all_its_attempts_is_written_once_the_database_is_back(
+    env: Env,
+):
+    """The instance lives on through the outage, so no sweep would ever end the row."""
+    metering = await env.started_metering(CONFIG.model_copy(update={"heartbeat_seconds": 0.2}))
+    user = await env.user()
+    await subscribe_webhook(env, user, "ai.task.completed")
+    meter = await end_in_an_outage(env, metering, user)
+    await wait_row(env.engine, meter.row_id, lambda r: r.status != "streaming", "its end")
+    await assert_ended(env, meter, user)
