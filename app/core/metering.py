@@ -450,7 +450,7 @@ class Metering:
         self._heartbeat: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
-        # heartbeat until they are written.
+        # heartbeat and at shutdown until they are written.
         self.unwritten_ends: dict[UsageMeter, Callable[[], Awaitable[None]]] = {}
 
     def drain(self) -> None:
@@ -666,6 +666,14 @@ class Metering:
         for meter in list(self.active):
             await meter.finish(UsageStatus.INTERRUPTED, error="server shut down")
         await asyncio.gather(*self._cleanups, return_exceptions=True)
+        # Last: the ends just written may have failed all their attempts too.
+        await self._write_unwritten()
+        if self.unwritten_ends:
+            logger.error(
+                "%d usage rows left unfinished at shutdown; another instance's sweep "
+                "ends them as interrupted",
+                len(self.unwritten_ends),
+            )
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(instances.delete().where(instances.c.id == self.instance_id))

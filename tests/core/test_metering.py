@@ -731,3 +731,13 @@ async def test_an_end_that_failed_all_its_attempts_is_written_once_the_database_
     meter = await end_in_an_outage(env, metering, user)
     await wait_row(env.engine, meter.row_id, lambda r: r.status != "streaming", "its end")
     await assert_ended(env, meter, user)
+
+
+async def test_close_writes_an_end_that_failed_all_its_attempts(env: Env):
+    metering = env.metering()  # its heartbeat never fires during the test
+    await metering.start()
+    user = await env.user()
+    await subscribe_webhook(env, user, "ai.task.completed")
+    meter = await end_in_an_outage(env, metering, user)
+    await metering.close()
+    await assert_ended(env, meter, user)
