@@ -561,7 +561,7 @@ class Metering:
             )
             if admit is not None:
                 # What requests in flight here delivered and have yet to write is used too.
-                used += self.unwritten(info.user_id, period)
+                used += self.unwritten_tokens(info.user_id, period)
                 await admit(conn, QuotaSnapshot(info.token_limit, used, period, seq), counted[1:])
 
         increments = [Increment(TOKENS, period, prompt_tokens), *also]
@@ -597,7 +597,7 @@ class Metering:
         if not in_flight.meters:
             del self._in_flight[(meter.info.user_id, meter.period)]
 
-    def unwritten(self, user_id: str, period: str) -> int:
+    def unwritten_tokens(self, user_id: str, period: str) -> int:
         """Tokens the user's requests in flight here have counted but not yet written."""
         in_flight = self._in_flight.get((user_id, period))
         return 0 if in_flight is None else in_flight.unwritten
