@@ -237,12 +237,13 @@ async def iter_sse_batches(
                 buffer = buffer.replace(b"\r\n", b"\n")
             events = buffer.split(b"\n\n")
             partial = events.pop()
-            pending = [partial] if partial else []
-            pending_bytes = len(partial)
-            tail = partial[-2:]
-            if pending_bytes > max_event_bytes or (
-                len(buffer) - pending_bytes > max_event_bytes
-                and any(len(event) > max_event_bytes for event in events)
+            if partial:
+                pending, pending_bytes, tail = [partial], len(partial), partial[-2:]
+            else:
+                pending = []
+            if len(buffer) > max_event_bytes and (
+                len(partial) > max_event_bytes
+                or any(len(event) > max_event_bytes for event in events)
             ):
                 raise UpstreamError(f"provider sent an event over {max_event_bytes} bytes")
             batch: list[bytes] = []
