@@ -137,20 +137,19 @@ class InFlight:
     checkpoint's worth per request.)
     """
 
-    __slots__ = ("meters", "snapshot")
+    __slots__ = ("meters", "snapshot", "unwritten")
 
     def __init__(self, snapshot: QuotaSnapshot) -> None:
         self.meters: list[UsageMeter] = []
         self.snapshot = snapshot
+        # The meters' tokens not yet in the counter, kept as they change: summed on
+        # each read, a user's k streams would cost O(k) at every upstream read.
+        self.unwritten = 0
 
     def read(self, snapshot: QuotaSnapshot) -> None:
         """Take a reading of the counter, if newer than the one held."""
         if snapshot.seq > self.snapshot.seq:
             self.snapshot = snapshot
-
-    @property
-    def unwritten(self) -> int:
-        return sum([meter.unwritten for meter in self.meters])
 
     @property
     def remaining(self) -> int | None:
@@ -239,6 +238,8 @@ class UsageMeter:
         if self.finished:
             return
         self.completion_tokens += tokens
+        if self.in_flight is not None:
+            self.in_flight.unwritten += tokens
         self._since_flush += tokens
         now = asyncio.get_running_loop().time()
         due = (
@@ -323,6 +324,8 @@ class UsageMeter:
         self._unsure = False
         if counter is not None:
             used, seq = counter
+            if self.in_flight is not None:
+                self.in_flight.unwritten -= total - self._flushed_total
             self._flushed_total = total
             self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
             if self.in_flight is not None:
@@ -384,9 +387,10 @@ class UsageMeter:
             with contextlib.suppress(Exception):
                 await self._flusher
         if usage is not None:
-            self.prompt_tokens = usage.prompt_tokens
+            completion = self.completion_tokens
             if status is UsageStatus.COMPLETED:
-                self.completion_tokens = usage.completion_tokens
+                completion = usage.completion_tokens
+            self._recount(usage.prompt_tokens, completion)
         for attempt in range(FINISH_ATTEMPTS):
             try:
                 await self._write(status, finish_reason, error)
@@ -405,9 +409,15 @@ class UsageMeter:
 
     async def discard(self, status: UsageStatus, error: str) -> None:
         """Finalize a request that delivered nothing: nothing is billed."""
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self._recount(0, 0)
         await self.finish(status, error=error)
+
+    def _recount(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Bill these counts instead of those so far (not yet written)."""
+        if self.in_flight is not None:
+            self.in_flight.unwritten += prompt_tokens + completion_tokens - self.total_tokens
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +594,7 @@ class Metering:
         else:
             in_flight.read(snapshot)
         in_flight.meters.append(meter)
+        in_flight.unwritten += meter.unwritten
         meter.in_flight = in_flight
         return meter
 
@@ -594,6 +605,7 @@ class Metering:
             return
         meter.in_flight = None
         in_flight.meters.remove(meter)
+        in_flight.unwritten -= meter.unwritten
         if not in_flight.meters:
             del self._in_flight[(meter.info.user_id, meter.period)]
 

@@ -357,6 +357,34 @@ async def test_remaining_counts_tokens_not_yet_checkpointed(env: Env):
     await unlimited.finish(UsageStatus.COMPLETED)
 
 
+async def test_a_users_requests_in_flight_share_what_is_left(env: Env):
+    """Each counts what the others delivered and have not written; as they write, end
+    or are discarded, what is left stays the limit less all they bill, and once all
+    have ended nothing of them is kept."""
+    metering = await env.started_metering()
+    user = await env.user()
+    a = await metering.begin(request(user, token_limit=100), prompt_tokens=10)
+    b = await metering.begin(request(user, token_limit=100), prompt_tokens=5)
+    assert a.remaining == b.remaining == 85
+    deliver(a, 3)  # below the checkpoint: only in memory
+    assert a.remaining == b.remaining == 82
+    deliver(b, 4)
+    assert a.remaining == b.remaining == 78
+    deliver(a, 10)  # past it: written
+    await wait_row(env.engine, a.row_id, lambda r: r.completion_tokens == 13, "a's checkpoint")
+    assert a.remaining == b.remaining == 68
+    # Billed as the upstream counted: 12 + 20 instead of 10 + 13.
+    await a.finish(UsageStatus.COMPLETED, usage=Usage(12, 20))
+    assert b.remaining == 100 - 32 - 5 - 4
+    await b.discard(UsageStatus.ERROR, "failed")  # gives everything back
+    other = await metering.begin(request(user, token_limit=100), prompt_tokens=1)
+    assert other.remaining == 100 - 32 - 1
+    await other.finish(UsageStatus.COMPLETED)
+    await assert_counter(env.engine, user, 33)
+    assert metering.unwritten_tokens(user, other.period) == 0
+    assert not metering._in_flight
+
+
 # (2) checkpoints -----------------------------------------------------------------
 
 
