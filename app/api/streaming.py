@@ -140,7 +140,8 @@ async def open_for_client(
 
 async def _close_unstarted(stream: AsyncGenerator[bytes, None]) -> None:
     # A generator closed before its first step runs none of its own cleanup. Up to its
-    # first yield nothing is sent, nor counted as delivered: it ends as cancelled.
+    # first yield (the upstream's first read, which it has already) nothing is sent,
+    # nor counted as delivered: it ends as cancelled.
     try:
         await anext(stream, None)
     finally:

@@ -334,6 +334,7 @@ async def relay_stream(
     try:
         try:
             async for batch in upstream:
+                opening = first is None
                 first = first or batch[0]
                 tokens = sum([chunk.tokens for chunk in batch])
                 budget = meter.remaining
@@ -361,8 +362,10 @@ async def relay_stream(
                         usage = chunk.usage
                     if chunk.finish_reason:
                         finish_reason = chunk.finish_reason
-                # One write for what one upstream read brought.
-                if data := fmt.encode(batch):
+                # One write for what one upstream read brought. The first read yields
+                # even with nothing to send (Navi's format drops a role-only event): a
+                # caller may close the stream there, before the upstream is read again.
+                if (data := fmt.encode(batch)) or opening:
                     yield data
                 # Resumed: everything above was handed to the client.
                 if tokens:

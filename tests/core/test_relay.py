@@ -1,5 +1,6 @@
 """The relay's start written beside the upstream call, when that start fails: the
-upstream's answer is hung up on and nothing is billed."""
+upstream's answer is hung up on and nothing is billed. A stream closed at its first
+read."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.auth import Principal
-from app.core.formats import OpenAIFormat
+from app.core.formats import ContentFormat, OpenAIFormat
 from app.core.metering import Metering
 from app.core.policy import Policy
 from app.core.ratelimit import LocalRateLimiter
@@ -70,3 +71,43 @@ async def test_a_start_lost_beside_an_answered_stream_hangs_up_and_bills_nothing
         query = sa.select(usage_logs).where(usage_logs.c.request_id == "req-beside")
         [row] = (await conn.execute(query)).all()
     assert (row.status, row.total_tokens) == (UsageStatus.ERROR, 0)
+
+
+async def test_a_stream_yields_at_its_first_read_even_with_nothing_to_send(
+    backend: Backend, env: Env, fake_upstream: FakeUpstream
+):
+    """Navi's format sends nothing for a role-only first event. A caller whose client
+    left must still be able to close the stream there, not wait for the next event."""
+    settings = make_settings(backend, fake_upstream)
+    metering = await env.started_metering()
+    upstream = AiohttpTransport(httpx.Limits(max_connections=10))
+    router = ModelRouter(settings.providers, settings.models, upstream)
+    relay = Relay(settings, router, metering, Policy(settings, env.engine, LocalRateLimiter()))
+    user = await create_user(
+        env.engine, email="first-read@example.test", password=None, tier="free"
+    )
+    fake_upstream.script.hold_after = 0  # the role event, then nothing until released
+    chat = parse_chat_request(
+        {"model": FAKE_MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    try:
+        stream = await relay.open_stream(
+            Principal(user), chat, RequestContext("req-first-read"), ContentFormat()
+        )
+        try:
+            async with asyncio.timeout(10):
+                assert await anext(stream) == b""
+        finally:
+            await stream.aclose()
+        for _ in range(500):
+            if fake_upstream.streams[-1].closed_early:
+                break
+            await asyncio.sleep(0.01)
+        assert fake_upstream.streams[-1].closed_early
+    finally:
+        fake_upstream.release.set()
+        await upstream.aclose()
+    async with env.engine.connect() as conn:
+        query = sa.select(usage_logs).where(usage_logs.c.request_id == "req-first-read")
+        [row] = (await conn.execute(query)).all()
+    assert (row.status, row.completion_tokens) == (UsageStatus.CANCELLED, 0)
