@@ -210,8 +210,8 @@ async def iter_sse_batches(
     as a list per network read that completed any. Closes `chunks` when it ends or is
     closed.
 
-    An event longer than `max_event_bytes` raises `UpstreamError`, at the latest once
-    that much of it is in.
+    An event longer than `max_event_bytes` (with CRLFs read as LFs) raises
+    `UpstreamError`, at the latest once twice that much of it is in.
 
     Close it (`contextlib.aclosing`) rather than leave it mid-stream: an async
     generator dropped unfinished is closed later by a task of the event loop's, one
@@ -228,7 +228,8 @@ async def iter_sse_batches(
                 pending.append(chunk)
                 pending_bytes += len(chunk)
                 tail = (tail + chunk[-2:])[-2:]
-                if pending_bytes > max_event_bytes:
+                # Raw bytes: CRLFs may make them up to twice what the event is.
+                if pending_bytes > 2 * max_event_bytes:
                     raise UpstreamError(f"provider sent an event over {max_event_bytes} bytes")
                 continue
             # One split per read: an unpaced upstream packs hundreds of events in one.
@@ -256,6 +257,8 @@ async def iter_sse_batches(
                 yield batch
     # At the end, an event whose blank line never came still counts its ended lines.
     partial = b"".join(pending).replace(b"\r\n", b"\n")
+    if len(partial) > max_event_bytes:
+        raise UpstreamError(f"provider sent an event over {max_event_bytes} bytes")
     if (data := _event_data(partial.split(b"\n")[:-1])) is not None:
         yield [data]
 

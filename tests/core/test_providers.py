@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import sys
@@ -57,6 +58,31 @@ async def test_an_event_past_the_limit_is_an_upstream_error(reads: int) -> None:
         await batches(*parts, b"\n\n", limit=3000)  # ended, in the read that ends it
     # At the limit, the event comes out whole.
     assert await batches(*parts, b"\n\n", limit=len(event)) == [[b"1"], [b"a" * 4000]]
+
+
+async def test_an_event_that_never_ends_is_refused_while_it_comes() -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"data: "
+        while True:
+            yield b"a" * 100
+
+    async with asyncio.timeout(10):
+        with pytest.raises(UpstreamError):
+            async for _ in iter_sse_batches(endless(), 1000):
+                pass
+
+
+@pytest.mark.parametrize("size", [None, 10, 1], ids=["one-read", "10-byte-reads", "bytewise"])
+async def test_the_event_size_limit_counts_crlfs_as_lfs_however_the_event_is_split(
+    size: int | None,
+) -> None:
+    stream = b"data: x\r\n" * 100 + b"\r\n"
+    length = len(b"data: x\n" * 100) - 1  # the event read as LF, without its end
+    parts = [stream] if size is None else [stream[i : i + size] for i in range(0, 902, size)]
+    [[data]] = await batches(*parts, limit=length)
+    assert data == b"\n".join([b"x"] * 100)
+    with pytest.raises(UpstreamError):
+        await batches(*parts, limit=length - 1)
 
 
 async def test_one_batch_per_read_that_completed_events() -> None:
