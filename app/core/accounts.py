@@ -101,25 +101,32 @@ async def login(
     Past the `login_fail` limit of wrong passwords for this email from this address,
     even the right one is refused (429) until the window has room again: otherwise
     guessing would go on, and the right guess would still tell itself by its answer.
+    Each attempt counts as it begins, so that a burst cannot all begin before any has
+    counted; one that is not a wrong password is given back.
     """
     email = email.strip().lower()
     attempt = f"{email} {client_ip}"
-    await policy.limit_action(LOGIN_FAIL, attempt, record=False)
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.select(users.c.password_hash, *USER_COLUMNS).where(
-                    users.c.email == email, users.c.deleted_at.is_(None)
+    await policy.limit_action(LOGIN_FAIL, attempt)
+    wrong = False
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(users.c.password_hash, *USER_COLUMNS).where(
+                        users.c.email == email, users.c.deleted_at.is_(None)
+                    )
                 )
-            )
-        ).first()
-    stored: str | None = row.password_hash if row is not None else None
-    # An account without a password (signed up through an identity provider) is never
-    # opened by one, whatever it is.
-    verified = verify_password(stored or _DUMMY_HASH, password[:MAX_PASSWORD])
-    if row is None or not stored or not verified:
-        # Unknown emails count too: whether one is known must not show in the answers.
-        await policy.limit_action(LOGIN_FAIL, attempt)
+            ).first()
+        stored: str | None = row.password_hash if row is not None else None
+        # An account without a password (signed up through an identity provider) is
+        # never opened by one, whatever it is. Unknown emails count as wrong too:
+        # whether one is known must not show in the answers.
+        verified = verify_password(stored or _DUMMY_HASH, password[:MAX_PASSWORD])
+        wrong = row is None or not stored or not verified
+    finally:
+        if not wrong:  # the right password, or a failure of ours
+            await policy.release_action(LOGIN_FAIL, attempt)
+    if wrong:
         raise Unauthorized("invalid email or password", code="invalid_credentials")
     user = row_to_user(row)
     return AccountSession(user, await sessions.issue(user.id))

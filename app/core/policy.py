@@ -109,19 +109,12 @@ class Policy:
         key = f"{caller}:{surface}" if surface in self.tier(tier_name).surfaces else caller
         return await self._limiter.hit(key, rate)
 
-    async def limit_action(self, action: str, scope_value: str, *, record: bool = True) -> Decision:
-        """Count one `action` for its scope value; raise `RateLimited` past the limit.
-
-        With `record=False`, only raise if one more would be past it: for an action
-        counted once its outcome is known, such as a failed login.
-        """
+    async def limit_action(self, action: str, scope_value: str) -> Decision:
+        """Count one `action` for its scope value; raise `RateLimited` past the limit."""
         config = self._settings.actions[action]
         # A sliding window, not a bucket: "3 per 10 minutes" must hold in any 10 minutes.
         decision = await self._limiter.hit_window(
-            f"action:{action}:{scope_value.lower()}",
-            config.limit,
-            config.window_seconds,
-            record=record,
+            _action_key(action, scope_value), config.limit, config.window_seconds
         )
         if not decision.allowed:
             raise RateLimited(
@@ -130,6 +123,15 @@ class Policy:
                 headers={"Retry-After": str(decision.retry_after_seconds)},
             )
         return decision
+
+    async def release_action(self, action: str, scope_value: str) -> None:
+        """Take back one `action` counted for its scope value.
+
+        For an action that counts only by its outcome (a wrong password): counted as it
+        begins, so that a burst of them cannot all begin before any has counted, and
+        given back if it turns out not to count.
+        """
+        await self._limiter.release_window(_action_key(action, scope_value))
 
     # -- AI request quotas ------------------------------------------------------------
 
@@ -261,3 +263,7 @@ class Policy:
         async with self._engine.connect() as conn:
             used = await read_counter(conn, subject, f"counter:{name}", period)
         return WindowUsage(used, limit, reset_at)
+
+
+def _action_key(action: str, scope_value: str) -> str:
+    return f"action:{action}:{scope_value.lower()}"

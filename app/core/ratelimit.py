@@ -54,13 +54,12 @@ class RateLimiter(Protocol):
     async def hit(self, key: str, rate: Rate) -> Decision:
         """One request against a GCRA bucket."""
 
-    async def hit_window(
-        self, key: str, limit: int, window: float, *, record: bool = True
-    ) -> Decision:
-        """One event against "at most `limit` in any `window` seconds" (a sliding log).
+    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
+        """One event against "at most `limit` in any `window` seconds" (a sliding log)."""
 
-        With `record=False`, only whether one more would be admitted: nothing is counted.
-        """
+    async def release_window(self, key: str) -> None:
+        """Take back the latest event recorded under `key` (one whose outcome, known
+        only once admitted, turned out not to count)."""
 
 
 def _decide(now_ms: float, tat_ms: float | None, rate: Rate) -> tuple[Decision, float | None]:
@@ -116,20 +115,23 @@ class LocalRateLimiter:
         )
         self._max_keys = max_keys
 
-    async def hit_window(
-        self, key: str, limit: int, window: float, *, record: bool = True
-    ) -> Decision:
+    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
         now = time.time() * 1000
         log = self._logs.setdefault(key, collections.deque())
         self._logs.move_to_end(key)
         while log and log[0] <= now - window * 1000:
             log.popleft()
-        decision, admitted = _window_decision(now, list(log), limit, window)
-        if admitted and record:
+        decision, record = _window_decision(now, list(log), limit, window)
+        if record:
             log.append(now)
         while len(self._logs) > 10 * self._max_keys:
             self._logs.popitem(last=False)
         return decision
+
+    async def release_window(self, key: str) -> None:
+        log = self._logs.get(key)
+        if log:
+            log.pop()
 
     async def hit(self, key: str, rate: Rate) -> Decision:
         now = time.time() * 1000
@@ -180,7 +182,6 @@ return out
 
 
 # A sorted set of event times per key, cut to the window, on the server's clock.
-# ARGV[4] "0": decide only, record nothing.
 _WINDOW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -192,10 +193,8 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
 if count >= limit then
   return {0, 0, tostring(tonumber(oldest) + window - now)}
 end
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1)
-end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window) + 1)
 local reset = window
 if oldest then reset = tonumber(oldest) + window - now end
 return {1, limit - count - 1, tostring(reset)}
@@ -218,11 +217,9 @@ class RedisRateLimiter:
         self._window_script = redis.register_script(_WINDOW_LUA)
         self._hits: Batcher[tuple[str, Rate], Decision] = Batcher("rate-limit", self._decide)
 
-    async def hit_window(
-        self, key: str, limit: int, window: float, *, record: bool = True
-    ) -> Decision:
+    async def hit_window(self, key: str, limit: int, window: float) -> Decision:
         allowed, remaining, seconds_ms = await self._window_script(
-            keys=[f"{self._prefix}w:{key}"], args=[window, limit, new_id(), int(record)]
+            keys=[f"{self._prefix}w:{key}"], args=[window, limit, new_id()]
         )
         wait = float(seconds_ms) / 1000
         return Decision(
@@ -233,6 +230,9 @@ class RedisRateLimiter:
             retry_after=0.0 if allowed else wait,
             reset_after=wait,
         )
+
+    async def release_window(self, key: str) -> None:
+        await self._redis.zpopmax(f"{self._prefix}w:{key}")
 
     async def hit(self, key: str, rate: Rate) -> Decision:
         return await self._hits.submit((self._prefix + key, rate))

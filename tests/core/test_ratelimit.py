@@ -187,17 +187,17 @@ async def test_keys_are_separate_buckets(make_limiter: MakeLimiter):
     assert fresh.allowed and fresh.remaining == 2
 
 
-async def test_a_window_check_without_record_decides_but_counts_nothing(
-    make_limiter: MakeLimiter,
-):
+async def test_a_released_window_event_no_longer_counts(make_limiter: MakeLimiter):
     limiter = await make_limiter()
     k = key()
-    checks = [await limiter.hit_window(k, 2, 600, record=False) for _ in range(5)]
-    assert all(c.allowed for c in checks)
-    assert [(await limiter.hit_window(k, 2, 600)).allowed for _ in range(2)] == [True, True]
-    full = await limiter.hit_window(k, 2, 600, record=False)
-    assert not full.allowed
-    assert 590 < full.retry_after <= 600
+    assert [(await limiter.hit_window(k, 2, 600)).allowed for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    await limiter.release_window(k)
+    assert [(await limiter.hit_window(k, 2, 600)).allowed for _ in range(2)] == [True, False]
+    await limiter.release_window(key())  # nothing recorded there: nothing to take back
 
 
 async def test_burst_then_one_per_interval(make_limiter: MakeLimiter):
