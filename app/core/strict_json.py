@@ -101,12 +101,14 @@ def _any_string(value: Any, test: Callable[[str], bool]) -> bool:
 def _deeper_than(value: Any, limit: int) -> bool:
     """Whether arrays and objects nest more than `limit` levels deep in `value`."""
     stack = [(value, 1)] if isinstance(value, dict | list) else []
+    pop, push = stack.pop, stack.append
     while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        for child in children:
-            if isinstance(child, dict | list):
+        item, depth = pop()
+        # Exact types (what the parser makes): half the time of isinstance checks.
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
                 if depth >= limit:
                     return True
-                stack.append((child, depth + 1))
+                push((child, depth + 1))
     return False
