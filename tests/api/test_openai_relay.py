@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -47,6 +48,32 @@ def tier(request: pytest.FixtureRequest) -> str:
 
 def client(livegate: Livegate, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{livegate.base_url}/v1", api_key=key, max_retries=0)
+
+
+async def refused_chat(livegate: Livegate, key: str, **extra: Any) -> openai.APIStatusError:
+    """The error of a chat that must fail before any answer."""
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client(livegate, key).chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], **extra
+        )
+    return caught.value
+
+
+async def stream_until_error(
+    livegate: Livegate, key: str, *, on_token: Callable[[int], None] | None = None
+) -> tuple[int, openai.APIError]:
+    """The content chunks a stream delivered before the error that ended it."""
+    stream = await client(livegate, key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    received = 0
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+                if on_token is not None:
+                    on_token(received)
+    return received, caught.value
 
 
 async def test_non_stream_bills_upstream_usage(
@@ -198,12 +225,9 @@ async def test_upstream_failure_before_stream_is_502_and_not_billed(
 ):
     fake_upstream.script.status = 503
     account = await livegate.account(tier)
-    with pytest.raises(openai.APIStatusError) as caught:
-        await client(livegate, account.api_key).chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-    assert caught.value.status_code == 502
-    assert "503" in caught.value.message
+    error = await refused_chat(livegate, account.api_key, stream=True)
+    assert error.status_code == 502
+    assert "503" in error.message
     row = await wait_for_status(livegate, account.user.id, "error")
     assert row.total_tokens == 0
     async with httpx.AsyncClient(base_url=livegate.base_url) as http:
@@ -245,12 +269,9 @@ async def test_an_upstream_error_body_nested_too_deep_to_parse_is_a_502(
     fake_upstream.script.status = 503
     fake_upstream.script.error_body = b"[" * 100_000 + b"]" * 100_000
     account = await livegate.account(tier)
-    with pytest.raises(openai.APIStatusError) as caught:
-        await client(livegate, account.api_key).chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
-        )
-    assert caught.value.status_code == 502
-    assert caught.value.message.endswith(" - provider fake answered 503")
+    error = await refused_chat(livegate, account.api_key)
+    assert error.status_code == 502
+    assert error.message.endswith(" - provider fake answered 503")
     row = await wait_for_status(livegate, account.user.id, "error")
     assert row.total_tokens == 0
 
@@ -263,15 +284,8 @@ async def test_a_stream_event_nested_too_deep_to_parse_ends_the_stream_with_an_e
         b'{"choices": [], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     )
     account = await livegate.account(tier)
-    stream = await client(livegate, account.api_key).chat.completions.create(
-        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
-    )
-    received = 0
-    with pytest.raises(openai.APIError) as caught:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received += 1
-    assert caught.value.message == "provider sent a malformed stream event"
+    received, error = await stream_until_error(livegate, account.api_key)
+    assert error.message == "provider sent a malformed stream event"
     row = await wait_for_status(livegate, account.user.id, "error")
     assert row.completion_tokens == received == 3
 
@@ -386,11 +400,8 @@ async def test_unreachable_upstream_is_502(start_livegate: StartLivegate, tier: 
     dead = ProviderConfig(name="dead", base_url="http://127.0.0.1:9/v1", models=[FAKE_MODEL])
     livegate = await start_livegate(providers=[dead])
     account = await livegate.account(tier)
-    with pytest.raises(openai.APIStatusError) as caught:
-        await client(livegate, account.api_key).chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
-        )
-    assert caught.value.status_code == 502
+    error = await refused_chat(livegate, account.api_key)
+    assert error.status_code == 502
 
 
 async def test_non_stream_disconnect_cancels_upstream_and_bills_nothing(
@@ -531,12 +542,9 @@ async def test_a_whole_answer_past_the_response_limit_is_a_502_and_not_billed(
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
     account = await livegate.account(tier)
-    with pytest.raises(openai.APIStatusError) as caught:
-        await client(livegate, account.api_key).chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
-        )
-    assert caught.value.status_code == 502
-    assert caught.value.message.endswith(" - provider fake sent a response over 65536 bytes")
+    error = await refused_chat(livegate, account.api_key)
+    assert error.status_code == 502
+    assert error.message.endswith(" - provider fake sent a response over 65536 bytes")
     row = await wait_for_status(livegate, account.user.id, "error")
     assert row.total_tokens == 0
 
@@ -552,17 +560,15 @@ async def test_a_stream_event_past_the_response_limit_ends_the_stream_with_an_er
     fake_upstream.script.hold_finish = True  # the tokens reach the client first
     fake_upstream.script.finish_event = b'{"choices": [], "x": "' + b"a" * 70_000 + b'"}'
     account = await livegate.account(tier)
-    stream = await client(livegate, account.api_key).chat.completions.create(
-        model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+
+    def release_after_three(received: int) -> None:
+        if received == 3:
+            fake_upstream.finish_release.set()
+
+    received, error = await stream_until_error(
+        livegate, account.api_key, on_token=release_after_three
     )
-    received = 0
-    with pytest.raises(openai.APIError) as caught:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received += 1
-                if received == 3:
-                    fake_upstream.finish_release.set()
-    assert caught.value.message == "provider sent an event over 65536 bytes"
+    assert error.message == "provider sent an event over 65536 bytes"
     row = await wait_for_status(livegate, account.user.id, "error")
     assert row.completion_tokens == received == 3
 
@@ -576,9 +582,6 @@ async def test_an_error_answer_is_read_only_as_far_as_its_message_needs(
         b'{"error": {"message": "long story", "padding": "' + b"a" * 70_000 + b'"}}'
     )
     account = await livegate.account(tier)
-    with pytest.raises(openai.APIStatusError) as caught:
-        await client(livegate, account.api_key).chat.completions.create(
-            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}]
-        )
-    assert caught.value.status_code == 502
-    assert caught.value.message.endswith(" - provider fake answered 500")
+    error = await refused_chat(livegate, account.api_key)
+    assert error.status_code == 502
+    assert error.message.endswith(" - provider fake answered 500")
