@@ -137,10 +137,10 @@ class InFlight:
     checkpoint's worth per request.)
     """
 
-    __slots__ = ("meters", "snapshot", "unwritten")
+    __slots__ = ("requests", "snapshot", "unwritten")
 
     def __init__(self, snapshot: QuotaSnapshot) -> None:
-        self.meters: list[UsageMeter] = []
+        self.requests = 0
         self.snapshot = snapshot
         # The meters' tokens not yet in the counter, kept as they change: summed on
         # each read, a user's k streams would cost O(k) at every upstream read.
@@ -593,7 +593,7 @@ class Metering:
             in_flight = self._in_flight[key] = InFlight(snapshot)
         else:
             in_flight.read(snapshot)
-        in_flight.meters.append(meter)
+        in_flight.requests += 1
         in_flight.unwritten += meter.unwritten
         meter.in_flight = in_flight
         return meter
@@ -604,9 +604,9 @@ class Metering:
         if in_flight is None:
             return
         meter.in_flight = None
-        in_flight.meters.remove(meter)
+        in_flight.requests -= 1
         in_flight.unwritten -= meter.unwritten
-        if not in_flight.meters:
+        if not in_flight.requests:
             del self._in_flight[(meter.info.user_id, meter.period)]
 
     def unwritten_tokens(self, user_id: str, period: str) -> int:
