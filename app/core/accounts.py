@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -87,6 +89,39 @@ async def register(
     return AccountSession(user, await sessions.issue(user.id))
 
 
+class _PasswordAttempt:
+    """One password tried against an account, counted against `login_fail`."""
+
+    __slots__ = ("wrong",)
+
+    def __init__(self) -> None:
+        self.wrong = False
+
+
+@asynccontextmanager
+async def _password_attempt(
+    policy: Policy, email: str, client_ip: str
+) -> AsyncIterator[_PasswordAttempt]:
+    """Count one password tried for `email` from `client_ip`; given back on leaving
+    unless it was marked wrong.
+
+    Past the `login_fail` limit of wrong passwords for this email from this address,
+    even the right one is refused (429) until the window has room again: otherwise
+    guessing would go on, and the right guess would still tell itself by its answer.
+    Each attempt counts as it begins, so that a burst cannot all begin before any has
+    counted; one that is not a wrong password (the right one, or a failure of ours) is
+    given back.
+    """
+    key = f"{email} {client_ip}"
+    await policy.limit_action(LOGIN_FAIL, key)
+    attempt = _PasswordAttempt()
+    try:
+        yield attempt
+    finally:
+        if not attempt.wrong:
+            await policy.release_action(LOGIN_FAIL, key)
+
+
 async def login(
     engine: AsyncEngine,
     sessions: Sessions,
@@ -96,19 +131,9 @@ async def login(
     password: str,
     client_ip: str,
 ) -> AccountSession:
-    """A new session for the account's password.
-
-    Past the `login_fail` limit of wrong passwords for this email from this address,
-    even the right one is refused (429) until the window has room again: otherwise
-    guessing would go on, and the right guess would still tell itself by its answer.
-    Each attempt counts as it begins, so that a burst cannot all begin before any has
-    counted; one that is not a wrong password is given back.
-    """
+    """A new session for the account's password, within the wrong-password limit."""
     email = email.strip().lower()
-    attempt = f"{email} {client_ip}"
-    await policy.limit_action(LOGIN_FAIL, attempt)
-    wrong = False
-    try:
+    async with _password_attempt(policy, email, client_ip) as attempt:
         async with engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -122,11 +147,8 @@ async def login(
         # never opened by one, whatever it is. Unknown emails count as wrong too:
         # whether one is known must not show in the answers.
         verified = verify_password(stored or _DUMMY_HASH, password[:MAX_PASSWORD])
-        wrong = row is None or not stored or not verified
-    finally:
-        if not wrong:  # the right password, or a failure of ours
-            await policy.release_action(LOGIN_FAIL, attempt)
-    if wrong:
+        attempt.wrong = row is None or not stored or not verified
+    if attempt.wrong:
         raise Unauthorized("invalid email or password", code="invalid_credentials")
     user = row_to_user(row)
     return AccountSession(user, await sessions.issue(user.id))
@@ -148,27 +170,36 @@ async def update_profile(
     return await get_user(engine, user_id)
 
 
-async def change_password(engine: AsyncEngine, user_id: str, *, old: str, new: str) -> None:
+async def change_password(
+    engine: AsyncEngine, policy: Policy, user: User, *, old: str, new: str, client_ip: str
+) -> None:
     """Replace the password; every session of the user, on every device, ends: their
-    refresh tokens are revoked, and access tokens issued before the change refused."""
-    async with engine.connect() as conn:
-        stored = (
-            await conn.execute(sa.select(users.c.password_hash).where(users.c.id == user_id))
-        ).scalar()
-    if not stored or not verify_password(stored, old[:MAX_PASSWORD]):
+    refresh tokens are revoked, and access tokens issued before the change refused.
+
+    A wrong current password counts against the same limit as a wrong login for the
+    account's email from this address: a stolen session must not become a way to
+    guess the password without limit.
+    """
+    async with _password_attempt(policy, user.email, client_ip) as attempt:
+        async with engine.connect() as conn:
+            stored = (
+                await conn.execute(sa.select(users.c.password_hash).where(users.c.id == user.id))
+            ).scalar()
+        attempt.wrong = not stored or not verify_password(stored, old[:MAX_PASSWORD])
+    if attempt.wrong:
         raise Unauthorized("current password is incorrect", code="invalid_credentials")
     new_hash = hash_password(new)
     async with engine.begin() as conn:
         # One transaction under the user's lock: a refresh runs wholly before it (its
         # access token predates the change) or after (its refresh token is revoked).
-        await lock_user(conn, user_id)
+        await lock_user(conn, user.id)
         now = datetime.now(UTC)
         await conn.execute(
             users.update()
-            .where(users.c.id == user_id)
+            .where(users.c.id == user.id)
             .values(password_hash=new_hash, updated_at=now, tokens_valid_after=now)
         )
-        await revoke_refresh_tokens(conn, user_id, now)
+        await revoke_refresh_tokens(conn, user.id, now)
 
 
 async def set_tier(

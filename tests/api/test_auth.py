@@ -549,6 +549,47 @@ async def test_change_password(livegate: Livegate):
         assert_playground_error(await me(livegate, stale), 401, "AUTHENTICATION_ERROR")
 
 
+async def test_wrong_current_passwords_share_the_wrong_login_limit(
+    start_livegate: StartLivegate, backend: Backend
+):
+    """A stolen session is no way around the wrong-password limit: wrong current
+    passwords count with wrong logins, for the account from that address."""
+    livegate = await _with_login_limit(start_livegate, backend)
+    account = await register(livegate)
+    email = account["user"]["email"]
+
+    async def change_from(address: str, old: str) -> httpx.Response:
+        return await call(
+            livegate,
+            "PUT",
+            "/api/auth/password",
+            token=account["token"],
+            json={"oldPassword": old, "newPassword": "NewSecurePass456!"},
+            headers={"X-Forwarded-For": address},
+        )
+
+    assert_playground_error(
+        await change_from("203.0.113.7", "WrongPass123!"), 401, "AUTHENTICATION_ERROR"
+    )
+    wrong_login = await login_from(livegate, "203.0.113.7", email, "WrongPass123!")
+    assert_playground_error(wrong_login, 401, "AUTHENTICATION_ERROR")
+    assert_playground_error(
+        await change_from("203.0.113.7", "WrongPass456!"), 401, "AUTHENTICATION_ERROR"
+    )
+    # The fourth try is refused, even with the right password, and changes nothing.
+    refused = await change_from("203.0.113.7", PASSWORD)
+    assert_playground_error(refused, 429, "RATE_LIMIT_EXCEEDED")
+    assert_playground_error(
+        await login_from(livegate, "203.0.113.7", email, PASSWORD), 429, "RATE_LIMIT_EXCEEDED"
+    )
+    assert (await login_from(livegate, "198.51.100.2", email, PASSWORD)).status_code == 200
+    # From another address the right password still changes it.
+    changed = await change_from("198.51.100.2", PASSWORD)
+    assert changed.status_code == 200, changed.text
+    new_login = await login_from(livegate, "198.51.100.2", email, "NewSecurePass456!")
+    assert new_login.status_code == 200, new_login.text
+
+
 # --- logout ------------------------------------------------------------------------
 
 

@@ -128,7 +128,9 @@ async def change_password(request: Request) -> Response:
         raise BadRequest("oldPassword is required", details={"field": "oldPassword"})
     new = accounts.validate_password(body.get("newPassword"), "newPassword")
     svc = services(request)
-    await accounts.change_password(svc.engine, principal.user.id, old=old, new=new)
+    await accounts.change_password(
+        svc.engine, svc.policy, principal.user, old=old, new=new, client_ip=client_ip(request)
+    )
     return playground_ok(message="Password changed successfully")
 
 
