@@ -109,12 +109,26 @@ def _chunk_event(meta: dict[str, Any], choices: list[dict[str, Any]]) -> dict[st
     }
 
 
-def _usage_event(meta: dict[str, Any], usage: Usage) -> dict[str, Any]:
+def _usage_object(usage: Usage) -> dict[str, int]:
     return {
-        **_chunk_event(meta, []),
-        "usage": {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        },
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
     }
+
+
+def _usage_event(meta: dict[str, Any], usage: Usage) -> dict[str, Any]:
+    return {**_chunk_event(meta, []), "usage": _usage_object(usage)}
+
+
+def with_usage(answer: bytes, usage: Usage) -> bytes:
+    """A whole answer's body carrying `usage`, the count billed, in place of what the
+    upstream sent for it (nothing, or counts not believed).
+
+    Only for such answers: any other is forwarded as the upstream's bytes. The body is
+    one the provider has already parsed as a JSON object.
+    """
+    body = json.loads(answer)
+    body["usage"] = _usage_object(usage)
+    # ASCII: a lone surrogate some parser let through stays an escape, never a 500.
+    return json.dumps(body, separators=(",", ":")).encode()

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, QuotaExceeded, UpstreamError
-from app.core.formats import StreamFormat
+from app.core.formats import StreamFormat, with_usage
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter, run_to_completion
 from app.core.policy import Policy
 from app.core.providers import (
@@ -230,13 +230,16 @@ class Relay:
             return await target.provider.complete({**request.body, "model": target.model})
 
         meter, completion = await self._started(principal, request, context, call)
-        usage = completion.usage or Usage(
-            prompt_tokens=meter.prompt_tokens,
-            completion_tokens=estimate_tokens(completion.completion_text),
-        )
-        meter.answer = completion.body
+        answer, usage = completion.body, completion.usage
+        if usage is None:  # the client is told the count billed, as a stream's is
+            usage = Usage(
+                prompt_tokens=meter.prompt_tokens,
+                completion_tokens=estimate_tokens(completion.completion_text),
+            )
+            answer = with_usage(answer, usage)
+        meter.answer = answer
         await meter.finish(UsageStatus.COMPLETED, usage=usage, finish_reason="stop")
-        return completion.body
+        return answer
 
     async def open_stream(
         self,

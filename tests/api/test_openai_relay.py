@@ -91,6 +91,31 @@ async def test_non_stream_bills_upstream_usage(
     assert row.provider == "fake" and row.model == FAKE_MODEL and row.stream == 0
 
 
+@pytest.mark.parametrize("upstream_usage", ["missing", "not-believed"])
+async def test_non_stream_without_a_believed_usage_tells_the_count_billed(
+    livegate: Livegate, fake_upstream: FakeUpstream, upstream_usage: str
+):
+    fake_upstream.script.tokens = 6
+    if upstream_usage == "missing":
+        fake_upstream.script.report_usage = False
+    else:
+        fake_upstream.script.prompt_tokens = -1
+    account = await livegate.account()
+    result = await client(livegate, account.api_key).chat.completions.create(
+        model=FAKE_MODEL, messages=[{"role": "user", "content": "count me"}]
+    )
+    assert result.choices[0].message.content == "".join(fake_upstream.token(i) for i in range(6))
+    [row] = await usage_rows(livegate, account.user.id)
+    assert row.status == "completed" and row.prompt_tokens > 0 and row.completion_tokens > 0
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (
+        row.prompt_tokens,
+        row.completion_tokens,
+    )
+    assert result.usage.total_tokens == row.prompt_tokens + row.completion_tokens
+    assert result.id and result.model == FAKE_MODEL  # the rest of the answer as it came
+
+
 async def test_a_body_past_the_fast_encoder_reaches_the_upstream_as_sent(
     livegate: Livegate, fake_upstream: FakeUpstream
 ):
