@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -41,6 +42,7 @@ from app.core.security import (
 from app.core.sessions import TokenDenylist
 from app.core.strict_json import storable
 from app.core.tables import api_keys, external_identities, users
+from app.core.upstream_transport import send_bounded
 from app.core.users import USER_COLUMNS, User, get_user, normalize_email, row_to_user
 
 logger = logging.getLogger("livegate.auth")
@@ -128,9 +130,11 @@ class JwksCache:
             if time.monotonic() - self._fetched_at <= self.MIN_REFETCH:
                 return  # another request refreshed while we waited
             try:
-                response = await self._http.get(self._url, timeout=10)
+                response, body = await send_bounded(
+                    self._http, self._http.build_request("GET", self._url, timeout=10)
+                )
                 response.raise_for_status()
-                keys = jwt.PyJWKSet.from_dict(response.json())
+                keys = jwt.PyJWKSet.from_dict(json.loads(body))
             except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
                 logger.warning("fetching JWKS from %s failed: %s", self._url, exc)
                 self._fetched_at = time.monotonic()

@@ -24,6 +24,7 @@ from app.core.errors import ApiError, BadRequest
 from app.core.sessions import Sessions
 from app.core.strict_json import parse_json
 from app.core.tables import oauth_states
+from app.core.upstream_transport import send_bounded
 
 logger = logging.getLogger("livegate.oauth")
 STATE_LIFETIME = timedelta(minutes=10)
@@ -107,14 +108,16 @@ class OAuthFlow:
             return self._error("auth_failed", "the provider sent no authorization code")
         try:
             access_token = await self._exchange(code, row.code_verifier, row.callback_url)
-            response = await self._http.get(
+            request = self._http.build_request(
+                "GET",
                 self._config.userinfo_url,
                 headers={"Authorization": f"Bearer {access_token}"},
                 timeout=15,
             )
+            response, body = await send_bounded(self._http, request)
             response.raise_for_status()
             # Strictly: a NUL or a lone surrogate in a name cannot be stored.
-            profile = parse_json(response.content)
+            profile = parse_json(body)
         except (httpx.HTTPError, ValueError, BadRequest) as exc:
             logger.warning("oauth code exchange failed: %s", exc)
             return self._error("auth_failed", "the provider refused the authorization code")
@@ -140,7 +143,8 @@ class OAuthFlow:
     async def _exchange(self, code: str, verifier: str, callback_url: str) -> str:
         """The access token for `code` (client_secret_basic, with the PKCE verifier)."""
         secret = self._config.client_secret
-        response = await self._http.post(
+        request = self._http.build_request(
+            "POST",
             self._config.token_url,
             data={
                 "grant_type": "authorization_code",
@@ -149,16 +153,15 @@ class OAuthFlow:
                 "code_verifier": verifier,
                 "client_id": self._config.client_id,
             },
-            auth=(
-                httpx.BasicAuth(self._config.client_id, secret.get_secret_value())
-                if secret
-                else httpx.USE_CLIENT_DEFAULT
-            ),
             headers={"Accept": "application/json"},
             timeout=15,
         )
+        auth = (
+            httpx.BasicAuth(self._config.client_id, secret.get_secret_value()) if secret else None
+        )
+        response, body = await send_bounded(self._http, request, auth=auth)
         response.raise_for_status()
-        answer = parse_json(response.content)
+        answer = parse_json(body)
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise ValueError("token response has no access_token")

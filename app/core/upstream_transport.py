@@ -223,3 +223,38 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+# Identity providers answer with keys, tokens and profiles: a few KiB each.
+MAX_IDENTITY_ANSWER_BYTES = 1 << 20
+
+
+class AnswerTooLarge(ValueError):
+    """An answer's body ran past the limit it was read with."""
+
+
+async def send_bounded(
+    http: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    limit: int = MAX_IDENTITY_ANSWER_BYTES,
+    auth: httpx.Auth | None = None,
+) -> tuple[httpx.Response, bytes]:
+    """Send `request` through `http`: its answer, and the body read no further than
+    `limit` decoded bytes (past it, `AnswerTooLarge`), for calls outside the relay.
+
+    httpx reads a whole body however long it runs, so a faulty or hostile identity
+    provider could otherwise fill the memory of every instance that asks it.
+    """
+    response = await http.send(request, auth=auth, stream=True)
+    try:
+        parts: list[bytes] = []
+        size = 0
+        async for data in response.aiter_bytes():
+            size += len(data)
+            if size > limit:
+                raise AnswerTooLarge(f"{request.url} answered with more than {limit} bytes")
+            parts.append(data)
+    finally:
+        await response.aclose()
+    return response, b"".join(parts)

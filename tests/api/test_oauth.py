@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from app.core.config import OAuthConfig
+from app.core.upstream_transport import MAX_IDENTITY_ANSWER_BYTES
 from tests.conftest import Livegate, StartLivegate
 from tests.fake_upstream import LoopbackServer
 
@@ -37,6 +38,7 @@ class FakeProvider:
     # What the token endpoint and the userinfo answer instead, as raw JSON.
     token_answer: bytes | None = None
     userinfo_answer: bytes | None = None
+    padded: dict[str, int] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -77,7 +79,8 @@ class FakeProvider:
             "given_name": "Navi",
             "family_name": "User",
         }
-        return JSONResponse({"access_token": access, "token_type": "Bearer", "expires_in": 3600})
+        answer = {"access_token": access, "token_type": "Bearer", "expires_in": 3600}
+        return JSONResponse({**answer, **self.padding("token")})
 
     async def userinfo(self, request: Request) -> Response:
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -85,7 +88,11 @@ class FakeProvider:
             return JSONResponse({"error": "invalid_token"}, status_code=401)
         if self.userinfo_answer is not None:
             return Response(self.userinfo_answer, media_type="application/json")
-        return JSONResponse(self.tokens[token])
+        return JSONResponse({**self.tokens[token], **self.padding("userinfo")})
+
+    def padding(self, endpoint: str) -> dict[str, str]:
+        """An extra member making the endpoint's answer `padded[endpoint]` bytes longer."""
+        return {"padding": "x" * self.padded[endpoint]} if endpoint in self.padded else {}
 
 
 @pytest.fixture
@@ -252,6 +259,19 @@ async def test_a_malformed_provider_answer_goes_to_the_error_url(
     _, location = await login(navi)
     assert location.startswith("navi://auth/error?")
     assert query(location)["error"] == "auth_failed"
+
+
+@pytest.mark.parametrize("endpoint", ["token", "userinfo"])
+async def test_a_provider_answer_past_its_limit_goes_to_the_error_url(
+    navi: Livegate, provider: FakeProvider, endpoint: str
+):
+    provider.padded = {endpoint: MAX_IDENTITY_ANSWER_BYTES}
+    _, location = await login(navi)
+    assert query(location)["error"] == "auth_failed", location
+    # The same answer a little shorter is read.
+    provider.padded = {endpoint: MAX_IDENTITY_ANSWER_BYTES - 4096}
+    _, location = await login(navi)
+    assert "access_token" in query(location), location
 
 
 async def test_a_numeric_id_identifies_the_user(navi: Livegate, provider: FakeProvider):

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from app.core.auth import JwksCache
 from app.core.config import AuthConfig, IssuerConfig
 from app.core.tables import external_identities, users
+from app.core.upstream_transport import MAX_IDENTITY_ANSWER_BYTES
 from tests.conftest import Livegate, StartLivegate
 from tests.fake_upstream import LoopbackServer
 
@@ -81,6 +82,7 @@ class JwksServer:
     port: int = 0
     fetches: int = 0
     spare: dict[str, SigningKey] = field(default_factory=dict)
+    padding: int = 0  # characters of an extra member, to make the answer long
 
     @property
     def url(self) -> str:
@@ -88,7 +90,10 @@ class JwksServer:
 
     async def jwks(self, request: Request) -> Response:
         self.fetches += 1
-        return JSONResponse({"keys": [k.jwk() for k in self.keys]})
+        answer: dict[str, Any] = {"keys": [k.jwk() for k in self.keys]}
+        if self.padding:
+            answer["padding"] = "x" * self.padding
+        return JSONResponse(answer)
 
 
 @pytest.fixture(scope="module")
@@ -491,6 +496,23 @@ async def test_key_rotation_is_picked_up(
     assert jwks.fetches == 2
     # The cache now holds the new set: the retired key's tokens are refused.
     assert_401(await get(livegate, token=sign(old, claims())))
+
+
+async def test_a_jwks_answer_past_its_limit_is_not_read(
+    livegate: Livegate,
+    jwks: JwksServer,
+    generated_keys: dict[str, SigningKey],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(JwksCache, "MIN_REFETCH", 0)
+    token = sign(generated_keys["rsa"], claims())
+    jwks.padding = MAX_IDENTITY_ANSWER_BYTES
+    assert_401(await get(livegate, token=token))
+    assert jwks.fetches == 1
+    # The same keys in a shorter answer are taken.
+    jwks.padding = MAX_IDENTITY_ANSWER_BYTES - 4096
+    response = await get(livegate, token=token)
+    assert response.status_code == 200, response.text
 
 
 async def test_jwks_unreachable_refuses_tokens_without_failing(
