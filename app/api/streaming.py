@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 T = TypeVar("T")
 
@@ -132,10 +132,30 @@ async def open_for_client(
     connection returns as if it had written.
     """
     stream = await cancel_on_disconnect(request.receive, opening)
-    if stream is not None and await request.is_disconnected():
+    if stream is not None and client_gone(request.receive):
         await _close_unstarted(stream)
         return None
     return stream
+
+
+def client_gone(receive: Receive) -> bool:
+    """Whether `receive` has a disconnect ready, without waiting for one.
+
+    Starlette's `Request.is_disconnected` does this under an anyio cancel scope, whose
+    cancelling formats the task's repr: 16 µs of CPU, 2-3 % of a relayed stream's. The
+    same is had by stepping `receive` once: a message ready is returned at once; one
+    that is not makes it wait, and it is closed there, unregistered, as the cancel
+    scope would have had it.
+    """
+    step = receive()
+    assert isinstance(step, Coroutine)
+    try:
+        step.send(None)
+    except StopIteration as done:
+        message: Message = done.value
+        return bool(message["type"] == "http.disconnect")
+    step.close()
+    return False
 
 
 async def _close_unstarted(stream: AsyncGenerator[bytes, None]) -> None:

@@ -1,11 +1,12 @@
-"""`cancel_on_disconnect`: a client leaving cancels the work; a short call is not watched."""
+"""`cancel_on_disconnect`: a client leaving cancels the work; a short call is not watched.
+`client_gone`: whether a client has left, without waiting."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from app.api.streaming import cancel_on_disconnect
+from app.api.streaming import cancel_on_disconnect, client_gone
 
 WATCH_AFTER = 0.02
 
@@ -81,3 +82,26 @@ async def test_long_work_of_a_client_still_there_keeps_its_result():
     # The caller itself was not cancelled along the way.
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
+
+
+async def test_client_gone_tells_a_client_that_left_at_once():
+    assert client_gone(Client(gone=True).receive)
+
+
+async def test_client_gone_leaves_a_client_still_there_waiting_for_nothing():
+    client = Client(gone=False)
+    assert not client_gone(client.receive)
+    assert client.calls == 1
+    # The receive it began is closed, not left waiting: the event has no waiter, and
+    # a receive begun later still hears the client leave.
+    assert not client.left._waiters  # type: ignore[attr-defined]
+    later = asyncio.ensure_future(client.receive())
+    client.left.set()
+    assert await asyncio.wait_for(later, 5) == {"type": "http.disconnect"}
+
+
+async def test_client_gone_is_false_for_a_message_other_than_a_disconnect():
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    assert not client_gone(receive)
