@@ -125,10 +125,13 @@ def with_usage(answer: bytes, usage: Usage) -> bytes:
     """A whole answer's body carrying `usage`, the count billed, in place of what the
     upstream sent for it (nothing, or counts not believed).
 
-    Only for such answers: any other is forwarded as the upstream's bytes. The body is
-    one the provider has already parsed as a JSON object.
+    Only for such answers: any other is forwarded as the upstream's bytes. One that
+    cannot be encoded again (nested past the standard library's reach, say) is
+    forwarded as it came, billed all the same.
     """
-    body = json.loads(answer)
-    body["usage"] = _usage_object(usage)
-    # ASCII: a lone surrogate some parser let through stays an escape, never a 500.
-    return json.dumps(body, separators=(",", ":")).encode()
+    try:
+        body = json.loads(answer)
+        body["usage"] = _usage_object(usage)
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return answer

@@ -166,8 +166,13 @@ async def test_anthropic_usage_missing_a_count_bills_livegates_own_counts(
             messages=messages,  # type: ignore[arg-type]
         )
         assert result.choices[0].message.content == "Bonjour le monde"
-        assert result.usage is None  # as an OpenAI-compatible upstream's body without one
         completion_tokens = estimate_tokens("Bonjour le monde")
+        # The answer tells the counts billed, as a stream's usage chunk does.
+        assert result.usage is not None
+        assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (
+            prompt_estimate,
+            completion_tokens,
+        )
     row = await final_row(livegate, account.user.id)
     assert (row.status, row.prompt_tokens, row.completion_tokens) == (
         "completed",
