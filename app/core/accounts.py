@@ -100,19 +100,19 @@ class _PasswordAttempt:
 
 @asynccontextmanager
 async def _password_attempt(
-    policy: Policy, email: str, client_ip: str
+    policy: Policy, account: str, client_ip: str
 ) -> AsyncIterator[_PasswordAttempt]:
-    """Count one password tried for `email` from `client_ip`; given back on leaving
+    """Count one password tried for `account` from `client_ip`; given back on leaving
     unless it was marked wrong.
 
-    Past the `login_fail` limit of wrong passwords for this email from this address,
+    Past the `login_fail` limit of wrong passwords for this account from this address,
     even the right one is refused (429) until the window has room again: otherwise
     guessing would go on, and the right guess would still tell itself by its answer.
     Each attempt counts as it begins, so that a burst cannot all begin before any has
     counted; one that is not a wrong password (the right one, or a failure of ours) is
     given back.
     """
-    key = f"{email} {client_ip}"
+    key = f"{account} {client_ip}"
     await policy.limit_action(LOGIN_FAIL, key)
     attempt = _PasswordAttempt()
     try:
@@ -176,11 +176,11 @@ async def change_password(
     """Replace the password; every session of the user, on every device, ends: their
     refresh tokens are revoked, and access tokens issued before the change refused.
 
-    A wrong current password counts against the same limit as a wrong login for the
-    account's email from this address: a stolen session must not become a way to
-    guess the password without limit.
+    Wrong current passwords are limited as wrong logins are, for the user from this
+    address: a stolen session must not become a way to guess the password without
+    limit. Counted by user, not email: the session could change the email at will.
     """
-    async with _password_attempt(policy, user.email, client_ip) as attempt:
+    async with _password_attempt(policy, f"user:{user.id}", client_ip) as attempt:
         async with engine.connect() as conn:
             stored = (
                 await conn.execute(sa.select(users.c.password_hash).where(users.c.id == user.id))
