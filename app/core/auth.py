@@ -135,7 +135,7 @@ class JwksCache:
                 )
                 response.raise_for_status()
                 keys = jwt.PyJWKSet.from_dict(json.loads(body))
-            except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+            except (httpx.HTTPError, ValueError, RecursionError, jwt.PyJWTError) as exc:
                 logger.warning("fetching JWKS from %s failed: %s", self._url, exc)
                 self._fetched_at = time.monotonic()
                 return

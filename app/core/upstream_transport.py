@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from contextlib import aclosing, contextmanager
+from typing import Any, cast
 
 import aiohttp
 import httpx
@@ -76,6 +76,18 @@ def client_timeout(
     )
 
 
+async def _read_within(chunks: AsyncIterator[bytes], limit: int) -> bytes | None:
+    """All of `chunks` joined; None once they run past `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in chunks:
+        size += len(data)
+        if size > limit:
+            return None
+        parts.append(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 async def _iter_body(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
     # Whatever each read brought, unsplit: a relayed stream handles the events of one
     # read together.
@@ -110,15 +122,8 @@ class UpstreamResponse:
         The limit counts decoded bytes: a small gzip body can inflate a thousandfold,
         so a Content-Length says nothing of what reading it costs.
         """
-        parts: list[bytes] = []
-        size = 0
         with _httpx_errors():
-            async for data in self._response.content.iter_any():
-                size += len(data)
-                if size > limit:
-                    return None
-                parts.append(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            return await _read_within(self._response.content.iter_any(), limit)
 
     def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         return _iter_body(self._response)
@@ -244,17 +249,20 @@ async def send_bounded(
     `limit` decoded bytes (past it, `AnswerTooLarge`), for calls outside the relay.
 
     httpx reads a whole body however long it runs, so a faulty or hostile identity
-    provider could otherwise fill the memory of every instance that asks it.
+    provider could otherwise fill the memory of every instance that asks it. The
+    answer is asked for uncompressed: httpx inflates each read whole, before any
+    limit could stop it.
     """
+    request.headers["Accept-Encoding"] = "identity"
     response = await http.send(request, auth=auth, stream=True)
     try:
-        parts: list[bytes] = []
-        size = 0
-        async for data in response.aiter_bytes():
-            size += len(data)
-            if size > limit:
-                raise AnswerTooLarge(f"{request.url} answered with more than {limit} bytes")
-            parts.append(data)
+        # An async generator, whatever httpx's annotation says: closed here when the
+        # limit leaves it unfinished, not later by a task of the event loop's.
+        chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        async with aclosing(chunks):
+            body = await _read_within(chunks, limit)
     finally:
         await response.aclose()
-    return response, b"".join(parts)
+    if body is None:
+        raise AnswerTooLarge(f"{request.url} answered with more than {limit} bytes")
+    return response, body
