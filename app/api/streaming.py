@@ -145,7 +145,9 @@ def client_gone(receive: Receive) -> bool:
     cancelling formats the task's repr: 16 µs of CPU, 2-3 % of a relayed stream's. The
     same is had by stepping `receive` once: a message ready is returned at once; one
     that is not makes it wait, and it is closed there, unregistered, as the cancel
-    scope would have had it.
+    scope would have had it. This holds for a server's `receive` (uvicorn's waits on
+    an event); a wrapper that waits in a task group of its own (Starlette's
+    `BaseHTTPMiddleware`) would need the cancel scope back.
     """
     step = receive()
     assert isinstance(step, Coroutine)
