@@ -8,7 +8,8 @@ Two ways in, one pool:
   than aiohttp's own work on it (measured against the benchmark's fake upstream at 50
   concurrent calls: 265 µs per call through the models, 145 µs without).
 - `AiohttpTransport` is also an httpx transport, for the other outbound calls
-  (identity providers' keys, OAuth token exchanges), which keep httpx's interface.
+  (identity providers' keys, OAuth token exchanges), which keep httpx's interface
+  and go through `send_bounded`, so that no answer is read past a limit.
 
 httpx's own pool checks every pooled connection for readability on every request,
 which at a few dozen connections cost more CPU than the rest of a relayed request
