@@ -38,6 +38,9 @@ base_url = "{fake_upstream.base_url}"
 api_key = "sk-upstream"
 models = ["{FAKE_MODEL}"]
 
+[tiers.tiny]
+monthly_tokens = 40
+
 [metering]
 checkpoint_tokens = 5
 checkpoint_ms = 10000
@@ -173,3 +176,68 @@ async def test_quota_change_on_a_reaches_socket_on_b(
                     seen.append(message)
         assert [m["seq"] for m in seen] == sorted({m["seq"] for m in seen})
         assert seen[-1]["remaining"] == final["remaining"]
+
+
+async def test_a_tier_moved_on_b_holds_for_a_stream_open_on_a(
+    instance_env: dict[str, str], two_instances: tuple[str, str], fake_upstream: FakeUpstream
+) -> None:
+    url_a, url_b = two_instances
+    user, admin = [
+        json.loads(
+            await run_cli(
+                instance_env, "users", "create", "--email", email, "--password", "pw-123456", *extra
+            )
+        )
+        for email, extra in (
+            ("tiny@example.test", ("--tier", "tiny")),
+            ("admin@example.test", ("--role", "admin")),
+        )
+    ]
+    fake_upstream.script.tokens = 60
+    fake_upstream.script.hold_after = 20  # with the prompt's estimate: within 40
+    auth = {"Authorization": f"Bearer {user['token']}"}
+    quota_a, quota_b = (
+        url.replace("http", "ws") + "/ws/quota?deviceId=phone" for url in (url_a, url_b)
+    )
+    async with (
+        connect(quota_a, additional_headers=auth) as ws_a,
+        connect(quota_b, additional_headers=auth) as ws,
+    ):
+        first = json.loads(await ws.recv())
+        assert (first["total"], first["unlimited"]) == (40, False)
+        client = openai.AsyncOpenAI(base_url=f"{url_a}/v1", api_key=user["api_key"], max_retries=0)
+
+        async def chat() -> tuple[int, str | None]:
+            stream = await client.chat.completions.create(
+                model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            chunks = [c async for c in stream if c.choices]
+            tokens = len([c for c in chunks if c.choices[0].delta.content])
+            return tokens, chunks[-1].choices[0].finish_reason
+
+        chatting = asyncio.create_task(chat())
+        seen = [first]
+        async with asyncio.timeout(10):
+            while seen[-1]["used"] < 20:  # the checkpoint of the 20 tokens before the hold
+                seen.append(json.loads(await ws.recv()))
+            async with httpx.AsyncClient(base_url=url_b) as http:
+                moved = await http.patch(
+                    f"/api/admin/users/{user['id']}",
+                    json={"tier": "enterprise"},
+                    headers={"Authorization": f"Bearer {admin['token']}"},
+                )
+            assert moved.status_code == 200, moved.text
+            while not seen[-1]["unlimited"]:
+                seen.append(json.loads(await ws.recv()))
+            # A's socket hears of the move after A's metering did (one Redis batch, in
+            # order), so once it has, the stream on A holds the new limit.
+            while not json.loads(await ws_a.recv()).get("unlimited"):
+                pass
+            fake_upstream.release.set()
+            # The stream on A goes past the tiny tier's limit to its end ...
+            assert await chatting == (60, "stop")
+            # ... and every push after the move, the last one included, says unlimited.
+            while seen[-1]["used"] < 11 + 60:
+                seen.append(json.loads(await ws.recv()))
+        moved_at = next(i for i, m in enumerate(seen) if m["unlimited"])
+        assert all(m["unlimited"] and m["total"] == 2**53 - 1 for m in seen[moved_at:]), seen

@@ -210,7 +210,7 @@ async def set_tier(
         snapshot = await move_tier(conn, user_id, tier, limit)
         if snapshot is None:
             raise NotFound("user not found")
-    publisher.push(user_id, snapshot)
+    publisher.limit_changed(user_id, snapshot)
     return await get_user(engine, user_id)
 
 

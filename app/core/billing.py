@@ -321,7 +321,7 @@ class Billing:
                 return Outcome.DUPLICATE
             outcome, push = await self._apply(conn, event, change)
         if push is not None:
-            self._publisher.push(*push)
+            self._publisher.limit_changed(*push)
         return outcome
 
     def _verify(self, body: bytes, signature: str | None) -> _Event:

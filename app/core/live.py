@@ -5,15 +5,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from app.core.bus import Bus
+import orjson
+
+from app.core.bus import Bus, Signal, Subscription
 from app.core.quota import QuotaSnapshot
 
 logger = logging.getLogger("livegate.live")
 
+# Every instance listens here for the token limits that changed (a user's tier moved).
+LIMITS_CHANNEL = "quota-limits"
+
 
 def quota_channel(user_id: str) -> str:
     return f"quota:{user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitChange:
+    """A user's token limit as of `seq` of their counter for `period`.
+
+    Announced to every instance, so that the requests each has in flight for the user
+    count against the new limit and push it with their checkpoints: without it, a
+    stream that began on the old tier went on pushing the old limit under newer `seq`s.
+    """
+
+    user_id: str
+    period: str
+    seq: int
+    limit: int | None
+
+    def encode(self) -> str:
+        return orjson.dumps([self.user_id, self.period, self.seq, self.limit]).decode()
+
+    @classmethod
+    def decode(cls, text: str) -> LimitChange:
+        """Raises ValueError for anything `encode` did not write."""
+        try:
+            user_id, period, seq, limit = orjson.loads(text)
+        except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a limit change: {text[:100]!r}") from exc
+        if not (
+            isinstance(user_id, str)
+            and isinstance(period, str)
+            and type(seq) is int
+            and (limit is None or type(limit) is int)
+        ):
+            raise ValueError(f"not a limit change: {text[:100]!r}")
+        return cls(user_id, period, seq, limit)
 
 
 def newer(a: QuotaSnapshot | None, b: QuotaSnapshot) -> QuotaSnapshot:
@@ -39,6 +80,7 @@ class QuotaPublisher:
         self._due: dict[str, None] = {}  # users to publish now, in order
         self._cooling: dict[str, asyncio.TimerHandle] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._announcements: list[str] = []  # limit changes not yet published
 
     def push(self, user_id: str, snapshot: QuotaSnapshot) -> None:
         # Pending until published, so a close() at any moment still sends it.
@@ -46,8 +88,34 @@ class QuotaPublisher:
         if user_id not in self._cooling:
             self._make_due(user_id)
 
+    def limit_changed(self, user_id: str, snapshot: QuotaSnapshot) -> None:
+        """Push `snapshot`, which carries a new limit, and announce that limit to every
+        instance at once (see `LimitChange`)."""
+        self.push(user_id, snapshot)
+        change = LimitChange(user_id, snapshot.period, snapshot.seq, snapshot.limit)
+        self._announcements.append(change.encode())
+        self._start_flusher()
+
+    async def watch_limits(self, listener: Callable[[LimitChange], None]) -> Subscription:
+        """Call `listener` with each limit change announced by any instance."""
+
+        def received(message: str | Signal) -> None:
+            if isinstance(message, Signal):
+                return  # lost with the bus: a stream keeps its limit until it ends
+            try:
+                change = LimitChange.decode(message)
+            except ValueError:
+                logger.warning("ignored a malformed message on %s", LIMITS_CHANNEL)
+                return
+            listener(change)
+
+        return await self._bus.subscribe(LIMITS_CHANNEL, listener=received)
+
     def _make_due(self, user_id: str) -> None:
         self._due[user_id] = None
+        self._start_flusher()
+
+    def _start_flusher(self) -> None:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="quota-publisher")
 
@@ -58,10 +126,11 @@ class QuotaPublisher:
 
     async def _flush(self) -> None:
         try:
-            while self._due:
+            while self._due or self._announcements:
                 due, self._due = self._due, {}
                 loop = asyncio.get_running_loop()
-                messages = []
+                messages = [(LIMITS_CHANNEL, text) for text in self._announcements]
+                self._announcements.clear()
                 for user_id in due:
                     snapshot = self._pending.pop(user_id, None)
                     if snapshot is None:
@@ -92,4 +161,10 @@ class QuotaPublisher:
             with contextlib.suppress(Exception):
                 await self._flusher
         pending, self._pending = self._pending, {}
-        await self._publish([(quota_channel(u), s.as_message()) for u, s in pending.items()])
+        announcements, self._announcements = self._announcements, []
+        await self._publish(
+            [
+                *((LIMITS_CHANNEL, text) for text in announcements),
+                *((quota_channel(u), s.as_message()) for u, s in pending.items()),
+            ]
+        )

@@ -25,10 +25,11 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.bus import Subscription
 from app.core.config import MeteringConfig
 from app.core.db import dialect_insert
 from app.core.errors import ApiError, well_formed
-from app.core.live import QuotaPublisher
+from app.core.live import LimitChange, QuotaPublisher
 from app.core.quota import (
     TOKENS,
     Increment,
@@ -135,13 +136,19 @@ class InFlight:
     Together they count every one's unwritten tokens against the newest reading.
     (Another instance's unwritten tokens still show only once written: at most one
     checkpoint's worth per request.)
+
+    The limit is kept apart from the counter's readings: a request reads it once, as
+    it starts, so the newest reading of the counter may come with an older limit. The
+    limit kept is the one read at the highest `seq`, by a start or a `LimitChange`.
     """
 
-    __slots__ = ("requests", "snapshot", "unwritten")
+    __slots__ = ("limit", "limit_seq", "requests", "snapshot", "unwritten")
 
     def __init__(self, snapshot: QuotaSnapshot) -> None:
         self.requests = 0
         self.snapshot = snapshot
+        self.limit = snapshot.limit
+        self.limit_seq = snapshot.seq
         # The meters' tokens not yet in the counter, kept as they change: summed on
         # each read, a user's k streams would cost O(k) at every upstream read.
         self.unwritten = 0
@@ -151,11 +158,16 @@ class InFlight:
         if snapshot.seq > self.snapshot.seq:
             self.snapshot = snapshot
 
+    def read_limit(self, limit: int | None, seq: int) -> None:
+        """Take the limit as of `seq`, if read later than the one held."""
+        if seq > self.limit_seq:
+            self.limit, self.limit_seq = limit, seq
+
     @property
     def remaining(self) -> int | None:
-        if self.snapshot.limit is None:
+        if self.limit is None:
             return None
-        return self.snapshot.limit - self.snapshot.used - self.unwritten
+        return self.limit - self.snapshot.used - self.unwritten
 
 
 class UsageMeter:
@@ -217,6 +229,11 @@ class UsageMeter:
     def unwritten(self) -> int:
         """Tokens counted here and not yet in the quota counter."""
         return self.total_tokens - self._flushed_total
+
+    @property
+    def limit(self) -> int | None:
+        """The user's token limit: as the request started, unless a later one is known."""
+        return self.info.token_limit if self.in_flight is None else self.in_flight.limit
 
     @property
     def remaining(self) -> int | None:
@@ -309,7 +326,7 @@ class UsageMeter:
             self.info.user_id,
             self.period,
             delta,
-            self.info.token_limit,
+            self.limit,
             then,
             rebase=self._unsure,
             warnings=self.info.has_webhooks,
@@ -327,7 +344,7 @@ class UsageMeter:
             if self.in_flight is not None:
                 self.in_flight.unwritten -= total - self._flushed_total
             self._flushed_total = total
-            self._snapshot = QuotaSnapshot(self.info.token_limit, used, self.period, seq)
+            self._snapshot = QuotaSnapshot(self.limit, used, self.period, seq)
             if self.in_flight is not None:
                 self.in_flight.read(self._snapshot)
             self._metering.publisher.push(self.info.user_id, self._snapshot)
@@ -458,6 +475,7 @@ class Metering:
         # Set once the server starts cancelling requests to shut down.
         self.draining = False
         self._heartbeat: asyncio.Task[None] | None = None
+        self._limit_changes: Subscription | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
         # heartbeat and at shutdown until they are written.
@@ -593,6 +611,7 @@ class Metering:
             in_flight = self._in_flight[key] = InFlight(snapshot)
         else:
             in_flight.read(snapshot)
+            in_flight.read_limit(snapshot.limit, snapshot.seq)
         in_flight.requests += 1
         in_flight.unwritten += meter.unwritten
         meter.in_flight = in_flight
@@ -608,6 +627,13 @@ class Metering:
         in_flight.unwritten -= meter.unwritten
         if not in_flight.requests:
             del self._in_flight[(meter.info.user_id, meter.period)]
+
+    def _limit_changed(self, change: LimitChange) -> None:
+        """A user's limit changed (on any instance): their requests in flight here count
+        against it from now on, and push it with their checkpoints."""
+        in_flight = self._in_flight.get((change.user_id, change.period))
+        if in_flight is not None:
+            in_flight.read_limit(change.limit, change.seq)
 
     def unwritten_tokens(self, user_id: str, period: str) -> int:
         """Tokens the user's requests in flight here have counted but not yet written."""
@@ -664,13 +690,17 @@ class Metering:
         await meter.discard(UsageStatus.ERROR, "the request could not start")
 
     async def start(self) -> None:
-        """Register this instance, sweep what dead instances left, start the heartbeat."""
+        """Register this instance, sweep what dead instances left, listen for limit
+        changes, start the heartbeat."""
         await self._register()
         await self.sweep_interrupted()
+        self._limit_changes = await self.publisher.watch_limits(self._limit_changed)
         self._heartbeat = asyncio.create_task(self._beat(), name="metering-heartbeat")
 
     async def close(self) -> None:
         """Finalize streams still open as interrupted and deregister this instance."""
+        if self._limit_changes is not None:
+            await self._limit_changes.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

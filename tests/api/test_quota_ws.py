@@ -22,13 +22,14 @@ import sqlalchemy as sa
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from app.core.accounts import set_tier
 from app.core.bus import RESYNC
 from app.core.config import ServerConfig
 from app.core.live import quota_channel
 from app.core.quota import add_tokens, month_period
 from app.core.security import Secrets
 from app.core.tables import usage_logs, users
-from tests.conftest import FAKE_MODEL, Account, Backend, Livegate, StartLivegate
+from tests.conftest import FAKE_MODEL, Account, Backend, Livegate, StartLivegate, tiny_tier
 from tests.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect
 UNLIMITED = 2**53 - 1
 WAIT = 10  # seconds: the bound on every wait for something the server should do
 QUOTA_KEYS = {"type", "total", "used", "remaining", "resetDate", "unlimited", "seq"}
+CHECKPOINT_TOKENS = 5  # make_settings' metering.checkpoint_tokens
 
 
 def quota_url(livegate: Livegate, **params: str) -> str:
@@ -364,6 +366,74 @@ async def test_device_leaving_does_not_stop_pushes_to_the_others(
 
 
 # --- pings and junk --------------------------------------------------------------
+
+
+async def stream_text(livegate: Livegate, account: Account) -> tuple[str, str | None]:
+    """A streamed answer's text and finish reason."""
+    async with client(livegate, account.api_key) as sdk:
+        stream = await sdk.chat.completions.create(
+            model=FAKE_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [c async for c in stream if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    return text, chunks[-1].choices[0].finish_reason
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [("tiny", "enterprise"), ("enterprise", "tiny")], ids=["up", "down"]
+)
+async def test_a_tier_change_mid_stream_holds_for_the_rest_of_the_stream(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream, before: str, after: str
+):
+    limit = 40  # the tiny tier's; enterprise has none
+    livegate = await start_livegate(tiers=tiny_tier(limit))
+    fake_upstream.script.tokens = 60
+    fake_upstream.script.hold_after = 20  # with the prompt's estimate: within either tier
+    account = await livegate.account(tier=before)
+    svc = livegate.services
+    async with quota_socket(livegate, token=account.token) as ws:
+        assert (await recv_json(ws))["unlimited"] is (before == "enterprise")
+        chat_task = asyncio.create_task(stream_text(livegate, account))
+        try:
+            mid = await wait_for_row(livegate, account.user.id, lambda r: r.completion_tokens == 20)
+            await recv_until(ws, lambda m: is_quota(m) and m["used"] == mid.total_tokens)
+            await set_tier(
+                svc.engine,
+                svc.publisher,
+                account.user.id,
+                after,
+                svc.settings.tier(after).monthly_tokens,
+            )
+            moved = await recv_until(
+                ws, lambda m: is_quota(m) and m["unlimited"] is (after == "enterprise")
+            )
+        finally:
+            fake_upstream.release.set()
+        async with asyncio.timeout(WAIT):
+            text, finish_reason = await chat_task
+        row = await wait_for_row(livegate, account.user.id, lambda r: r.status == "completed")
+        final = await get_quota(livegate, account.token)
+        later = await recv_until(ws, lambda m: is_quota(m) and m["used"] == final["used"])
+
+    delivered = row.completion_tokens
+    assert text == "".join(fake_upstream.token(i) for i in range(delivered))
+    if after == "enterprise":
+        # Past the old limit: the stream runs to its end.
+        assert (finish_reason, row.finish_reason, delivered) == ("stop", "stop", 60)
+    else:
+        # Cut within a checkpoint of the new limit.
+        assert (finish_reason, row.finish_reason) == ("length", "quota_exhausted")
+        assert limit <= row.total_tokens <= limit + CHECKPOINT_TOKENS
+    # Every push after the move carries the new limit, the last one included.
+    expected = (
+        {"total": UNLIMITED, "unlimited": True}
+        if after == "enterprise"
+        else {"total": limit, "unlimited": False}
+    )
+    for message in [moved[-1], *later]:
+        assert {k: message[k] for k in expected} == expected, message
+    assert_quota_message(later[-1], final, unlimited=after == "enterprise")
+    assert later[-1]["seq"] > moved[-1]["seq"]
 
 
 @pytest.mark.parametrize("ping", ["ping", '{"type":"ping"}', '{"type": "ping", "id": 7}'])

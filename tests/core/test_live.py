@@ -9,8 +9,8 @@ import logging
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from app.core.bus import LocalBus, RedisBus, Subscription
-from app.core.live import QuotaPublisher, newer, quota_channel
+from app.core.bus import RESYNC, LocalBus, RedisBus, Subscription
+from app.core.live import LIMITS_CHANNEL, LimitChange, QuotaPublisher, newer, quota_channel
 from app.core.quota import QuotaSnapshot
 
 USER = "user-1"
@@ -216,3 +216,50 @@ async def test_pushes_due_together_reach_the_bus_as_one_batch():
         assert [m["seq"] for m in await wait_for_seq(sub, 2)] == [2]
     assert bus.batches == [50]
     await publisher.close()
+
+
+async def test_a_limit_change_is_announced_at_once_even_while_pushes_wait(bus: LocalBus):
+    sub = await bus.subscribe(quota_channel(USER), maxlen=100)
+    changes: list[LimitChange] = []
+    watching = await QuotaPublisher(bus, interval=30).watch_limits(changes.append)
+    publisher = QuotaPublisher(bus, interval=30)
+    try:
+        publisher.push(USER, snap(1))
+        await wait_for_seq(sub, 1)
+        # The user's pushes now wait out the interval; the new limit is announced now.
+        publisher.limit_changed(USER, snap(2, limit=None))
+        for _ in range(100):
+            if changes:
+                break
+            await asyncio.sleep(0.01)
+        assert changes == [LimitChange(USER, "2025-03", 2, None)]
+        assert await sub.get(within=0.1) is None
+    finally:
+        await publisher.close()
+        await watching.close()
+    [message] = await published(sub)
+    assert (message["seq"], message["unlimited"]) == (2, True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['["u", "2025-03", 1]', '["u", "2025-03", "1", 5]', '["u", "2025-03", 1, true]', "{", "[]"],
+)
+async def test_a_malformed_limit_change_is_logged_and_skipped(
+    bus: LocalBus, caplog: pytest.LogCaptureFixture, text: str
+):
+    changes: list[LimitChange] = []
+    publisher = QuotaPublisher(bus, interval=0)
+    watching = await publisher.watch_limits(changes.append)
+    try:
+        with caplog.at_level(logging.WARNING, logger="livegate.live"):
+            await bus.publish(LIMITS_CHANNEL, text)
+            bus._fan_out(LIMITS_CHANNEL, RESYNC)
+            await bus.publish(LIMITS_CHANNEL, LimitChange(USER, "2025-03", 4, 70).encode())
+        assert changes == [LimitChange(USER, "2025-03", 4, 70)]
+        assert [r.message for r in caplog.records] == [
+            f"ignored a malformed message on {LIMITS_CHANNEL}"
+        ]
+    finally:
+        await watching.close()
+        await publisher.close()
