@@ -34,6 +34,7 @@ from app.core.quota import (
     TOKENS,
     Increment,
     QuotaSnapshot,
+    decrement_counter,
     month_period,
 )
 from app.core.security import new_id
@@ -446,6 +447,7 @@ class _Start:
     period: str
     prompt_tokens: int
     at: datetime
+    also: Sequence[Increment]  # its other counters (see `Metering.begin`)
     counted: asyncio.Future[Counted]  # the writer's outcome (see `UsageWriter.start`)
 
     def snapshot(self, tokens: tuple[int, int]) -> QuotaSnapshot:
@@ -597,7 +599,7 @@ class Metering:
         # transaction need wait for it (see `RequestStart.unlimited`).
         unchecked = info.token_limit is None and admit is None
         start = RequestStart(row, info.user_id, increments, None if unchecked else check)
-        return _Start(info, row_id, period, prompt_tokens, now, self.writer.start(start))
+        return _Start(info, row_id, period, prompt_tokens, now, also, self.writer.start(start))
 
     def _started(self, start: _Start, tokens: tuple[int, int]) -> UsageMeter:
         """The meter of a start now committed, with the quota it left pushed."""
@@ -666,8 +668,11 @@ class Metering:
         task.add_done_callback(self._cleanups.discard)
 
     async def _end_abandoned(self, start: _Start) -> None:
+        """End the row of a start its caller gave up on while it was queued (a client
+        that left), once committed: it bills nothing, and what it took from its other
+        counters (the user's request quotas) is given back."""
         try:
-            tokens, *_ = await start.counted
+            tokens, *also = await start.counted
         except ApiError:
             return  # refused: nothing was written
         except Exception:
@@ -676,6 +681,17 @@ class Metering:
         assert tokens is not None
         meter = self._meter(start, start.info, start.snapshot(tokens))
         await meter.discard(UsageStatus.CANCELLED, "client disconnected")
+        taken = [inc for inc, counted in zip(start.also, also, strict=True) if counted is not None]
+        if not taken:
+            return
+        try:
+            async with self.engine.begin() as conn:
+                for inc in taken:
+                    await decrement_counter(
+                        conn, start.info.user_id, inc.metric, inc.period, inc.amount
+                    )
+        except Exception:
+            logger.exception("giving back the counters of usage row %s failed", start.row_id)
 
     async def _end_failed_start(self, start: _Start) -> None:
         """End the row of a start that failed other than by a refusal, billing nothing.

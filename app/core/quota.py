@@ -366,17 +366,21 @@ async def increment_within(
     return None if counted is None else counted[0]
 
 
-async def decrement_counter(conn: AsyncConnection, subject: str, metric: str, period: str) -> None:
-    """Give one back, never below zero (a refund for a window already gone does nothing)."""
+async def decrement_counter(
+    conn: AsyncConnection, subject: str, metric: str, period: str, amount: int = 1
+) -> None:
+    """Give `amount` back, never below zero (a refund for a window already gone does
+    nothing)."""
+    used = quota_counters.c.used
     await conn.execute(
         quota_counters.update()
         .where(
             quota_counters.c.user_id == subject,
             quota_counters.c.metric == metric,
             quota_counters.c.period == period,
-            quota_counters.c.used > 0,
+            used > 0,
         )
-        .values(used=quota_counters.c.used - 1, seq=quota_counters.c.seq + 1)
+        .values(used=sa.case((used > amount, used - amount), else_=0), seq=quota_counters.c.seq + 1)
     )
 
 

@@ -26,7 +26,14 @@ from app.core.config import MeteringConfig
 from app.core.db import create_engine, migrate
 from app.core.live import QuotaPublisher, quota_channel
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
-from app.core.quota import TOKENS, month_period, read_counter_state, reconcile_tokens
+from app.core.policy import REQUESTS
+from app.core.quota import (
+    TOKENS,
+    Increment,
+    month_period,
+    read_counter_state,
+    reconcile_tokens,
+)
 from app.core.security import Secrets
 from app.core.tables import (
     UsageStatus,
@@ -280,6 +287,47 @@ async def test_finish_and_discard_keep_the_counter_equal_to_the_rows(env: Env):
 
     # Every change was pushed; the last push is the counter as it now stands.
     await assert_last_push_is_the_counter(env, pushes, user)
+
+
+@pytest.mark.parametrize("admitted", [True, False], ids=["limited", "unlimited"])
+async def test_a_start_whose_caller_left_while_it_was_queued_counts_nothing(
+    env: Env, admitted: bool
+):
+    metering = await env.started_metering()
+    user = await env.user()
+    period = month_period(datetime.now(UTC))
+    also = [Increment(REQUESTS, f"day:{period}", 1, 50 if admitted else None)]
+    queued, release = asyncio.Event(), asyncio.Event()
+
+    async def admit(conn: Any, quota: Any, counted: Any) -> None:
+        queued.set()
+        await release.wait()  # the start's transaction waits here, not yet committed
+
+    if admitted:
+        caller = asyncio.create_task(metering.begin(request(user), 7, admit, also=also))
+        await queued.wait()
+        caller.cancel()  # the client left
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    else:
+        # With nothing to admit the start is written beside the upstream call; a caller
+        # that gives up on it drops the meter it resolves to.
+        starting = metering.begin_beside(request(user), 7, also=also)
+        starting.cancel()
+    # Ended in the background (the caller is gone); bounded wait.
+    for _ in range(500):
+        async with env.engine.connect() as conn:
+            rows = (
+                await conn.execute(sa.select(usage_logs).where(usage_logs.c.user_id == user))
+            ).all()
+            requests, _ = await read_counter_state(conn, user, REQUESTS, f"day:{period}")
+        if rows and rows[0].finished_at is not None and requests == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert [(r.status, r.total_tokens) for r in rows] == [("cancelled", 0)]
+    await assert_counter(env.engine, user, 0)
+    assert requests == 0, "the request was given back"
 
 
 async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
