@@ -6,7 +6,8 @@ millisecond of CPU. Entries stay until a transaction that wrote `users`, `api_ke
 or `webhooks` (what a principal is read from) has finished, on any instance: this
 instance clears its cache when the connection that wrote goes back to the pool
 (after the commit), and tells the others through the bus. So a revoked key stops
-working everywhere within the bus's latency, not after a TTL.
+working everywhere within the bus's latency, not after a TTL. The token denylist's
+lookups are kept here too, and a revocation clears them the same way (`changed`).
 
 Callers that miss the same entry together share one read (`read_through`): when a
 server starts, or after a change empties the cache, every request in flight would
@@ -121,6 +122,12 @@ class AuthCache:
     def invalidate(self) -> None:
         self.generation += 1
         self._entries.clear()
+
+    async def changed(self) -> None:
+        """A change the watched tables do not show (a token revoked in Redis): clear
+        this instance's cache now, and the other instances' through the bus."""
+        self.invalidate()
+        await self._announce()
 
     async def start(self, engine: AsyncEngine) -> None:
         """Listen for other instances' changes and watch this instance's writes."""

@@ -136,11 +136,11 @@ async def open_services(
         if billing is not None:
             stack.push_async_callback(billing.close)
 
-        denylist = TokenDenylist(engine, denylist_redis, prefix)
-        sessions = Sessions(engine, secrets, denylist)
         auth_cache = AuthCache(bus)
         await auth_cache.start(engine)
         stack.push_async_callback(auth_cache.close)
+        denylist = TokenDenylist(engine, denylist_redis, prefix, auth_cache)
+        sessions = Sessions(engine, secrets, denylist)
         authenticator = Authenticator(
             settings, engine, secrets, denylist, key_usage, http, cache=auth_cache
         )

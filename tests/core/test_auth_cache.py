@@ -1,6 +1,7 @@
-"""`AuthCache`: principals served from memory until a change to users, keys or
-webhooks, on this instance or another (through the bus); bypassed while the bus is
-down. Two in-process instances share PostgreSQL and Redis where the test says so."""
+"""`AuthCache`: principals (and token denylist lookups) served from memory until a
+change to users, keys or webhooks or a revocation, on this instance or another (through
+the bus); bypassed while the bus is down. Two in-process instances share PostgreSQL
+and Redis where the test says so."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from app.core.auth_cache import AuthCache
 from app.core.bus import LocalBus, RedisBus
 from app.core.db import create_engine
 from tests.api.test_api_keys import call, create_key, models
+from tests.api.test_auth import assert_playground_error, me, register
 from tests.conftest import Livegate, StartLivegate
 
 # The lookup of a presented key (by its hash), not the key management's own reads.
@@ -98,6 +100,27 @@ async def test_a_key_revoked_on_one_instance_is_refused_by_the_other(
     else:
         raise AssertionError("the revoked key still works on the other instance")
     assert await status(a, key["key"]) == 401
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_session_logged_out_on_one_instance_is_refused_by_the_other(
+    start_livegate: StartLivegate,
+):
+    a = await start_livegate()
+    b = await start_livegate()
+    account = await register(a)
+    token = account["token"]
+    # B has looked the token up, and keeps what it found.
+    assert [(await me(b, token)).status_code for _ in range(2)] == [200, 200]
+
+    assert (await call(a, "POST", "/api/auth/logout", token)).status_code == 200
+    assert_playground_error(await me(a, token), 401, "AUTHENTICATION_ERROR")
+    # B hears of it through Redis: within the bus's latency, well under this bound.
+    for _ in range(200):
+        if (await me(b, token)).status_code == 401:
+            break
+        await asyncio.sleep(0.01)
+    assert_playground_error(await me(b, token), 401, "AUTHENTICATION_ERROR")
 
 
 async def test_the_cache_is_neither_read_nor_filled_while_the_bus_is_down(

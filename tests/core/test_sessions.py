@@ -1,10 +1,12 @@
-"""`TokenDenylist`: lookups asked for together share one query, in Redis or in SQL."""
+"""`TokenDenylist`: lookups asked for together share one query, in Redis or in SQL; kept
+in the auth cache until any revocation, on any instance."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,8 +15,11 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.auth_cache import AuthCache
+from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.db import create_engine, migrate
 from app.core.sessions import TokenDenylist
+from app.core.tables import revoked_tokens
 from tests.conftest import REDIS_URL
 
 
@@ -90,3 +95,58 @@ async def lookups(env: Denylist) -> int:
     assert env.redis is not None
     stats = await env.redis.info("commandstats")
     return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+@asynccontextmanager
+async def cached_denylist(store: Store, env: Denylist) -> AsyncIterator[TokenDenylist]:
+    """A denylist whose lookups are kept in an instance's `AuthCache`, on a bus of its
+    own (through Redis when the store is Redis, as in production)."""
+    bus: Bus = (
+        RedisBus(REDIS_URL, env.prefix, publisher=env.redis)
+        if env.redis is not None
+        else LocalBus()
+    )
+    await bus.start()
+    cache = AuthCache(bus)
+    await cache.start(env.engine)
+    try:
+        yield TokenDenylist(env.engine, env.redis, env.prefix, cache)
+    finally:
+        await cache.close()
+        await bus.close()
+
+
+async def revoke_behind_its_back(env: Denylist, token: str) -> None:
+    if env.redis is not None:
+        await env.redis.set(f"{env.prefix}:revoked:{token}", b"1", ex=600)
+        return
+    async with env.engine.begin() as conn:
+        expires_at = datetime.now(UTC) + timedelta(minutes=10)
+        await conn.execute(revoked_tokens.insert().values(jti=token, expires_at=expires_at))
+
+
+async def test_a_cached_lookup_is_cleared_by_any_revocation(store: Store, env: Denylist):
+    async with cached_denylist(store, env) as denylist:
+        token, session = uuid.uuid4().hex, uuid.uuid4().hex
+        assert not await denylist.is_revoked(token, session)
+        # Answered from the cache: a revocation written around the denylist goes unseen.
+        await revoke_behind_its_back(env, session)
+        assert not await denylist.is_revoked(token, session)
+        # Any revocation through the denylist clears what it kept.
+        await denylist.revoke(uuid.uuid4().hex, datetime.now(UTC) + timedelta(minutes=10))
+        assert await denylist.is_revoked(token, session)
+        # A revoked answer is kept too, and stays right.
+        assert await denylist.is_revoked(token, session)
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)  # how instances share them
+async def test_a_revocation_on_one_instance_clears_the_others_lookups(store: Store, env: Denylist):
+    async with cached_denylist(store, env) as here, cached_denylist(store, env) as there:
+        token = uuid.uuid4().hex
+        assert not await here.is_revoked(token)
+        await there.revoke(token, datetime.now(UTC) + timedelta(minutes=10))
+        for _ in range(500):  # within the bus's latency; bounded
+            if await here.is_revoked(token):
+                break
+            await asyncio.sleep(0.01)
+        assert await here.is_revoked(token)
