@@ -72,14 +72,16 @@ class AuthCache:
     def usable(self) -> bool:
         return self._listener is not None and self._bus.healthy
 
-    def get(self, key: Hashable) -> Any | None:
+    def get(self, key: Hashable, max_age: float | None = None) -> Any | None:
+        """What is kept for `key`, if kept no longer than `max_age` seconds (by default
+        the cache's own)."""
         if not self.usable:
             return None
         entry = self._entries.get(key)
         if entry is None:
             return None
         stored_at, value = entry
-        if time.monotonic() - stored_at > self._max_age:
+        if time.monotonic() - stored_at > (self._max_age if max_age is None else max_age):
             del self._entries[key]
             return None
         return value
@@ -92,14 +94,17 @@ class AuthCache:
             self._entries.clear()  # rare; a full reload is cheaper than tracking use
         self._entries[key] = (time.monotonic(), value)
 
-    async def read_through(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
-        """What is cached for `key`, else what `read()` returns, stored (unless None).
+    async def read_through(
+        self, key: Hashable, read: Callable[[], Awaitable[T]], max_age: float | None = None
+    ) -> T:
+        """What is cached for `key` (see `get`), else what `read()` returns, stored
+        (unless None).
 
         Callers missing `key` together share one read, run as a task of its own so
         that a caller leaving does not cancel it for the others; its error is theirs
         too. A caller never joins a read that began before the last invalidation.
         """
-        value: T | None = self.get(key)
+        value: T | None = self.get(key, max_age)
         if value is not None:
             return value
         generation = self.generation

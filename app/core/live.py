@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
 
-from app.core.bus import Bus, Signal, Subscription
+from app.core.bus import Bus, Signal
 from app.core.quota import QuotaSnapshot
 
 logger = logging.getLogger("livegate.live")
@@ -81,6 +81,7 @@ class QuotaPublisher:
         self._cooling: dict[str, asyncio.TimerHandle] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._announcements: list[str] = []  # limit changes not yet published
+        self._limit_watchers: list[Callable[[LimitChange], None]] = []
 
     def push(self, user_id: str, snapshot: QuotaSnapshot) -> None:
         # Pending until published, so a close() at any moment still sends it.
@@ -90,14 +91,20 @@ class QuotaPublisher:
 
     def limit_changed(self, user_id: str, snapshot: QuotaSnapshot) -> None:
         """Push `snapshot`, which carries a new limit, and announce that limit to every
-        instance at once (see `LimitChange`)."""
-        self.push(user_id, snapshot)
+        instance (see `LimitChange`): to this one's watchers before returning, so that
+        no checkpoint of its own goes out with the old limit meanwhile."""
         change = LimitChange(user_id, snapshot.period, snapshot.seq, snapshot.limit)
+        for watcher in self._limit_watchers:
+            watcher(change)  # the bus brings it back to them too: they keep the newest
+        self.push(user_id, snapshot)
         self._announcements.append(change.encode())
         self._start_flusher()
 
-    async def watch_limits(self, listener: Callable[[LimitChange], None]) -> Subscription:
-        """Call `listener` with each limit change announced by any instance."""
+    async def watch_limits(
+        self, watcher: Callable[[LimitChange], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """Call `watcher` with each limit change announced by any instance; what to
+        await to stop."""
 
         def received(message: str | Signal) -> None:
             if isinstance(message, Signal):
@@ -107,9 +114,17 @@ class QuotaPublisher:
             except ValueError:
                 logger.warning("ignored a malformed message on %s", LIMITS_CHANNEL)
                 return
-            listener(change)
+            watcher(change)
 
-        return await self._bus.subscribe(LIMITS_CHANNEL, listener=received)
+        subscription = await self._bus.subscribe(LIMITS_CHANNEL, listener=received)
+        self._limit_watchers.append(watcher)
+
+        async def stop() -> None:
+            if watcher in self._limit_watchers:
+                self._limit_watchers.remove(watcher)
+            await subscription.close()
+
+        return stop
 
     def _make_due(self, user_id: str) -> None:
         self._due[user_id] = None

@@ -25,7 +25,6 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.bus import Subscription
 from app.core.config import MeteringConfig
 from app.core.db import dialect_insert
 from app.core.errors import ApiError, well_formed
@@ -99,6 +98,10 @@ Admission = Callable[
     [AsyncConnection, QuotaSnapshot, list[tuple[int, int] | None]], Awaitable[None]
 ]
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
+# Seconds a limit change overrides the limit a start carries: longer than a request
+# takes from reading its principal (cached until the change's invalidation reaches
+# this instance) to committing its start.
+RECENT_CHANGE = 60.0
 
 
 def task_event_id(row_id: str, event: Event) -> str:
@@ -140,16 +143,18 @@ class InFlight:
 
     The limit is kept apart from the counter's readings: a request reads it once, as
     it starts, so the newest reading of the counter may come with an older limit. The
-    limit kept is the one read at the highest `seq`, by a start or a `LimitChange`.
+    limit kept is the newest `LimitChange`'s, else the one of the start of the highest
+    `seq`.
     """
 
-    __slots__ = ("limit", "limit_seq", "requests", "snapshot", "unwritten")
+    __slots__ = ("change_seq", "limit", "limit_seq", "requests", "snapshot", "unwritten")
 
     def __init__(self, snapshot: QuotaSnapshot) -> None:
         self.requests = 0
         self.snapshot = snapshot
         self.limit = snapshot.limit
         self.limit_seq = snapshot.seq
+        self.change_seq = -1  # of the newest `LimitChange` taken
         # The meters' tokens not yet in the counter, kept as they change: summed on
         # each read, a user's k streams would cost O(k) at every upstream read.
         self.unwritten = 0
@@ -160,9 +165,16 @@ class InFlight:
             self.snapshot = snapshot
 
     def read_limit(self, limit: int | None, seq: int) -> None:
-        """Take the limit as of `seq`, if read later than the one held."""
+        """Take a start's limit, the start's counter at `seq`, if later than the one held."""
         if seq > self.limit_seq:
             self.limit, self.limit_seq = limit, seq
+
+    def take_change(self, change: LimitChange) -> None:
+        """Take an announced limit, over any start's: a start may commit after the
+        change with the limit of a principal read before it."""
+        if change.seq >= self.change_seq:  # again: a start may have read the old one
+            self.limit, self.change_seq = change.limit, change.seq
+            self.limit_seq = max(self.limit_seq, change.seq)
 
     @property
     def remaining(self) -> int | None:
@@ -477,7 +489,10 @@ class Metering:
         # Set once the server starts cancelling requests to shut down.
         self.draining = False
         self._heartbeat: asyncio.Task[None] | None = None
-        self._limit_changes: Subscription | None = None
+        self._stop_watching: Callable[[], Awaitable[None]] | None = None
+        # The limit changes announced lately, by user and period, with when they came:
+        # they override the limits of starts that committed after them (see `_started`).
+        self._recent_changes: dict[tuple[str, str], tuple[float, LimitChange]] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
         # heartbeat and at shutdown until they are written.
@@ -604,9 +619,6 @@ class Metering:
     def _started(self, start: _Start, tokens: tuple[int, int]) -> UsageMeter:
         """The meter of a start now committed, with the quota it left pushed."""
         snapshot = start.snapshot(tokens)
-        self.publisher.push(start.info.user_id, snapshot)
-        meter = self._meter(start, start.info, snapshot)
-        self.active.add(meter)
         key = (start.info.user_id, start.period)
         in_flight = self._in_flight.get(key)
         if in_flight is None:
@@ -614,6 +626,13 @@ class Metering:
         else:
             in_flight.read(snapshot)
             in_flight.read_limit(snapshot.limit, snapshot.seq)
+        if self._recent_changes and (change := self._recent_change(key)) is not None:
+            in_flight.take_change(change)
+        if in_flight.limit != snapshot.limit:  # the start read its limit before a change
+            snapshot = dataclasses.replace(snapshot, limit=in_flight.limit)
+        self.publisher.push(start.info.user_id, snapshot)
+        meter = self._meter(start, start.info, snapshot)
+        self.active.add(meter)
         in_flight.requests += 1
         in_flight.unwritten += meter.unwritten
         meter.in_flight = in_flight
@@ -632,10 +651,27 @@ class Metering:
 
     def _limit_changed(self, change: LimitChange) -> None:
         """A user's limit changed (on any instance): their requests in flight here count
-        against it from now on, and push it with their checkpoints."""
-        in_flight = self._in_flight.get((change.user_id, change.period))
+        against it from now on, and push it with their checkpoints; so do those that
+        start soon after with the old limit (a principal read before the change)."""
+        key = (change.user_id, change.period)
+        now = asyncio.get_running_loop().time()
+        held = self._recent_change(key)
+        if held is None or change.seq > held.seq:
+            self._recent_changes[key] = (now, change)
+        for old in [k for k, (at, _) in self._recent_changes.items() if now - at > RECENT_CHANGE]:
+            del self._recent_changes[old]
+        in_flight = self._in_flight.get(key)
         if in_flight is not None:
-            in_flight.read_limit(change.limit, change.seq)
+            in_flight.take_change(change)
+
+    def _recent_change(self, key: tuple[str, str]) -> LimitChange | None:
+        recent = self._recent_changes.get(key)
+        if recent is None:
+            return None
+        if asyncio.get_running_loop().time() - recent[0] > RECENT_CHANGE:
+            del self._recent_changes[key]
+            return None
+        return recent[1]
 
     def unwritten_tokens(self, user_id: str, period: str) -> int:
         """Tokens the user's requests in flight here have counted but not yet written."""
@@ -710,13 +746,13 @@ class Metering:
         changes, start the heartbeat."""
         await self._register()
         await self.sweep_interrupted()
-        self._limit_changes = await self.publisher.watch_limits(self._limit_changed)
+        self._stop_watching = await self.publisher.watch_limits(self._limit_changed)
         self._heartbeat = asyncio.create_task(self._beat(), name="metering-heartbeat")
 
     async def close(self) -> None:
         """Finalize streams still open as interrupted and deregister this instance."""
-        if self._limit_changes is not None:
-            await self._limit_changes.close()
+        if self._stop_watching is not None:
+            await self._stop_watching()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -44,10 +44,13 @@ class TokenDenylist:
     """Ids of access tokens revoked before they expire, kept until they would have.
 
     In Redis when configured, otherwise in SQL. With a `cache`, what a token's lookup
-    found is kept there, and every revocation clears it on all instances, as a change
-    of a key does (see `AuthCache`): a token used again costs no round trip, and a
-    logout holds everywhere within the bus's latency.
+    found is kept there for `CACHED_SECONDS`, and every revocation clears it on all
+    instances, as a change of a key does (see `AuthCache`): a token used again costs
+    no round trip, and a logout holds everywhere within the bus's latency, or within
+    `CACHED_SECONDS` should the announcement be lost.
     """
+
+    CACHED_SECONDS = 5.0
 
     def __init__(
         self,
@@ -89,7 +92,9 @@ class TokenDenylist:
         """Whether any of `ids` (a token's id, its session's) was revoked."""
         if self._cache is None:
             return self._lookups.submit(ids)
-        return self._cache.read_through(("revoked", ids), lambda: self._lookups.submit(ids))
+        return self._cache.read_through(
+            ("revoked", ids), lambda: self._lookups.submit(ids), self.CACHED_SECONDS
+        )
 
     async def _revoked(self, asked: list[tuple[str, ...]]) -> list[bool | Exception]:
         ids = [token_id for ids in asked for token_id in ids]

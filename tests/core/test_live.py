@@ -221,13 +221,18 @@ async def test_pushes_due_together_reach_the_bus_as_one_batch():
 async def test_a_limit_change_is_announced_at_once_even_while_pushes_wait(bus: LocalBus):
     sub = await bus.subscribe(quota_channel(USER), maxlen=100)
     changes: list[LimitChange] = []
-    watching = await QuotaPublisher(bus, interval=30).watch_limits(changes.append)
+    stop_watching = await QuotaPublisher(bus, interval=30).watch_limits(changes.append)
     publisher = QuotaPublisher(bus, interval=30)
+    own: list[LimitChange] = []
+    stop_own = await publisher.watch_limits(own.append)
     try:
         publisher.push(USER, snap(1))
         await wait_for_seq(sub, 1)
         # The user's pushes now wait out the interval; the new limit is announced now.
         publisher.limit_changed(USER, snap(2, limit=None))
+        # The publisher's own watchers have it before it returns ...
+        assert own == [LimitChange(USER, "2025-03", 2, None)]
+        # ... and every other instance's through the bus.
         for _ in range(100):
             if changes:
                 break
@@ -236,7 +241,9 @@ async def test_a_limit_change_is_announced_at_once_even_while_pushes_wait(bus: L
         assert await sub.get(within=0.1) is None
     finally:
         await publisher.close()
-        await watching.close()
+        await stop_watching()
+        await stop_own()
+    assert own == [LimitChange(USER, "2025-03", 2, None)] * 2  # and again from the bus
     [message] = await published(sub)
     assert (message["seq"], message["unlimited"]) == (2, True)
 
@@ -250,7 +257,7 @@ async def test_a_malformed_limit_change_is_logged_and_skipped(
 ):
     changes: list[LimitChange] = []
     publisher = QuotaPublisher(bus, interval=0)
-    watching = await publisher.watch_limits(changes.append)
+    stop_watching = await publisher.watch_limits(changes.append)
     try:
         with caplog.at_level(logging.WARNING, logger="livegate.live"):
             await bus.publish(LIMITS_CHANNEL, text)
@@ -261,5 +268,5 @@ async def test_a_malformed_limit_change_is_logged_and_skipped(
             f"ignored a malformed message on {LIMITS_CHANNEL}"
         ]
     finally:
-        await watching.close()
+        await stop_watching()
         await publisher.close()

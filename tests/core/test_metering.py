@@ -30,6 +30,9 @@ from app.core.policy import REQUESTS
 from app.core.quota import (
     TOKENS,
     Increment,
+    QuotaSnapshot,
+    add_tokens,
+    increment_counters,
     month_period,
     read_counter_state,
     reconcile_tokens,
@@ -297,6 +300,8 @@ async def test_a_start_whose_caller_left_while_it_was_queued_counts_nothing(
     user = await env.user()
     period = month_period(datetime.now(UTC))
     also = [Increment(REQUESTS, f"day:{period}", 1, 50 if admitted else None)]
+    async with env.engine.begin() as conn:  # requests counted before: 3
+        await increment_counters(conn, user, [Increment(REQUESTS, f"day:{period}", 3)])
     queued, release = asyncio.Event(), asyncio.Event()
 
     async def admit(conn: Any, quota: Any, counted: Any) -> None:
@@ -322,12 +327,53 @@ async def test_a_start_whose_caller_left_while_it_was_queued_counts_nothing(
                 await conn.execute(sa.select(usage_logs).where(usage_logs.c.user_id == user))
             ).all()
             requests, _ = await read_counter_state(conn, user, REQUESTS, f"day:{period}")
-        if rows and rows[0].finished_at is not None and requests == 0:
+        if rows and rows[0].finished_at is not None and requests == 3:
             break
         await asyncio.sleep(0.01)
     assert [(r.status, r.total_tokens) for r in rows] == [("cancelled", 0)]
     await assert_counter(env.engine, user, 0)
-    assert requests == 0, "the request was given back"
+    assert requests == 3, "the request was given back, and only it"
+
+
+async def move_limit(env: Env, user: str, limit: int | None) -> int:
+    """A tier move as `move_tier` makes it (its counter's `seq` moved on), announced by
+    the publisher the metering watches; the move's `seq`."""
+    period = month_period(datetime.now(UTC))
+    async with env.engine.begin() as conn:
+        used, seq = await add_tokens(conn, user, period, 0)
+    env.publisher.limit_changed(user, QuotaSnapshot(limit, used, period, seq))
+    return seq
+
+
+async def test_an_announced_limit_holds_over_starts_that_read_the_old_one(env: Env):
+    metering = await env.started_metering()
+    user = await env.user()
+    pushes = await quota_subscription(env, user)
+    first = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
+    assert first.remaining == 35
+
+    moved_at = await move_limit(env, user, None)
+    # Taken before `limit_changed` returned: no checkpoint here can go out with 40.
+    assert first.remaining is None
+    # A request that read its principal before the move starts after it, with 40.
+    second = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
+    assert second.remaining is None and first.remaining is None
+    deliver(second, 5)  # a checkpoint
+    await second.finish(UsageStatus.COMPLETED, usage=Usage(5, 5), finish_reason="stop")
+    await first.finish(UsageStatus.COMPLETED, usage=Usage(5, 0), finish_reason="stop")
+
+    # With nothing in flight any more, a late start with the old limit still gets the new.
+    third = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
+    assert third.remaining is None
+    await third.finish(UsageStatus.COMPLETED, usage=Usage(5, 0), finish_reason="stop")
+
+    later = []
+    while (message := await pushes.get(within=0.3)) is not None:
+        assert isinstance(message, str)
+        pushed = json.loads(message)
+        if pushed.get("type") == "quota" and pushed["seq"] >= moved_at:
+            later.append(pushed)
+    assert later and all(m["unlimited"] for m in later), later
 
 
 async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
