@@ -28,6 +28,7 @@ from app.core.services import Services
 from app.core.users import User, create_user, get_or_create_relay_key
 from app.main import create_app
 from tests.fake_upstream import FakeUpstream, LoopbackServer, start_fake_upstream
+from tests.webhook_receiver import Receiver, start_receiver
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -96,6 +97,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
             request.getfixturevalue("redis_prefix"),
         )
     return Backend("sqlite", f"sqlite:///{tmp_path}/livegate.db", None, "livegate")
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on loopback."""
+    recv, server = await start_receiver()
+    try:
+        yield recv
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

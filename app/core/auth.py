@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.auth_cache import AuthCache
+from app.core.auth_cache import NEUTRAL, AuthCache
 from app.core.config import Environment, IssuerConfig, Settings
 from app.core.db import single_reads
 from app.core.errors import Forbidden, Unauthorized
@@ -325,7 +325,8 @@ class Authenticator:
                         image_url=_str(profile.get("picture") or profile.get("image_url")),
                         created_at=now,
                         updated_at=now,
-                    )
+                    ),
+                    execution_options={NEUTRAL: True},  # a row added: no entry was read from it
                 )
                 await conn.execute(
                     external_identities.insert().values(

@@ -6,8 +6,12 @@ millisecond of CPU. Entries stay until a transaction that wrote `users`, `api_ke
 or `webhooks` (what a principal is read from) has finished, on any instance: this
 instance clears its cache when the connection that wrote goes back to the pool
 (after the commit), and tells the others through the bus. So a revoked key stops
-working everywhere within the bus's latency, not after a TTL. The token denylist's
-lookups are kept here too, and a revocation clears them the same way (`changed`).
+working everywhere within the bus's latency, not after a TTL. Writes that change
+nothing a principal holds say so (`NEUTRAL`): taking a user's lock, a key's usage
+statistics, a webhook's last delivery, a user or key added (a lookup that found
+nothing is not kept). The token denylist's lookups are kept here too,
+one entry per token or session id, and a revocation drops just that id's entry, here
+and on the other instances (`forget`).
 
 Callers that miss the same entry together share one read (`read_through`): when a
 server starts, or after a change empties the cache, every request in flight would
@@ -35,13 +39,15 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from app.core.bus import Bus, Subscription
+from app.core.bus import Bus, Signal, Subscription
 
 logger = logging.getLogger("livegate.auth")
 
 CHANNEL = "auth:changed"
+# A message on CHANNEL that names one entry, to drop it alone; any other drops all.
+FORGET = "forget:"
 # An execution option for writes to the watched tables that change nothing a
-# principal is read from (a key's usage statistics).
+# principal is read from (see above).
 NEUTRAL = "auth_neutral"
 _WRITE_TO_WATCHED = re.compile(
     r"^\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+\"?(users|api_keys|webhooks)\b", re.IGNORECASE
@@ -62,7 +68,6 @@ class AuthCache:
         # Bumped by every invalidation: a read that began before one is not stored.
         self.generation = 0
         self._subscription: Subscription | None = None
-        self._listener: asyncio.Task[None] | None = None
         self._engine: AsyncEngine | None = None
         self._announcing: set[asyncio.Task[None]] = set()
         # Reads in flight, by key: the generation each began in, and its task.
@@ -70,7 +75,7 @@ class AuthCache:
 
     @property
     def usable(self) -> bool:
-        return self._listener is not None and self._bus.healthy
+        return self._subscription is not None and self._bus.healthy
 
     def get(self, key: Hashable, max_age: float | None = None) -> Any | None:
         """What is kept for `key`, if kept no longer than `max_age` seconds (by default
@@ -102,7 +107,8 @@ class AuthCache:
 
         Callers missing `key` together share one read, run as a task of its own so
         that a caller leaving does not cancel it for the others; its error is theirs
-        too. A caller never joins a read that began before the last invalidation.
+        too. A caller never joins a read that began before the last invalidation, or
+        before `key` was forgotten, and such a read is not stored.
         """
         value: T | None = self.get(key, max_age)
         if value is not None:
@@ -114,9 +120,10 @@ class AuthCache:
             self._reading[key] = pending = (generation, task)
 
             def done(finished: asyncio.Task[Any]) -> None:
-                if self._reading.get(key) is pending:
-                    del self._reading[key]
                 failed = finished.cancelled() or finished.exception() is not None
+                if self._reading.get(key) is not pending:
+                    return  # forgotten, or replaced after an invalidation
+                del self._reading[key]
                 if not failed and (result := finished.result()) is not None:
                     self.put(key, result, generation)
 
@@ -128,16 +135,20 @@ class AuthCache:
         self.generation += 1
         self._entries.clear()
 
-    async def changed(self) -> None:
-        """A change the watched tables do not show (a token revoked in Redis): clear
-        this instance's cache now, and the other instances' through the bus."""
-        self.invalidate()
-        await self._announce()
+    async def forget(self, key: str) -> None:
+        """A change only `key`'s entry shows (a token revoked in Redis): drop it here
+        now, and on the other instances through the bus."""
+        self._drop(key)
+        await self._announce(FORGET + key)
+
+    def _drop(self, key: Hashable) -> None:
+        self._entries.pop(key, None)
+        # A read in flight may have read what just changed: not joined, not stored.
+        self._reading.pop(key, None)
 
     async def start(self, engine: AsyncEngine) -> None:
         """Listen for other instances' changes and watch this instance's writes."""
-        self._subscription = await self._bus.subscribe(CHANNEL, maxlen=1)
-        self._listener = asyncio.create_task(self._listen(self._subscription), name="auth-cache")
+        self._subscription = await self._bus.subscribe(CHANNEL, listener=self._on_message)
         self._engine = engine
         sa.event.listen(engine.sync_engine, "before_cursor_execute", self._on_execute)
         sa.event.listen(engine.sync_engine, "checkin", self._on_checkin)
@@ -147,22 +158,19 @@ class AuthCache:
             sa.event.remove(self._engine.sync_engine, "before_cursor_execute", self._on_execute)
             sa.event.remove(self._engine.sync_engine, "checkin", self._on_checkin)
             self._engine = None
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
         if self._subscription is not None:
             await self._subscription.close()
+            self._subscription = None
         for task in list(self._announcing):
             with contextlib.suppress(Exception):
                 await task
         self.invalidate()
 
-    async def _listen(self, subscription: Subscription) -> None:
-        while True:
-            await subscription.get()  # a change elsewhere, or RESYNC after an outage
-            self.invalidate()
+    def _on_message(self, message: str | Signal) -> None:
+        if isinstance(message, str) and message.startswith(FORGET):
+            self._drop(message[len(FORGET) :])
+        else:
+            self.invalidate()  # a change elsewhere, or RESYNC after an outage
 
     def _on_execute(
         self,
@@ -185,15 +193,15 @@ class AuthCache:
             return
         self.invalidate()
         try:
-            task = asyncio.get_running_loop().create_task(self._announce())
+            task = asyncio.get_running_loop().create_task(self._announce("*"))
         except RuntimeError:
             return  # no loop (a connection finalized at exit): nobody is left to tell
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
 
-    async def _announce(self) -> None:
+    async def _announce(self, message: str) -> None:
         try:
-            await self._bus.publish(CHANNEL, "1")
+            await self._bus.publish(CHANNEL, message)
         except Exception:
             # The other instances' caches would stay stale: the bus's own recovery
             # (RESYNC on reconnect) clears them; until then they are not used.

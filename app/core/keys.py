@@ -133,7 +133,8 @@ async def create_key(
                 permissions=permissions,
                 created_at=now,
                 expires_at=expires_at,
-            )
+            ),
+            execution_options={NEUTRAL: True},  # a row added: no entry was read from it
         )
     return CreatedKey(key=await get_key(engine, user_id, key_id), plaintext=issued.plaintext)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets as random
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class SessionTokens:
     expires_in: int  # seconds the access token is valid
 
 
+# The cache's entry for the lookup of one id.
+_REVOKED_ENTRY = "revoked:"
 _REVOKED_AMONG = sa.select(revoked_tokens.c.jti).where(
     revoked_tokens.c.jti.in_(sa.bindparam("token_ids", expanding=True))
 )
@@ -43,11 +46,12 @@ _REVOKED_AMONG = sa.select(revoked_tokens.c.jti).where(
 class TokenDenylist:
     """Ids of access tokens revoked before they expire, kept until they would have.
 
-    In Redis when configured, otherwise in SQL. With a `cache`, what a token's lookup
-    found is kept there for `CACHED_SECONDS`, and every revocation clears it on all
-    instances, as a change of a key does (see `AuthCache`): a token used again costs
-    no round trip, and a logout holds everywhere within the bus's latency, or within
-    `CACHED_SECONDS` should the announcement be lost.
+    In Redis when configured, otherwise in SQL. With a `cache`, what the lookup of an
+    id (a token's, a session's) found is kept there for `CACHED_SECONDS`, and its
+    revocation drops that entry on all instances (`AuthCache.forget`): a token used
+    again costs no round trip, and a logout holds everywhere within the bus's
+    latency, or within `CACHED_SECONDS` should the announcement be lost. Other ids'
+    entries stay.
     """
 
     CACHED_SECONDS = 5.0
@@ -86,15 +90,22 @@ class TokenDenylist:
                 except IntegrityError:
                     pass  # revoked twice: already denied
         if self._cache is not None:
-            await self._cache.changed()
+            await self._cache.forget(_REVOKED_ENTRY + token_id)
 
     def is_revoked(self, *ids: str) -> Awaitable[bool]:
         """Whether any of `ids` (a token's id, its session's) was revoked."""
         if self._cache is None:
             return self._lookups.submit(ids)
-        return self._cache.read_through(
-            ("revoked", ids), lambda: self._lookups.submit(ids), self.CACHED_SECONDS
-        )
+        return self._cached_revoked(self._cache, ids)
+
+    async def _cached_revoked(self, cache: AuthCache, ids: tuple[str, ...]) -> bool:
+        # One id at a time: a miss costs a round trip, but a token is looked up again
+        # only every CACHED_SECONDS, and a revocation names one id to forget.
+        for token_id in ids:
+            lookup = functools.partial(self._lookups.submit, (token_id,))
+            if await cache.read_through(_REVOKED_ENTRY + token_id, lookup, self.CACHED_SECONDS):
+                return True
+        return False
 
     async def _revoked(self, asked: list[tuple[str, ...]]) -> list[bool | Exception]:
         ids = [token_id for ids in asked for token_id in ids]

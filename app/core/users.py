@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.auth_cache import NEUTRAL
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, Unauthorized
 from app.core.security import Secrets, generate_api_key, hash_password, new_id
@@ -105,7 +106,8 @@ async def create_user(
     }
     try:
         async with engine.begin() as conn:
-            await conn.execute(users.insert().values(**values))
+            # A row added: no lookup found it, so nothing kept was read from it.
+            await conn.execute(users.insert().values(**values), execution_options={NEUTRAL: True})
     except IntegrityError as exc:
         raise Conflict("a user with this email or username already exists") from exc
     return await get_user(engine, str(values["id"]))
@@ -117,7 +119,8 @@ async def lock_user(conn: AsyncConnection, user_id: str) -> None:
     database's write lock on SQLite (where `FOR UPDATE` does nothing). What such a
     transaction reads afterwards stays true until it commits."""
     await conn.execute(
-        users.update().where(users.c.id == user_id).values(updated_at=users.c.updated_at)
+        users.update().where(users.c.id == user_id).values(updated_at=users.c.updated_at),
+        execution_options={NEUTRAL: True},  # the row is written as it was
     )
 
 
@@ -158,7 +161,8 @@ async def get_or_create_relay_key(engine: AsyncEngine, secrets: Secrets, user_id
                     key_ciphertext=secrets.encrypt(issued.plaintext),
                     permissions=RELAY_KEY_PERMISSIONS,
                     created_at=datetime.now(UTC),
-                )
+                ),
+                execution_options={NEUTRAL: True},  # a row added: no entry was read from it
             )
     except IntegrityError:
         # A concurrent call created it first (the partial unique index); return that one.

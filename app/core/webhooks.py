@@ -33,6 +33,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.auth_cache import NEUTRAL
 from app.core.config import WebhooksConfig
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
@@ -680,5 +681,6 @@ class WebhookDispatcher:
                 await conn.execute(
                     webhooks.update()
                     .where(webhooks.c.id == delivery.webhook_id)
-                    .values(last_delivery_at=now)
+                    .values(last_delivery_at=now),
+                    execution_options={NEUTRAL: True},  # no principal holds it
                 )

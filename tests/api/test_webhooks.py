@@ -12,19 +12,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 from base64 import b64encode
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 from svix.webhooks import Webhook
 
 from app.core.config import TierConfig, WebhooksConfig
@@ -32,67 +25,16 @@ from app.core.tables import usage_logs, webhook_deliveries
 from app.core.webhooks import Event, enqueue
 from tests.api.test_ai import ISO_MS, assert_error, call
 from tests.conftest import FAKE_MODEL, Backend, Livegate, StartLivegate
-from tests.fake_upstream import FakeUpstream, LoopbackServer
+from tests.fake_upstream import FakeUpstream
+from tests.webhook_receiver import WAIT, Delivery, Receiver
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
 
-WAIT = 10
 HI = [{"role": "user", "content": "hello"}]
 ALL_EVENTS = ["ai.task.completed", "ai.task.failed", "quota.warning"]
 FAST = WebhooksConfig(
     allow_private_networks=True, poll_seconds=0.05, retry_schedule_seconds=[0.05, 0.05]
 )
-
-
-@dataclass
-class Delivery:
-    headers: dict[str, str]
-    body: str
-
-    @property
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.body)  # type: ignore[no-any-return]
-
-
-@dataclass
-class Receiver:
-    """Records deliveries; answers each with the next scripted status (then 200)."""
-
-    statuses: list[int] = field(default_factory=list)
-    delays: list[float] = field(default_factory=list)  # seconds before answering each
-    received: list[Delivery] = field(default_factory=list)
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def hook(self, request: Request) -> Response:
-        body = (await request.body()).decode()
-        async with self.arrived:
-            self.received.append(Delivery(dict(request.headers), body))
-            self.arrived.notify_all()
-        if self.delays:
-            await asyncio.sleep(self.delays.pop(0))
-        return Response(status_code=self.statuses.pop(0) if self.statuses else 200)
-
-    async def wait_for(self, count: int) -> list[Delivery]:
-        async with self.arrived:
-            await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.received) >= count), WAIT)
-        return self.received
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    recv = Receiver()
-    server = LoopbackServer(Starlette(routes=[Route("/hook", recv.hook, methods=["POST"])]))
-    await server.start()
-    recv.port = server.port
-    try:
-        yield recv
-    finally:
-        await server.stop()
 
 
 async def create_webhook(

@@ -19,9 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.core.auth_cache import AuthCache
 from app.core.bus import LocalBus, RedisBus
 from app.core.db import create_engine
+from app.core.tables import webhooks
+from app.core.webhooks import Event, enqueue
 from tests.api.test_api_keys import call, create_key, models
-from tests.api.test_auth import assert_playground_error, me, register
+from tests.api.test_auth import assert_playground_error, me, refresh, register
+from tests.api.test_webhooks import FAST, create_webhook
 from tests.conftest import Livegate, StartLivegate
+from tests.webhook_receiver import Receiver
 
 # The lookup of a presented key (by its hash), not the key management's own reads.
 KEY_READ = re.compile(r"^\s*SELECT\b.*\bapi_keys\.key_hash = ", re.IGNORECASE | re.DOTALL)
@@ -78,6 +82,74 @@ async def test_key_usage_statistics_leave_the_cache_alone(livegate: Livegate):
         await livegate.services.key_usage.flush()
         assert await status(livegate, account.api_key) == 200
     assert reads == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_user_or_key_added_leaves_the_cache_alone(livegate: Livegate):
+    """Nothing kept was read from a row just added: sign-ups and new keys, which a
+    busy deployment sees all the time, keep every instance's cache warm."""
+    account = await livegate.account()
+    assert await status(livegate, account.api_key) == 200
+    with key_reads(livegate.services.engine) as reads:
+        other = await register(livegate)
+        await create_key(livegate, other["token"])
+        assert await status(livegate, account.api_key) == 200
+    assert reads == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_token_refresh_leaves_the_cache_alone(livegate: Livegate):
+    """A refresh takes the user's lock, a write that changes nothing: refreshes come
+    all the time, and each would otherwise empty every instance's cache."""
+    account = await livegate.account()
+    session = await register(livegate)
+    assert await status(livegate, account.api_key) == 200
+    with key_reads(livegate.services.engine) as reads:
+        refreshed = await refresh(livegate, session["refresh_token"])
+        assert refreshed.status_code == 200, refreshed.text
+        assert await status(livegate, account.api_key) == 200
+    assert reads == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_webhook_delivery_leaves_the_cache_alone(
+    start_livegate: StartLivegate, receiver: Receiver
+):
+    livegate = await start_livegate(webhooks=FAST)
+    account = await livegate.account()
+    await create_webhook(livegate, account.token, receiver.url)
+    assert await status(livegate, account.api_key) == 200
+    with key_reads(livegate.services.engine) as reads:
+        async with livegate.services.engine.begin() as conn:
+            queued = await enqueue(conn, account.user.id, Event.TASK_COMPLETED, dict)
+        assert queued == 1
+        await receiver.wait_for(1)
+        for _ in range(200):  # the delivery is recorded after the receiver answered
+            async with livegate.services.engine.connect() as conn:
+                last = await conn.scalar(sa.select(webhooks.c.last_delivery_at))
+            if last is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert last is not None
+        assert await status(livegate, account.api_key) == 200
+    assert reads == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_logout_leaves_the_other_principals_cached(livegate: Livegate):
+    account = await livegate.account()
+    leaving, staying = await register(livegate), await register(livegate)
+    for token in (leaving["token"], staying["token"]):
+        assert (await me(livegate, token)).status_code == 200
+    assert await status(livegate, account.api_key) == 200
+
+    with key_reads(livegate.services.engine) as reads:
+        logout = await call(livegate, "POST", "/api/auth/logout", leaving["token"])
+        assert logout.status_code == 200
+        assert await status(livegate, account.api_key) == 200
+    assert reads == []
+    assert_playground_error(await me(livegate, leaving["token"]), 401, "AUTHENTICATION_ERROR")
+    assert (await me(livegate, staying["token"])).status_code == 200
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
@@ -232,6 +304,36 @@ async def test_a_read_that_began_before_an_invalidation_is_not_shared_after_it(
         release.set()
         assert (await before, await after) == ("old", "new")
         assert cache.get("k") == "new"
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+async def test_a_read_in_flight_when_its_entry_is_forgotten_is_neither_shared_nor_stored(
+    postgres_url: str,
+):
+    cache, engine = await cache_on_local_bus(postgres_url)
+    release = asyncio.Event()
+    values = iter(["old", "new"])
+
+    async def read() -> str:
+        value = next(values)
+        await release.wait()
+        return value
+
+    try:
+        cache.put("other", "kept", cache.generation)
+        before = asyncio.create_task(cache.read_through("k", read))
+        await asyncio.sleep(0)
+        await cache.forget("k")  # a revocation while the first read was in flight
+        after = asyncio.create_task(cache.read_through("k", read))
+        await asyncio.sleep(0)
+        release.set()
+        assert (await before, await after) == ("old", "new")
+        assert cache.get("k") == "new"
+        assert cache.get("other") == "kept"
+        await cache.forget("k")
+        assert cache.get("k") is None
     finally:
         await cache.close()
         await engine.dispose()

@@ -125,18 +125,26 @@ async def revoke_behind_its_back(env: Denylist, token: str) -> None:
         await conn.execute(revoked_tokens.insert().values(jti=token, expires_at=expires_at))
 
 
-async def test_a_cached_lookup_is_cleared_by_any_revocation(store: Store, env: Denylist):
+async def test_a_revocation_forgets_the_cached_lookup_of_its_id_alone(store: Store, env: Denylist):
     async with cached_denylist(store, env) as denylist:
         token, session = uuid.uuid4().hex, uuid.uuid4().hex
+        other = uuid.uuid4().hex
         assert not await denylist.is_revoked(token, session)
-        # Answered from the cache: a revocation written around the denylist goes unseen.
-        await revoke_behind_its_back(env, session)
+        assert not await denylist.is_revoked(other)
+        # Answered from the cache: revocations written around the denylist go unseen.
+        await revoke_behind_its_back(env, token)
+        await revoke_behind_its_back(env, other)
         assert not await denylist.is_revoked(token, session)
-        # Any revocation through the denylist clears what it kept.
-        await denylist.revoke(uuid.uuid4().hex, datetime.now(UTC) + timedelta(minutes=10))
+        # A revocation through the denylist forgets what was kept for its id, and
+        # nothing else: `token`'s lookup is still the kept one.
+        await denylist.revoke(session, datetime.now(UTC) + timedelta(minutes=10))
         assert await denylist.is_revoked(token, session)
+        assert not await denylist.is_revoked(token)
+        assert not await denylist.is_revoked(other)
         # A revoked answer is kept too, and stays right.
         assert await denylist.is_revoked(token, session)
+        await denylist.revoke(other, datetime.now(UTC) + timedelta(minutes=10))
+        assert await denylist.is_revoked(other)
 
 
 @pytest.mark.parametrize("store", ["redis"], indirect=True)  # how instances share them
