@@ -101,14 +101,16 @@ class QuotaPublisher:
         self._start_flusher()
 
     async def watch_limits(
-        self, watcher: Callable[[LimitChange], None]
+        self, watcher: Callable[[LimitChange], None], lost: Callable[[], None]
     ) -> Callable[[], Awaitable[None]]:
-        """Call `watcher` with each limit change announced by any instance; what to
-        await to stop."""
+        """Call `watcher` with each limit change announced by any instance, and `lost`
+        when announcements may have been lost (the bus reconnected); what to await to
+        stop."""
 
         def received(message: str | Signal) -> None:
             if isinstance(message, Signal):
-                return  # lost with the bus: a stream keeps its limit until it ends
+                lost()
+                return
             try:
                 change = LimitChange.decode(message)
             except ValueError:

@@ -37,7 +37,7 @@ from app.core.quota import (
     month_period,
 )
 from app.core.security import new_id
-from app.core.tables import UsageStatus, instances, usage_logs
+from app.core.tables import UsageStatus, instances, usage_logs, users
 from app.core.usage_writer import Counted, RequestStart, UsageWrite, UsageWriter
 from app.core.webhooks import Event, QuotaWarnings, enqueue
 
@@ -477,7 +477,10 @@ class Metering:
         config: MeteringConfig,
         instance_id: str | None = None,
         warnings: QuotaWarnings | None = None,
+        tier_limit: Callable[[str], int | None] | None = None,
     ) -> None:
+        """`tier_limit`: a tier's token limit, to read the limits of the users with
+        requests in flight afresh when the bus may have lost a limit change."""
         self.engine = engine
         self.publisher = publisher
         self.config = config
@@ -493,6 +496,7 @@ class Metering:
         # The limit changes announced lately, by user and period, with when they came:
         # they override the limits of starts that committed after them (see `_started`).
         self._recent_changes: dict[tuple[str, str], tuple[float, LimitChange]] = {}
+        self._tier_limit = tier_limit
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
         # heartbeat and at shutdown until they are written.
@@ -664,6 +668,42 @@ class Metering:
         if in_flight is not None:
             in_flight.take_change(change)
 
+    def _limits_lost(self) -> None:
+        if self._tier_limit is not None and self._in_flight:
+            self._in_background(self._reread_limits(self._tier_limit))
+
+    async def _reread_limits(self, tier_limit: Callable[[str], int | None]) -> None:
+        """The limits of the users with requests in flight here, as their tiers now
+        say, taken as announced changes: one announced while the bus was away was lost.
+
+        Each is taken at the `seq` its counter was known at before the read: a change
+        committed after the read has a higher one, and its announcement wins.
+        """
+        known = {key: in_flight.snapshot.seq for key, in_flight in self._in_flight.items()}
+        user_ids = sorted({user_id for user_id, _ in known})
+        try:
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(
+                    sa.select(users.c.id, users.c.tier).where(users.c.id.in_(user_ids))
+                )
+                tiers: dict[str, str] = {row.id: row.tier for row in rows}
+        except Exception:
+            logger.warning(
+                "reading the limits of %d users after the bus reconnected failed; their "
+                "requests in flight keep the limits they have",
+                len(user_ids),
+                exc_info=True,
+            )
+            return
+        for (user_id, period), seq in known.items():
+            in_flight = self._in_flight.get((user_id, period))
+            tier = tiers.get(user_id)
+            if in_flight is None or tier is None:
+                continue
+            limit = tier_limit(tier)
+            if limit != in_flight.limit:
+                self._limit_changed(LimitChange(user_id, period, seq, limit))
+
     def _recent_change(self, key: tuple[str, str]) -> LimitChange | None:
         recent = self._recent_changes.get(key)
         if recent is None:
@@ -746,7 +786,9 @@ class Metering:
         changes, start the heartbeat."""
         await self._register()
         await self.sweep_interrupted()
-        self._stop_watching = await self.publisher.watch_limits(self._limit_changed)
+        self._stop_watching = await self.publisher.watch_limits(
+            self._limit_changed, self._limits_lost
+        )
         self._heartbeat = asyncio.create_task(self._beat(), name="metering-heartbeat")
 
     async def close(self) -> None:

@@ -122,6 +122,7 @@ async def open_services(
             publisher,
             settings.metering,
             warnings=QuotaWarnings(settings.webhooks.quota_warning_percents),
+            tier_limit=lambda tier: settings.tier(tier).monthly_tokens,
         )
         await metering.start()
         stack.push_async_callback(metering.close)

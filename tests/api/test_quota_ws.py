@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from app.core.accounts import set_tier
 from app.core.bus import RESYNC
 from app.core.config import ServerConfig
-from app.core.live import quota_channel
+from app.core.live import LIMITS_CHANNEL, quota_channel
 from app.core.quota import add_tokens, month_period
 from app.core.security import Secrets
 from app.core.tables import usage_logs, users
@@ -434,6 +434,45 @@ async def test_a_tier_change_mid_stream_holds_for_the_rest_of_the_stream(
         assert {k: message[k] for k in expected} == expected, message
     assert_quota_message(later[-1], final, unlimited=after == "enterprise")
     assert later[-1]["seq"] > moved[-1]["seq"]
+
+
+async def test_a_tier_change_lost_with_the_bus_reaches_the_stream_when_it_is_back(
+    start_livegate: StartLivegate, fake_upstream: FakeUpstream
+):
+    livegate = await start_livegate(tiers=tiny_tier(40))
+    fake_upstream.script.tokens = 60
+    fake_upstream.script.hold_after = 20
+    account = await livegate.account(tier="tiny")
+    svc = livegate.services
+    async with quota_socket(livegate, token=account.token) as ws:
+        assert (await recv_json(ws))["unlimited"] is False
+        chat_task = asyncio.create_task(stream_text(livegate, account))
+        try:
+            await wait_for_row(livegate, account.user.id, lambda r: r.completion_tokens == 20)
+            # Moved up while the bus was away: written as `set_tier` writes it (the
+            # counter's `seq` moved on), its announcement lost.
+            async with svc.engine.begin() as conn:
+                await conn.execute(
+                    users.update().where(users.c.id == account.user.id).values(tier="enterprise")
+                )
+                await add_tokens(conn, account.user.id, month_period(datetime.now(UTC)), 0)
+            # The bus back, every subscription hears RESYNC: the socket reads the
+            # quota again, the metering the limits of the requests in flight.
+            for channel in (LIMITS_CHANNEL, quota_channel(account.user.id)):
+                svc.bus._fan_out(channel, RESYNC)
+            await recv_until(ws, lambda m: is_quota(m) and m["unlimited"] is True)
+        finally:
+            fake_upstream.release.set()
+        async with asyncio.timeout(WAIT):
+            text, finish_reason = await chat_task
+        row = await wait_for_row(livegate, account.user.id, lambda r: r.status == "completed")
+        final = await get_quota(livegate, account.token)
+        later = await recv_until(ws, lambda m: is_quota(m) and m["used"] == final["used"])
+    # Past the old limit of 40: the stream ran to its end, and its checkpoints pushed
+    # the new limit, not the one it started with.
+    assert (finish_reason, row.completion_tokens) == ("stop", 60)
+    assert text == "".join(fake_upstream.token(i) for i in range(60))
+    assert all(m["unlimited"] for m in later if is_quota(m)), later
 
 
 @pytest.mark.parametrize("ping", ["ping", '{"type":"ping"}', '{"type": "ping", "id": 7}'])

@@ -218,13 +218,17 @@ async def test_pushes_due_together_reach_the_bus_as_one_batch():
     await publisher.close()
 
 
+def nothing() -> None:
+    pass
+
+
 async def test_a_limit_change_is_announced_at_once_even_while_pushes_wait(bus: LocalBus):
     sub = await bus.subscribe(quota_channel(USER), maxlen=100)
     changes: list[LimitChange] = []
-    stop_watching = await QuotaPublisher(bus, interval=30).watch_limits(changes.append)
+    stop_watching = await QuotaPublisher(bus, interval=30).watch_limits(changes.append, nothing)
     publisher = QuotaPublisher(bus, interval=30)
     own: list[LimitChange] = []
-    stop_own = await publisher.watch_limits(own.append)
+    stop_own = await publisher.watch_limits(own.append, nothing)
     try:
         publisher.push(USER, snap(1))
         await wait_for_seq(sub, 1)
@@ -256,14 +260,16 @@ async def test_a_malformed_limit_change_is_logged_and_skipped(
     bus: LocalBus, caplog: pytest.LogCaptureFixture, text: str
 ):
     changes: list[LimitChange] = []
+    losses: list[None] = []
     publisher = QuotaPublisher(bus, interval=0)
-    stop_watching = await publisher.watch_limits(changes.append)
+    stop_watching = await publisher.watch_limits(changes.append, lambda: losses.append(None))
     try:
         with caplog.at_level(logging.WARNING, logger="livegate.live"):
             await bus.publish(LIMITS_CHANNEL, text)
-            bus._fan_out(LIMITS_CHANNEL, RESYNC)
+            bus._fan_out(LIMITS_CHANNEL, RESYNC)  # announcements lost: said as such
             await bus.publish(LIMITS_CHANNEL, LimitChange(USER, "2025-03", 4, 70).encode())
         assert changes == [LimitChange(USER, "2025-03", 4, 70)]
+        assert losses == [None]
         assert [r.message for r in caplog.records] == [
             f"ignored a malformed message on {LIMITS_CHANNEL}"
         ]

@@ -21,10 +21,10 @@ import sqlalchemy as sa
 from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.bus import Bus, LocalBus, RedisBus, Subscription
+from app.core.bus import RESYNC, Bus, LocalBus, RedisBus, Subscription
 from app.core.config import MeteringConfig
 from app.core.db import create_engine, migrate
-from app.core.live import QuotaPublisher, quota_channel
+from app.core.live import LIMITS_CHANNEL, QuotaPublisher, quota_channel
 from app.core.metering import Metering, RequestInfo, Usage, UsageMeter
 from app.core.policy import REQUESTS
 from app.core.quota import (
@@ -43,6 +43,7 @@ from app.core.tables import (
     instances,
     quota_counters,
     usage_logs,
+    users,
     webhook_deliveries,
     webhooks,
 )
@@ -72,10 +73,16 @@ class Env:
         config: MeteringConfig = CONFIG,
         instance_id: str | None = None,
         warnings: QuotaWarnings | None = None,
+        tier_limit: Callable[[str], int | None] | None = None,
     ) -> Metering:
         """A metering service, not started (an instance that never registered)."""
         metering = Metering(
-            self.engine, self.publisher, config, instance_id=instance_id, warnings=warnings
+            self.engine,
+            self.publisher,
+            config,
+            instance_id=instance_id,
+            warnings=warnings,
+            tier_limit=tier_limit,
         )
         self.created.append(metering)
         return metering
@@ -374,6 +381,42 @@ async def test_an_announced_limit_holds_over_starts_that_read_the_old_one(env: E
         if pushed.get("type") == "quota" and pushed["seq"] >= moved_at:
             later.append(pushed)
     assert later and all(m["unlimited"] for m in later), later
+
+
+async def test_a_limit_change_lost_with_the_bus_is_read_afresh_when_it_is_back(env: Env):
+    tiers = {"free": 40, "pro": None}
+    metering = env.metering(tier_limit=tiers.__getitem__)
+    await metering.start()
+    env.started.append(metering)
+    moving, staying = await env.user(), await env.user()  # both on "free"
+    pushes = await quota_subscription(env, moving)
+    moved = await metering.begin(request(moving, token_limit=40), prompt_tokens=5)
+    kept = await metering.begin(request(staying, token_limit=40), prompt_tokens=5)
+    assert (moved.remaining, kept.remaining) == (35, 35)
+
+    # A move to "pro" whose announcement went with the bus (written, not announced);
+    # then the bus is back.
+    async with env.engine.begin() as conn:
+        await conn.execute(users.update().where(users.c.id == moving).values(tier="pro"))
+    env.bus._fan_out(LIMITS_CHANNEL, RESYNC)
+    for _ in range(500):
+        if moved.remaining is None:
+            break
+        await asyncio.sleep(0.01)
+    assert (moved.remaining, kept.remaining) == (None, 35)
+    # A start that read the old principal gets the new limit too, and its checkpoints
+    # push it.
+    late = await metering.begin(request(moving, token_limit=40), prompt_tokens=5)
+    assert late.remaining is None
+    deliver(late, 5)
+    for meter in (late, moved, kept):
+        await meter.finish(UsageStatus.COMPLETED, usage=Usage(5, 0), finish_reason="stop")
+    last = None
+    while (message := await pushes.get(within=0.3)) is not None:
+        assert isinstance(message, str)
+        if (pushed := json.loads(message)).get("type") == "quota":
+            last = pushed
+    assert last is not None and last["unlimited"], last
 
 
 async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
