@@ -8,8 +8,8 @@ instance clears its cache when the connection that wrote goes back to the pool
 (after the commit), and tells the others through the bus. So a revoked key stops
 working everywhere within the bus's latency, not after a TTL. Writes that change
 nothing a principal holds say so (`NEUTRAL`): taking a user's lock, a key's usage
-statistics, a webhook's last delivery, a user or key added (a lookup that found
-nothing is not kept). The token denylist's lookups are kept here too,
+statistics, a webhook's last delivery, a user or key added (a principal's lookup
+that found nothing is not kept). The token denylist's lookups are kept here too,
 one entry per token or session id, and a revocation drops just that id's entry, here
 and on the other instances (`forget`).
 
@@ -64,7 +64,7 @@ class AuthCache:
         self._bus = bus
         self._max_entries = max_entries
         self._max_age = max_age
-        self._entries: dict[Hashable, tuple[float, Any]] = {}
+        self._entries: dict[Hashable, tuple[float, Any]] = {}  # (expires at, value)
         # Bumped by every invalidation: a read that began before one is not stored.
         self.generation = 0
         self._subscription: Subscription | None = None
@@ -77,40 +77,47 @@ class AuthCache:
     def usable(self) -> bool:
         return self._subscription is not None and self._bus.healthy
 
-    def get(self, key: Hashable, max_age: float | None = None) -> Any | None:
-        """What is kept for `key`, if kept no longer than `max_age` seconds (by default
-        the cache's own)."""
+    def get(self, key: Hashable) -> Any | None:
+        """What is kept for `key`, unless kept longer than it was stored for."""
         if not self.usable:
             return None
         entry = self._entries.get(key)
         if entry is None:
             return None
-        stored_at, value = entry
-        if time.monotonic() - stored_at > (self._max_age if max_age is None else max_age):
+        expires_at, value = entry
+        if time.monotonic() > expires_at:
             del self._entries[key]
             return None
         return value
 
-    def put(self, key: Hashable, value: Any, generation: int) -> None:
-        """Store what was read, unless an invalidation happened since it began."""
+    def put(self, key: Hashable, value: Any, generation: int, max_age: float | None = None) -> None:
+        """Store what was read, for `max_age` seconds (by default the cache's own),
+        unless an invalidation happened since it began."""
         if generation != self.generation or not self.usable:
             return
+        now = time.monotonic()
         if len(self._entries) >= self._max_entries:
+            self._sweep(now)
+        self._entries[key] = (now + (self._max_age if max_age is None else max_age), value)
+
+    def _sweep(self, now: float) -> None:
+        # Entries nobody asks for again (a token refreshed away) are only dropped here.
+        self._entries = {key: entry for key, entry in self._entries.items() if entry[0] >= now}
+        if len(self._entries) > self._max_entries // 2:
             self._entries.clear()  # rare; a full reload is cheaper than tracking use
-        self._entries[key] = (time.monotonic(), value)
 
     async def read_through(
         self, key: Hashable, read: Callable[[], Awaitable[T]], max_age: float | None = None
     ) -> T:
-        """What is cached for `key` (see `get`), else what `read()` returns, stored
-        (unless None).
+        """What is cached for `key`, else what `read()` returns, stored for `max_age`
+        seconds (see `put`) unless None.
 
         Callers missing `key` together share one read, run as a task of its own so
         that a caller leaving does not cancel it for the others; its error is theirs
         too. A caller never joins a read that began before the last invalidation, or
         before `key` was forgotten, and such a read is not stored.
         """
-        value: T | None = self.get(key, max_age)
+        value: T | None = self.get(key)
         if value is not None:
             return value
         generation = self.generation
@@ -125,7 +132,7 @@ class AuthCache:
                     return  # forgotten, or replaced after an invalidation
                 del self._reading[key]
                 if not failed and (result := finished.result()) is not None:
-                    self.put(key, result, generation)
+                    self.put(key, result, generation, max_age)
 
             task.add_done_callback(done)
         result: T = await asyncio.shield(pending[1])
@@ -205,4 +212,4 @@ class AuthCache:
         except Exception:
             # The other instances' caches would stay stale: the bus's own recovery
             # (RESYNC on reconnect) clears them; until then they are not used.
-            logger.exception("announcing a change of users or keys failed")
+            logger.exception("announcing a change of users, keys or revocations failed")

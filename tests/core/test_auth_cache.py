@@ -66,7 +66,8 @@ async def test_a_change_to_any_user_key_or_webhook_empties_the_cache(livegate: L
     other = await livegate.account()
     assert await status(livegate, account.api_key) == 200
     with key_reads(livegate.services.engine) as reads:
-        # Another user's key created and revoked: this instance reads keys afresh.
+        # Another user's key created (which changes no entry) and revoked: this
+        # instance reads keys afresh.
         created = await create_key(livegate, other.token)
         deleted = await call(livegate, "DELETE", f"/api/v1/api-keys/{created['id']}", other.token)
         assert deleted.status_code == 200
@@ -109,6 +110,23 @@ async def test_a_token_refresh_leaves_the_cache_alone(livegate: Livegate):
         assert refreshed.status_code == 200, refreshed.text
         assert await status(livegate, account.api_key) == 200
     assert reads == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_change_made_under_the_users_lock_still_empties_the_cache(livegate: Livegate):
+    """Only the lock is neutral, not the transaction that takes it: a password change
+    locks the user, then refuses the tokens issued before it."""
+    account = await register(livegate)
+    assert (await me(livegate, account["token"])).status_code == 200  # kept
+    changed = await call(
+        livegate,
+        "PUT",
+        "/api/auth/password",
+        account["token"],
+        json={"oldPassword": account["password"], "newPassword": "Another-pa55word"},
+    )
+    assert changed.status_code == 200, changed.text
+    assert_playground_error(await me(livegate, account["token"]), 401, "AUTHENTICATION_ERROR")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -184,6 +202,7 @@ async def test_a_session_logged_out_on_one_instance_is_refused_by_the_other(
     token = account["token"]
     # B has looked the token up, and keeps what it found.
     assert [(await me(b, token)).status_code for _ in range(2)] == [200, 200]
+    b.services.sessions.denylist.CACHED_SECONDS = 3600  # only the announcement tells B
 
     assert (await call(a, "POST", "/api/auth/logout", token)).status_code == 200
     assert_playground_error(await me(a, token), 401, "AUTHENTICATION_ERROR")
@@ -309,9 +328,29 @@ async def test_a_read_that_began_before_an_invalidation_is_not_shared_after_it(
         await engine.dispose()
 
 
-async def test_a_read_in_flight_when_its_entry_is_forgotten_is_neither_shared_nor_stored(
-    postgres_url: str,
-):
+async def test_a_read_in_flight_when_its_entry_is_forgotten_is_not_stored(postgres_url: str):
+    cache, engine = await cache_on_local_bus(postgres_url)
+    release = asyncio.Event()
+
+    async def read() -> str:
+        await release.wait()
+        return "old"
+
+    try:
+        cache.put("other", "kept", cache.generation)
+        reading = asyncio.create_task(cache.read_through("k", read))
+        await asyncio.sleep(0)
+        await cache.forget("k")  # a revocation while the read was in flight
+        release.set()
+        assert await reading == "old"
+        assert cache.get("k") is None
+        assert cache.get("other") == "kept"
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+async def test_a_read_in_flight_when_its_entry_is_forgotten_is_not_shared(postgres_url: str):
     cache, engine = await cache_on_local_bus(postgres_url)
     release = asyncio.Event()
     values = iter(["old", "new"])
@@ -322,18 +361,34 @@ async def test_a_read_in_flight_when_its_entry_is_forgotten_is_neither_shared_no
         return value
 
     try:
-        cache.put("other", "kept", cache.generation)
         before = asyncio.create_task(cache.read_through("k", read))
         await asyncio.sleep(0)
-        await cache.forget("k")  # a revocation while the first read was in flight
+        await cache.forget("k")
         after = asyncio.create_task(cache.read_through("k", read))
         await asyncio.sleep(0)
         release.set()
         assert (await before, await after) == ("old", "new")
-        assert cache.get("k") == "new"
-        assert cache.get("other") == "kept"
-        await cache.forget("k")
-        assert cache.get("k") is None
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+async def test_entries_past_their_age_make_room_before_live_ones_go(postgres_url: str):
+    cache = AuthCache(LocalBus(), max_entries=4)
+    engine = create_engine(postgres_url)
+    await cache.start(engine)
+    try:
+        cache.put("principal", "kept", cache.generation)
+        for n in range(3):  # lookups of tokens refreshed away: never asked for again
+            cache.put(f"token-{n}", False, cache.generation, max_age=0.01)
+        await asyncio.sleep(0.05)
+        cache.put("new", "kept", cache.generation)  # full: the expired entries go
+        assert (cache.get("principal"), cache.get("new")) == ("kept", "kept")
+        for n in range(3):
+            cache.put(f"live-{n}", "kept", cache.generation)
+        # Full of live entries: all go (a full reload is cheaper than tracking use).
+        assert cache.get("principal") is None
+        assert cache.get("live-2") == "kept"
     finally:
         await cache.close()
         await engine.dispose()

@@ -148,16 +148,23 @@ async def test_a_revocation_forgets_the_cached_lookup_of_its_id_alone(store: Sto
 
 
 @pytest.mark.parametrize("store", ["redis"], indirect=True)  # how instances share them
-async def test_a_revocation_on_one_instance_clears_the_others_lookups(store: Store, env: Denylist):
+async def test_a_revocation_on_one_instance_clears_that_lookup_on_the_others(
+    store: Store, env: Denylist
+):
     async with cached_denylist(store, env) as here, cached_denylist(store, env) as there:
-        token = uuid.uuid4().hex
+        here.CACHED_SECONDS = 3600  # only the announcement can make it look again
+        token, other = uuid.uuid4().hex, uuid.uuid4().hex
         assert not await here.is_revoked(token)
+        assert not await here.is_revoked(other)
+        await revoke_behind_its_back(env, other)
         await there.revoke(token, datetime.now(UTC) + timedelta(minutes=10))
         for _ in range(500):  # within the bus's latency; bounded
             if await here.is_revoked(token):
                 break
             await asyncio.sleep(0.01)
         assert await here.is_revoked(token)
+        # The announcement named `token`: what was kept for another id stays.
+        assert not await here.is_revoked(other)
 
 
 async def test_a_revocation_whose_announcement_was_lost_holds_within_the_bound(
