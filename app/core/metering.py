@@ -37,7 +37,7 @@ from app.core.quota import (
     month_period,
 )
 from app.core.security import new_id
-from app.core.tables import UsageStatus, instances, usage_logs, users
+from app.core.tables import UsageStatus, instances, quota_counters, usage_logs, users
 from app.core.usage_writer import Counted, RequestStart, UsageWrite, UsageWriter
 from app.core.webhooks import Event, QuotaWarnings, enqueue
 
@@ -497,6 +497,7 @@ class Metering:
         # they override the limits of starts that committed after them (see `_started`).
         self._recent_changes: dict[tuple[str, str], tuple[float, LimitChange]] = {}
         self._tier_limit = tier_limit
+        self._rereading: asyncio.Task[None] | None = None
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
         # heartbeat and at shutdown until they are written.
@@ -669,40 +670,59 @@ class Metering:
             in_flight.take_change(change)
 
     def _limits_lost(self) -> None:
-        if self._tier_limit is not None and self._in_flight:
-            self._in_background(self._reread_limits(self._tier_limit))
+        if self._tier_limit is None or not self._in_flight:
+            return
+        if self._rereading is not None:
+            self._rereading.cancel()  # the read about to start is as new as it gets
+        self._rereading = asyncio.create_task(
+            self._reread_limits(self._tier_limit), name="metering-limits"
+        )
 
     async def _reread_limits(self, tier_limit: Callable[[str], int | None]) -> None:
         """The limits of the users with requests in flight here, as their tiers now
         say, taken as announced changes: one announced while the bus was away was lost.
 
-        Each is taken at the `seq` its counter was known at before the read: a change
-        committed after the read has a higher one, and its announcement wins.
+        Each tier is read with its user's counter `seq` in one statement: a move writes
+        both in one transaction, so a move the read missed has a higher `seq` (its
+        announcement wins) and one it saw a lower or equal one.
         """
-        known = {key: in_flight.snapshot.seq for key, in_flight in self._in_flight.items()}
-        user_ids = sorted({user_id for user_id, _ in known})
+        by_period: dict[str, list[str]] = {}
+        for user_id, period in self._in_flight:
+            by_period.setdefault(period, []).append(user_id)
         try:
-            async with self.engine.connect() as conn:
-                rows = await conn.execute(
-                    sa.select(users.c.id, users.c.tier).where(users.c.id.in_(user_ids))
-                )
-                tiers: dict[str, str] = {row.id: row.tier for row in rows}
+            changes = [
+                LimitChange(row.id, period, row.seq or 0, tier_limit(row.tier))
+                for period, user_ids in by_period.items()
+                for row in await self._tiers_and_seqs(period, user_ids)
+            ]
         except Exception:
             logger.warning(
-                "reading the limits of %d users after the bus reconnected failed; their "
-                "requests in flight keep the limits they have",
-                len(user_ids),
+                "reading users' limits after the bus reconnected failed; their requests "
+                "in flight keep the limits they have",
                 exc_info=True,
             )
             return
-        for (user_id, period), seq in known.items():
-            in_flight = self._in_flight.get((user_id, period))
-            tier = tiers.get(user_id)
-            if in_flight is None or tier is None:
-                continue
-            limit = tier_limit(tier)
-            if limit != in_flight.limit:
-                self._limit_changed(LimitChange(user_id, period, seq, limit))
+        finally:
+            if self._rereading is asyncio.current_task():
+                self._rereading = None
+        for change in changes:
+            self._limit_changed(change)
+
+    async def _tiers_and_seqs(self, period: str, user_ids: list[str]) -> list[sa.Row[Any]]:
+        counter = sa.and_(
+            quota_counters.c.user_id == users.c.id,
+            quota_counters.c.metric == TOKENS,
+            quota_counters.c.period == period,
+        )
+        query = sa.select(users.c.id, users.c.tier, quota_counters.c.seq).select_from(
+            users.outerjoin(quota_counters, counter)
+        )
+        rows: list[sa.Row[Any]] = []
+        async with self.engine.connect() as conn:
+            for at in range(0, len(user_ids), 1000):  # within any driver's parameter limit
+                batch = user_ids[at : at + 1000]
+                rows.extend(await conn.execute(query.where(users.c.id.in_(batch))))
+        return rows
 
     def _recent_change(self, key: tuple[str, str]) -> LimitChange | None:
         recent = self._recent_changes.get(key)
@@ -795,6 +815,10 @@ class Metering:
         """Finalize streams still open as interrupted and deregister this instance."""
         if self._stop_watching is not None:
             await self._stop_watching()
+        if self._rereading is not None:
+            self._rereading.cancel()  # its requests are about to end: nothing to apply to
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rereading
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

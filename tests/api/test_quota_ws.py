@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from app.core.accounts import set_tier
+from app.core.auth_cache import CHANNEL as AUTH_CHANNEL
 from app.core.bus import RESYNC
 from app.core.config import ServerConfig
 from app.core.live import LIMITS_CHANNEL, quota_channel
@@ -457,8 +458,9 @@ async def test_a_tier_change_lost_with_the_bus_reaches_the_stream_when_it_is_bac
                 )
                 await add_tokens(conn, account.user.id, month_period(datetime.now(UTC)), 0)
             # The bus back, every subscription hears RESYNC: the socket reads the
-            # quota again, the metering the limits of the requests in flight.
-            for channel in (LIMITS_CHANNEL, quota_channel(account.user.id)):
+            # quota again, the metering the limits of the requests in flight, the
+            # auth cache empties.
+            for channel in (LIMITS_CHANNEL, quota_channel(account.user.id), AUTH_CHANNEL):
                 svc.bus._fan_out(channel, RESYNC)
             await recv_until(ws, lambda m: is_quota(m) and m["unlimited"] is True)
         finally:

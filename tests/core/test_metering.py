@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.accounts import move_tier
 from app.core.bus import RESYNC, Bus, LocalBus, RedisBus, Subscription
 from app.core.config import MeteringConfig
 from app.core.db import create_engine, migrate
@@ -43,7 +44,6 @@ from app.core.tables import (
     instances,
     quota_counters,
     usage_logs,
-    users,
     webhook_deliveries,
     webhooks,
 )
@@ -394,20 +394,25 @@ async def test_a_limit_change_lost_with_the_bus_is_read_afresh_when_it_is_back(e
     kept = await metering.begin(request(staying, token_limit=40), prompt_tokens=5)
     assert (moved.remaining, kept.remaining) == (35, 35)
 
-    # A move to "pro" whose announcement went with the bus (written, not announced);
-    # then the bus is back.
+    # Up to "pro", announced; then back to "free" while the bus was away: written as
+    # every move is (the counter's `seq` moved on), its announcement lost.
     async with env.engine.begin() as conn:
-        await conn.execute(users.update().where(users.c.id == moving).values(tier="pro"))
+        up = await move_tier(conn, moving, "pro", None)
+    assert up is not None
+    env.publisher.limit_changed(moving, up)
+    assert moved.remaining is None
+    async with env.engine.begin() as conn:
+        assert await move_tier(conn, moving, "free", 40) is not None
     env.bus._fan_out(LIMITS_CHANNEL, RESYNC)
     for _ in range(500):
-        if moved.remaining is None:
+        if moved.remaining is not None:
             break
         await asyncio.sleep(0.01)
-    assert (moved.remaining, kept.remaining) == (None, 35)
-    # A start that read the old principal gets the new limit too, and its checkpoints
-    # push it.
-    late = await metering.begin(request(moving, token_limit=40), prompt_tokens=5)
-    assert late.remaining is None
+    assert (moved.remaining, kept.remaining) == (35, 35)
+    # A start that read its principal while on "pro" gets the limit read too, and its
+    # checkpoints push it.
+    late = await metering.begin(request(moving, token_limit=None), prompt_tokens=5)
+    assert late.remaining == 30
     deliver(late, 5)
     for meter in (late, moved, kept):
         await meter.finish(UsageStatus.COMPLETED, usage=Usage(5, 0), finish_reason="stop")
@@ -416,7 +421,7 @@ async def test_a_limit_change_lost_with_the_bus_is_read_afresh_when_it_is_back(e
         assert isinstance(message, str)
         if (pushed := json.loads(message)).get("type") == "quota":
             last = pushed
-    assert last is not None and last["unlimited"], last
+    assert last is not None and (last["total"], last["unlimited"]) == (40, False), last
 
 
 async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
