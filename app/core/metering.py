@@ -654,20 +654,21 @@ class Metering:
         if not in_flight.requests:
             del self._in_flight[(meter.info.user_id, meter.period)]
 
-    def _limit_changed(self, change: LimitChange) -> None:
-        """A user's limit changed (on any instance): their requests in flight here count
-        against it from now on, and push it with their checkpoints; so do those that
-        start soon after with the old limit (a principal read before the change)."""
-        key = (change.user_id, change.period)
+    def _limit_changed(self, *changes: LimitChange) -> None:
+        """Users' limits changed (on any instance): their requests in flight here count
+        against them from now on, and push them with their checkpoints; so do those
+        that start soon after with an old limit (a principal read before the change)."""
         now = asyncio.get_running_loop().time()
-        held = self._recent_change(key)
-        if held is None or change.seq > held.seq:
-            self._recent_changes[key] = (now, change)
         for old in [k for k, (at, _) in self._recent_changes.items() if now - at > RECENT_CHANGE]:
             del self._recent_changes[old]
-        in_flight = self._in_flight.get(key)
-        if in_flight is not None:
-            in_flight.take_change(change)
+        for change in changes:
+            key = (change.user_id, change.period)
+            held = self._recent_changes.get(key)
+            if held is None or change.seq > held[1].seq:
+                self._recent_changes[key] = (now, change)
+            in_flight = self._in_flight.get(key)
+            if in_flight is not None:
+                in_flight.take_change(change)
 
     def _limits_lost(self) -> None:
         if self._tier_limit is None or not self._in_flight:
@@ -705,8 +706,7 @@ class Metering:
         finally:
             if self._rereading is asyncio.current_task():
                 self._rereading = None
-        for change in changes:
-            self._limit_changed(change)
+        self._limit_changed(*changes)
 
     async def _tiers_and_seqs(self, period: str, user_ids: list[str]) -> list[sa.Row[Any]]:
         counter = sa.and_(
