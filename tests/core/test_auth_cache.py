@@ -25,7 +25,7 @@ from tests.api.test_api_keys import call, create_key, models
 from tests.api.test_auth import assert_playground_error, me, refresh, register
 from tests.api.test_webhooks import FAST, create_webhook
 from tests.conftest import Livegate, StartLivegate
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import WAIT, Receiver
 
 # The lookup of a presented key (by its hash), not the key management's own reads.
 KEY_READ = re.compile(r"^\s*SELECT\b.*\bapi_keys\.key_hash = ", re.IGNORECASE | re.DOTALL)
@@ -135,20 +135,20 @@ async def test_a_webhook_delivery_leaves_the_cache_alone(
 ):
     livegate = await start_livegate(webhooks=FAST)
     account = await livegate.account()
-    await create_webhook(livegate, account.token, receiver.url)
+    webhook = await create_webhook(livegate, account.token, receiver.url)
     assert await status(livegate, account.api_key) == 200
     with key_reads(livegate.services.engine) as reads:
         async with livegate.services.engine.begin() as conn:
             queued = await enqueue(conn, account.user.id, Event.TASK_COMPLETED, dict)
         assert queued == 1
         await receiver.wait_for(1)
-        for _ in range(200):  # the delivery is recorded after the receiver answered
-            async with livegate.services.engine.connect() as conn:
-                last = await conn.scalar(sa.select(webhooks.c.last_delivery_at))
-            if last is not None:
-                break
-            await asyncio.sleep(0.02)
-        assert last is not None
+        recorded = sa.select(webhooks.c.last_delivery_at).where(webhooks.c.id == webhook["id"])
+        async with asyncio.timeout(WAIT):  # recorded after the receiver answered
+            while True:
+                async with livegate.services.engine.connect() as conn:
+                    if await conn.scalar(recorded) is not None:
+                        break
+                await asyncio.sleep(0.02)
         assert await status(livegate, account.api_key) == 200
     assert reads == []
 
