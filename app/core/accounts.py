@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.auth_cache import OF_USER
 from app.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 from app.core.keys import revoke_all_keys
 from app.core.live import QuotaPublisher
@@ -164,7 +165,10 @@ async def update_profile(
         values["email"] = email
     try:
         async with engine.begin() as conn:
-            await conn.execute(users.update().where(users.c.id == user_id).values(**values))
+            await conn.execute(
+                users.update().where(users.c.id == user_id).values(**values),
+                execution_options={OF_USER: user_id},
+            )
     except IntegrityError as exc:
         raise Conflict("this email or username is taken") from exc
     return await get_user(engine, user_id)
@@ -197,7 +201,8 @@ async def change_password(
         await conn.execute(
             users.update()
             .where(users.c.id == user.id)
-            .values(password_hash=new_hash, updated_at=now, tokens_valid_after=now)
+            .values(password_hash=new_hash, updated_at=now, tokens_valid_after=now),
+            execution_options={OF_USER: user.id},
         )
         await revoke_refresh_tokens(conn, user.id, now)
 
@@ -233,7 +238,9 @@ async def move_tier(
     moving = users.update().where(users.c.id == user_id, users.c.deleted_at.is_(None))
     if expected is not None:
         moving = moving.where(users.c.tier == expected)
-    result = await conn.execute(moving.values(tier=tier, updated_at=now))
+    result = await conn.execute(
+        moving.values(tier=tier, updated_at=now), execution_options={OF_USER: user_id}
+    )
     if result.rowcount == 0:
         return None
     # A zero increment still advances `seq`, so devices accept the new limit.
@@ -255,7 +262,8 @@ async def update_user_admin(
             result = await conn.execute(
                 users.update()
                 .where(users.c.id == user_id, users.c.deleted_at.is_(None))
-                .values(role=role, updated_at=datetime.now(UTC))
+                .values(role=role, updated_at=datetime.now(UTC)),
+                execution_options={OF_USER: user_id},
             )
         if result.rowcount == 0:
             raise NotFound("user not found")
@@ -272,7 +280,8 @@ async def delete_user(engine: AsyncEngine, user_id: str) -> None:
         await conn.execute(
             users.update()
             .where(users.c.id == user_id, users.c.deleted_at.is_(None))
-            .values(deleted_at=now)
+            .values(deleted_at=now),
+            execution_options={OF_USER: user_id},
         )
         await revoke_refresh_tokens(conn, user_id, now)
     await revoke_all_keys(engine, user_id)

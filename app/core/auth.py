@@ -145,6 +145,14 @@ class JwksCache:
             self._fetched_at = time.monotonic()
 
 
+def _holder(principal: Principal) -> str:
+    return principal.user.id
+
+
+def _user_id(user: User) -> str:
+    return user.id
+
+
 class Authenticator:
     def __init__(
         self,
@@ -201,7 +209,7 @@ class Authenticator:
                 key_expires_at=_aware(row.key_expires_at),
             )
 
-        principal = await self._read_through(key_hash, read)
+        principal = await self._read_through(key_hash, read, _holder)
         expires_at = principal.key_expires_at if principal is not None else None
         if principal is None or (expires_at is not None and expires_at <= now):
             raise Unauthorized("invalid, revoked or expired API key", code="invalid_api_key")
@@ -272,11 +280,15 @@ class Authenticator:
 
     async def _user(self, user_id: str) -> User:
         """A live user by id, from the cache when it holds them."""
-        return await self._read_through(("user", user_id), lambda: get_user(self._reads, user_id))
+        return await self._read_through(
+            ("user", user_id), lambda: get_user(self._reads, user_id), _user_id
+        )
 
-    def _read_through(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+    def _read_through(
+        self, key: Hashable, read: Callable[[], Awaitable[T]], user_of: Callable[[Any], str]
+    ) -> Awaitable[T]:
         # Not a coroutine itself: no frame of its own on every request's cache hit.
-        return self._cache.read_through(key, read) if self._cache else read()
+        return self._cache.read_through(key, read, user_of=user_of) if self._cache else read()
 
     async def development_user(self, user_id: str) -> Principal:
         """The `x-user-id` header's user; only ever called in development."""

@@ -9,9 +9,11 @@ instance clears its cache when the connection that wrote goes back to the pool
 working everywhere within the bus's latency, not after a TTL. Writes that change
 nothing a principal holds say so (`NEUTRAL`): taking a user's lock, a key's usage
 statistics, a webhook's last delivery, a user or key added (a principal's lookup
-that found nothing is not kept). The token denylist's lookups are kept here too,
-one entry per token or session id, and a revocation drops just that id's entry, here
-and on the other instances (`forget`).
+that found nothing is not kept). Writes that change one user's principals say whose
+(`OF_USER`: a tier, a profile, a key or webhook of theirs): only that user's entries
+are dropped, here and on the other instances. The token denylist's lookups are kept
+here too, one entry per token or session id, and a revocation drops just that id's
+entry, here and on the other instances (`forget`).
 
 Callers that miss the same entry together share one read (`read_through`): when a
 server starts, or after a change empties the cache, every request in flight would
@@ -44,11 +46,16 @@ from app.core.bus import Bus, Signal, Subscription
 logger = logging.getLogger("livegate.auth")
 
 CHANNEL = "auth:changed"
-# A message on CHANNEL that names one entry, to drop it alone; any other drops all.
+# Messages on CHANNEL that name one entry, or one user's entries, to drop them alone;
+# any other drops all (instances on an older version send and take nothing finer).
 FORGET = "forget:"
+FORGET_USER = "forget-user:"
 # An execution option for writes to the watched tables that change nothing a
 # principal is read from (see above).
 NEUTRAL = "auth_neutral"
+# An execution option naming the one user (by id) whose principals a write to the
+# watched tables changes. A write that names nobody may change anyone's.
+OF_USER = "auth_of_user"
 _WRITE_TO_WATCHED = re.compile(
     r"^\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+\"?(users|api_keys|webhooks)\b", re.IGNORECASE
 )
@@ -64,7 +71,10 @@ class AuthCache:
         self._bus = bus
         self._max_entries = max_entries
         self._max_age = max_age
-        self._entries: dict[Hashable, tuple[float, Any]] = {}  # (expires at, value)
+        # key -> (expires at, value, the user it was read for, if any)
+        self._entries: dict[Hashable, tuple[float, Any, str | None]] = {}
+        # user id -> the keys of their entries (a superset: stale keys are skipped).
+        self._keys_of: dict[str, set[Hashable]] = {}
         # Bumped by every invalidation: a read that began before one is not stored.
         self.generation = 0
         self._subscription: Subscription | None = None
@@ -84,33 +94,52 @@ class AuthCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expires_at, value = entry
+        expires_at, value, _ = entry
         if time.monotonic() > expires_at:
-            del self._entries[key]
+            self._remove(key)
             return None
         return value
 
-    def put(self, key: Hashable, value: Any, generation: int, max_age: float | None = None) -> None:
-        """Store what was read, for `max_age` seconds (by default the cache's own),
-        unless an invalidation happened since it began."""
+    def put(
+        self,
+        key: Hashable,
+        value: Any,
+        generation: int,
+        max_age: float | None = None,
+        user: str | None = None,
+    ) -> None:
+        """Store what was read (for `user`, if it depends on one), for `max_age`
+        seconds (by default the cache's own), unless an invalidation happened since
+        it began."""
         if generation != self.generation or not self.usable:
             return
         now = time.monotonic()
         if len(self._entries) >= self._max_entries:
             self._sweep(now)
-        self._entries[key] = (now + (self._max_age if max_age is None else max_age), value)
+        self._entries[key] = (now + (self._max_age if max_age is None else max_age), value, user)
+        if user is not None:
+            self._keys_of.setdefault(user, set()).add(key)
 
     def _sweep(self, now: float) -> None:
         # Entries nobody asks for again (a token refreshed away) are only dropped here.
         self._entries = {key: entry for key, entry in self._entries.items() if entry[0] >= now}
         if len(self._entries) > self._max_entries // 2:
             self._entries.clear()  # rare; a full reload is cheaper than tracking use
+        self._keys_of.clear()
+        for key, (_, _, user) in self._entries.items():
+            if user is not None:
+                self._keys_of.setdefault(user, set()).add(key)
 
     async def read_through(
-        self, key: Hashable, read: Callable[[], Awaitable[T]], max_age: float | None = None
+        self,
+        key: Hashable,
+        read: Callable[[], Awaitable[T]],
+        max_age: float | None = None,
+        user_of: Callable[[Any], str] | None = None,
     ) -> T:
         """What is cached for `key`, else what `read()` returns, stored for `max_age`
-        seconds (see `put`) unless None.
+        seconds (see `put`) unless None, as read for the user `user_of` names (whose
+        changes then drop it).
 
         Callers missing `key` together share one read, run as a task of its own so
         that a caller leaving does not cancel it for the others; its error is theirs
@@ -132,7 +161,8 @@ class AuthCache:
                     return  # forgotten, or replaced after an invalidation
                 del self._reading[key]
                 if not failed and (result := finished.result()) is not None:
-                    self.put(key, result, generation, max_age)
+                    user = user_of(result) if user_of is not None else None
+                    self.put(key, result, generation, max_age, user)
 
             task.add_done_callback(done)
         result: T = await asyncio.shield(pending[1])
@@ -141,6 +171,16 @@ class AuthCache:
     def invalidate(self) -> None:
         self.generation += 1
         self._entries.clear()
+        self._keys_of.clear()
+
+    def invalidate_user(self, user_id: str) -> None:
+        """Drop the entries read for one user, and every read in flight (any of them
+        may be theirs): a change to that user alone."""
+        self.generation += 1
+        for key in self._keys_of.pop(user_id, ()):
+            entry = self._entries.get(key)
+            if entry is not None and entry[2] == user_id:
+                del self._entries[key]
 
     async def forget(self, key: str) -> None:
         """A change only `key`'s entry shows (a token revoked in Redis): drop it here
@@ -149,9 +189,18 @@ class AuthCache:
         await self._announce(FORGET + key)
 
     def _drop(self, key: Hashable) -> None:
-        self._entries.pop(key, None)
+        self._remove(key)
         # A read in flight may have read what just changed: not joined, not stored.
         self._reading.pop(key, None)
+
+    def _remove(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and (user := entry[2]) is not None:
+            keys = self._keys_of.get(user)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._keys_of[user]
 
     async def start(self, engine: AsyncEngine) -> None:
         """Listen for other instances' changes and watch this instance's writes."""
@@ -176,6 +225,8 @@ class AuthCache:
     def _on_message(self, message: str | Signal) -> None:
         if isinstance(message, str) and message.startswith(FORGET):
             self._drop(message[len(FORGET) :])
+        elif isinstance(message, str) and message.startswith(FORGET_USER):
+            self.invalidate_user(message[len(FORGET_USER) :])
         else:
             self.invalidate()  # a change elsewhere, or RESYNC after an outage
 
@@ -188,27 +239,39 @@ class AuthCache:
         context: ExecutionContext | None,
         executemany: bool,
     ) -> None:
-        if context is not None and context.execution_options.get(NEUTRAL):
+        options = context.execution_options if context is not None else {}
+        if options.get(NEUTRAL) or not _WRITE_TO_WATCHED.match(statement):
             return
-        if _WRITE_TO_WATCHED.match(statement):
-            conn.info[_DIRTY] = True
+        user = options.get(OF_USER)
+        # The users whose principals the transaction changed; None: maybe anyone's.
+        changed: set[str | None] = conn.info.setdefault(_DIRTY, set())
+        changed.add(user if isinstance(user, str) else None)
 
     def _on_checkin(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         # After the transaction ended (committed or not): invalidating earlier would
         # let a read between the invalidation and the commit store the old row.
-        if not record.info.pop(_DIRTY, False):
+        changed: set[str | None] | None = record.info.pop(_DIRTY, None)
+        if not changed:
             return
-        self.invalidate()
+        if None in changed:
+            self.invalidate()
+            messages = ["*"]
+        else:
+            users = [user_id for user_id in changed if user_id is not None]
+            for user_id in users:
+                self.invalidate_user(user_id)
+            messages = [FORGET_USER + user_id for user_id in users]
         try:
-            task = asyncio.get_running_loop().create_task(self._announce("*"))
+            task = asyncio.get_running_loop().create_task(self._announce(*messages))
         except RuntimeError:
             return  # no loop (a connection finalized at exit): nobody is left to tell
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
 
-    async def _announce(self, message: str) -> None:
+    async def _announce(self, *messages: str) -> None:
         try:
-            await self._bus.publish(CHANNEL, message)
+            for message in messages:
+                await self._bus.publish(CHANNEL, message)
         except Exception:
             # The other instances' caches would stay stale: the bus's own recovery
             # (RESYNC on reconnect) clears them; until then they are not used.

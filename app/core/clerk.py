@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.core.accounts import delete_user, set_tier
 from app.core.auth import MAX_SUBJECT, IdentityConflict
+from app.core.auth_cache import OF_USER
 from app.core.errors import ApiError, BadRequest
 from app.core.services import Services
 from app.core.strict_json import parse_json
@@ -111,13 +112,14 @@ async def _apply(svc: Services, event_type: str, data: dict[str, Any]) -> Outcom
     }
     if email:
         values["email"] = email
+    updating = users.update().where(users.c.id == user.id)
     try:
         async with svc.engine.begin() as conn:
-            await conn.execute(users.update().where(users.c.id == user.id).values(**values))
+            await conn.execute(updating.values(**values), execution_options={OF_USER: user.id})
     except IntegrityError:
         values.pop("email")  # the address belongs to another account: keep ours
         async with svc.engine.begin() as conn:
-            await conn.execute(users.update().where(users.c.id == user.id).values(**values))
+            await conn.execute(updating.values(**values), execution_options={OF_USER: user.id})
     tier = _tier(data)
     if tier is not None and tier in svc.settings.tiers and tier != user.tier:
         await set_tier(

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.auth_cache import NEUTRAL
+from app.core.auth_cache import NEUTRAL, OF_USER
 from app.core.errors import BadRequest, NotFound
 from app.core.pagination import Page
 from app.core.security import generate_api_key, new_id
@@ -192,7 +192,8 @@ async def update_key(
         result = await conn.execute(
             api_keys.update()
             .where(api_keys.c.id == key_id, api_keys.c.user_id == user_id, *_OWNED_LIVE)
-            .values(**values)
+            .values(**values),
+            execution_options={OF_USER: user_id},
         )
     if result.rowcount == 0:
         raise NotFound("API key not found")
@@ -205,7 +206,8 @@ async def revoke_key(engine: AsyncEngine, user_id: str, key_id: str) -> None:
         result = await conn.execute(
             api_keys.update()
             .where(api_keys.c.id == key_id, api_keys.c.user_id == user_id, *_OWNED_LIVE)
-            .values(revoked_at=datetime.now(UTC))
+            .values(revoked_at=datetime.now(UTC)),
+            execution_options={OF_USER: user_id},
         )
     if result.rowcount == 0:
         raise NotFound("API key not found")
@@ -216,7 +218,8 @@ async def revoke_all_keys(engine: AsyncEngine, user_id: str) -> None:
         await conn.execute(
             api_keys.update()
             .where(api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=datetime.now(UTC))
+            .values(revoked_at=datetime.now(UTC)),
+            execution_options={OF_USER: user_id},
         )
 
 

@@ -33,7 +33,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.core.auth_cache import NEUTRAL
+from app.core.auth_cache import NEUTRAL, OF_USER
 from app.core.config import WebhooksConfig
 from app.core.db import dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
@@ -263,7 +263,8 @@ async def create_endpoint(
                 active=active,
                 created_at=now,
                 updated_at=now,
-            )
+            ),
+            execution_options={OF_USER: user_id},  # whether the user has webhooks
         )
         await conn.execute(
             webhook_subscriptions.insert(),
@@ -321,7 +322,10 @@ async def update_endpoint(
         values["active"] = active
     async with engine.begin() as conn:
         await _owned(conn, user_id, webhook_id)
-        await conn.execute(webhooks.update().where(webhooks.c.id == webhook_id).values(**values))
+        await conn.execute(
+            webhooks.update().where(webhooks.c.id == webhook_id).values(**values),
+            execution_options={OF_USER: user_id},
+        )
         if events is not None:
             await conn.execute(
                 webhook_subscriptions.delete().where(
@@ -348,7 +352,10 @@ async def delete_endpoint(engine: AsyncEngine, user_id: str, webhook_id: str) ->
         await _owned(conn, user_id, webhook_id, lock=True)
         for table in (webhook_deliveries, webhook_subscriptions):
             await conn.execute(table.delete().where(table.c.webhook_id == webhook_id))
-        await conn.execute(webhooks.delete().where(webhooks.c.id == webhook_id))
+        await conn.execute(
+            webhooks.delete().where(webhooks.c.id == webhook_id),
+            execution_options={OF_USER: user_id},
+        )
 
 
 # -- the outbox ----------------------------------------------------------------------

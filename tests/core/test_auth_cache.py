@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.accounts import set_tier
 from app.core.auth_cache import AuthCache
 from app.core.bus import LocalBus, RedisBus
 from app.core.db import create_engine
-from app.core.tables import webhooks
+from app.core.tables import users, webhooks
 from app.core.webhooks import Event, enqueue
 from tests.api.test_api_keys import call, create_key, models
 from tests.api.test_auth import assert_playground_error, me, refresh, register
@@ -61,16 +63,64 @@ async def test_a_key_is_read_once_then_served_from_memory(livegate: Livegate):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
-async def test_a_change_to_any_user_key_or_webhook_empties_the_cache(livegate: Livegate):
+async def test_a_change_to_one_user_drops_their_entries_alone(
+    start_livegate: StartLivegate, receiver: Receiver
+):
+    """A key revoked, a webhook added, a profile changed: what was read for that user
+    is read afresh, everyone else's stays (with many users, changes come all the time)."""
+    livegate = await start_livegate(webhooks=FAST)
+    account = await livegate.account()
+    other = await livegate.account()
+    session = await register(livegate)
+    created = await create_key(livegate, other.token)
+    changes: list[tuple[Callable[[], Awaitable[object]], str | None]] = [
+        # The other user's new key revoked: their relay key is read again.
+        (
+            lambda: call(livegate, "DELETE", f"/api/v1/api-keys/{created['id']}", other.token),
+            other.api_key,
+        ),
+        (lambda: create_webhook(livegate, other.token, receiver.url), other.api_key),
+        (
+            lambda: call(
+                livegate,
+                "PUT",
+                "/api/auth/profile",
+                session["token"],
+                json={"username": "renamed"},
+            ),
+            None,
+        ),
+    ]
+    for change, read_again in changes:
+        for key in (account.api_key, other.api_key):
+            assert await status(livegate, key) == 200
+        assert (await me(livegate, session["token"])).status_code == 200
+        with key_reads(livegate.services.engine) as reads:
+            changed = await change()
+            assert not isinstance(changed, httpx.Response) or changed.is_success, changed.text
+            assert await status(livegate, account.api_key) == 200
+        assert reads == [], "another user's key is still served from memory"
+        if read_again is not None:
+            with key_reads(livegate.services.engine) as reads:
+                assert await status(livegate, read_again) == 200
+            assert len(reads) == 1
+    # The session's user was read afresh too.
+    assert (await me(livegate, session["token"])).json()["data"]["username"] == "renamed"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+async def test_a_write_naming_no_user_still_empties_the_cache(livegate: Livegate):
+    """The safe side: a write to users, keys or webhooks that does not say whose
+    principals it changes (a new code path, an administrator's script) may change
+    anyone's."""
     account = await livegate.account()
     other = await livegate.account()
     assert await status(livegate, account.api_key) == 200
     with key_reads(livegate.services.engine) as reads:
-        # Another user's key created (which changes no entry) and revoked: this
-        # instance reads keys afresh.
-        created = await create_key(livegate, other.token)
-        deleted = await call(livegate, "DELETE", f"/api/v1/api-keys/{created['id']}", other.token)
-        assert deleted.status_code == 200
+        async with livegate.services.engine.begin() as conn:
+            await conn.execute(
+                sa.update(users).where(users.c.id == other.user.id).values(first_name="Ada")
+            )
         assert await status(livegate, account.api_key) == 200
     assert len(reads) == 1
 
@@ -193,6 +243,31 @@ async def test_a_key_revoked_on_one_instance_is_refused_by_the_other(
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+async def test_a_user_changed_on_one_instance_is_read_afresh_by_the_other_alone(
+    start_livegate: StartLivegate,
+):
+    a, b = await start_livegate(), await start_livegate()
+    moving, staying = await a.account(), await a.account()
+    authenticate = b.services.authenticator.authenticate
+    for key in (moving.api_key, staying.api_key):
+        assert (await authenticate(key)).user.tier == "free"
+    svc = a.services
+    await set_tier(
+        svc.engine, svc.publisher, moving.user.id, "pro", svc.settings.tier("pro").monthly_tokens
+    )
+    # B hears of it through Redis: within the bus's latency, well under this bound.
+    for _ in range(200):
+        if (await authenticate(moving.api_key)).user.tier == "pro":
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the other instance still holds the old tier")
+    with key_reads(b.services.engine) as reads:
+        assert (await authenticate(staying.api_key)).user.tier == "free"
+    assert reads == [], "the other user's key is still served from memory"
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 async def test_a_session_logged_out_on_one_instance_is_refused_by_the_other(
     start_livegate: StartLivegate,
 ):
@@ -302,7 +377,7 @@ async def test_a_caller_leaving_a_shared_read_does_not_end_it_for_the_others(
         await engine.dispose()
 
 
-@pytest.mark.parametrize("change", ["invalidation", "forget"])
+@pytest.mark.parametrize("change", ["invalidation", "forget", "user"])
 async def test_a_read_that_began_before_a_change_is_not_shared_after_it(
     postgres_url: str, change: str
 ):
@@ -315,15 +390,21 @@ async def test_a_read_that_began_before_a_change_is_not_shared_after_it(
         await release.wait()
         return value
 
+    def user_of(value: str) -> str:
+        return "u"
+
     try:
-        before = asyncio.create_task(cache.read_through("k", read))
+        before = asyncio.create_task(cache.read_through("k", read, user_of=user_of))
         await asyncio.sleep(0)
-        # A change committed, or a revocation, while the first read was in flight.
+        # A change committed, a revocation, or a change to the user the entry is
+        # read for (known only once read), while the first read was in flight.
         if change == "invalidation":
             cache.invalidate()
-        else:
+        elif change == "forget":
             await cache.forget("k")
-        after = asyncio.create_task(cache.read_through("k", read))
+        else:
+            cache.invalidate_user("u")
+        after = asyncio.create_task(cache.read_through("k", read, user_of=user_of))
         await asyncio.sleep(0)
         release.set()
         assert (await before, await after) == ("old", "new")
