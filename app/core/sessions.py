@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets as random
 from collections.abc import Awaitable
@@ -99,13 +100,26 @@ class TokenDenylist:
         return self._cached_revoked(self._cache, ids)
 
     async def _cached_revoked(self, cache: AuthCache, ids: tuple[str, ...]) -> bool:
-        # One id at a time: a miss costs a round trip, but a token is looked up again
-        # only every CACHED_SECONDS, and a revocation names one id to forget.
+        # An entry per id: a revocation names one id to forget.
+        missing: list[str] = []
         for token_id in ids:
-            lookup = functools.partial(self._lookups.submit, (token_id,))
-            if await cache.read_through(_REVOKED_ENTRY + token_id, lookup, self.CACHED_SECONDS):
+            kept = cache.get(_REVOKED_ENTRY + token_id)
+            if kept:
                 return True
-        return False
+            if kept is None:
+                missing.append(token_id)
+        if not missing:
+            return False
+        if len(missing) == 1:
+            return await self._read_revoked(cache, missing[0])
+        # A token and its session, stored together, expire together: their lookups
+        # go in one batch (one MGET or SELECT) rather than one after the other.
+        found = await asyncio.gather(*(self._read_revoked(cache, t) for t in missing))
+        return any(found)
+
+    def _read_revoked(self, cache: AuthCache, token_id: str) -> Awaitable[bool]:
+        lookup = functools.partial(self._lookups.submit, (token_id,))
+        return cache.read_through(_REVOKED_ENTRY + token_id, lookup, self.CACHED_SECONDS)
 
     async def _revoked(self, asked: list[tuple[str, ...]]) -> list[bool | Exception]:
         ids = [token_id for ids in asked for token_id in ids]

@@ -4,14 +4,17 @@ in the auth cache until any revocation, on any instance."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -181,3 +184,43 @@ async def test_a_revocation_whose_announcement_was_lost_holds_within_the_bound(
                 break
             await asyncio.sleep(0.01)
         assert await denylist.is_revoked(token)
+
+
+@contextmanager
+def sql_lookups(engine: AsyncEngine) -> Iterator[list[str]]:
+    """The denylist's reads of `revoked_tokens` on `engine` while the block is open."""
+    seen: list[str] = []
+
+    def on_execute(*args: Any) -> None:
+        if re.match(r"^\s*SELECT\b.*\brevoked_tokens\b", args[2], re.IGNORECASE | re.DOTALL):
+            seen.append(args[2])
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
+
+
+async def test_a_token_and_its_session_missing_from_the_cache_are_looked_up_together(
+    store: Store, env: Denylist
+):
+    """Kept together, they expire together: one MGET or SELECT for both, not two in a
+    row (every `CACHED_SECONDS`, for every token in use)."""
+
+    async def lookups_made(*ids: str) -> tuple[bool, int]:
+        before = await lookups(env) if env.redis is not None else 0
+        with sql_lookups(env.engine) as reads:
+            revoked = await denylist.is_revoked(*ids)
+        after = await lookups(env) if env.redis is not None else 0
+        return revoked, after - before + len(reads)
+
+    async with cached_denylist(store, env) as denylist:
+        token, session = uuid.uuid4().hex, uuid.uuid4().hex
+        assert await lookups_made(token, session) == (False, 1)
+        assert await lookups_made(token, session) == (False, 0)  # both kept
+        logged_out_token, logged_out = uuid.uuid4().hex, uuid.uuid4().hex
+        await revoke_behind_its_back(env, logged_out)
+        assert await lookups_made(logged_out_token, logged_out) == (True, 1)
+        # One kept, one not: only the other is looked up.
+        assert await lookups_made(token, uuid.uuid4().hex) == (False, 1)
