@@ -270,8 +270,7 @@ class AuthCache:
 
     async def _announce(self, *messages: str) -> None:
         try:
-            for message in messages:
-                await self._bus.publish(CHANNEL, message)
+            await self._bus.publish_many([(CHANNEL, message) for message in messages])
         except Exception:
             # The other instances' caches would stay stale: the bus's own recovery
             # (RESYNC on reconnect) clears them; until then they are not used.

@@ -436,6 +436,51 @@ async def test_a_read_in_flight_when_its_entry_is_forgotten_is_not_stored(postgr
         await engine.dispose()
 
 
+async def test_a_users_change_drops_the_entries_read_for_them_alone(postgres_url: str):
+    cache, engine = await cache_on_local_bus(postgres_url)
+    try:
+        for key, user in (("a-key", "a"), ("a-user", "a"), ("b-key", "b"), ("denied", None)):
+            cache.put(key, key, cache.generation, user=user)
+        cache.put("a-token", "expiring", cache.generation, max_age=0.01, user="a")
+        await asyncio.sleep(0.05)
+        assert cache.get("a-token") is None  # expired: dropped from its user's keys too
+        cache.put("a-key", "a-key again", cache.generation, user="a")
+        cache.invalidate_user("a")
+        assert [cache.get(k) for k in ("a-key", "a-user", "b-key", "denied")] == [
+            None,
+            None,
+            "b-key",
+            "denied",
+        ]
+        cache.invalidate_user("a")  # nothing left of theirs: nothing else goes
+        assert (cache.get("b-key"), cache.get("denied")) == ("b-key", "denied")
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
+async def test_a_full_cache_keeps_its_users_entries_findable(postgres_url: str):
+    cache = AuthCache(LocalBus(), max_entries=4)
+    engine = create_engine(postgres_url)
+    await cache.start(engine)
+    try:
+        cache.put("a-key", "kept", cache.generation, user="a")
+        cache.put("b-key", "kept", cache.generation, user="b")
+        for n in range(2):
+            cache.put(f"token-{n}", False, cache.generation, max_age=0.01)
+        await asyncio.sleep(0.05)
+        cache.put("a-user", "kept", cache.generation, user="a")  # full: a sweep
+        cache.invalidate_user("a")
+        assert (cache.get("a-key"), cache.get("a-user"), cache.get("b-key")) == (
+            None,
+            None,
+            "kept",
+        )
+    finally:
+        await cache.close()
+        await engine.dispose()
+
+
 async def test_entries_past_their_age_make_room_before_live_ones_go(postgres_url: str):
     cache = AuthCache(LocalBus(), max_entries=4)
     engine = create_engine(postgres_url)
