@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from app.core.quota import (
     TOKENS,
     Increment,
     QuotaSnapshot,
+    add_tokens,
     decrement_counter,
     month_period,
 )
@@ -102,6 +104,9 @@ FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
 # takes from reading its principal (cached until the change's invalidation reaches
 # this instance) to committing its start.
 RECENT_CHANGE = 60.0
+# Seconds the last quota a user's requests here pushed is kept once none is in flight:
+# longer than a limit change's announcement takes to arrive (see `_limit_changed`).
+ENDED_RECENTLY = 5.0
 
 
 def task_event_id(row_id: str, event: Event) -> str:
@@ -498,6 +503,10 @@ class Metering:
         self._recent_changes: dict[tuple[str, str], tuple[float, LimitChange]] = {}
         self._tier_limit = tier_limit
         self._rereading: asyncio.Task[None] | None = None
+        # The newest quota pushed for users whose last request here ended lately
+        # (oldest first, with when), and the users whose limit is being pushed again.
+        self._ended: OrderedDict[tuple[str, str], tuple[float, QuotaSnapshot]] = OrderedDict()
+        self._pushing_again: set[tuple[str, str]] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
         # heartbeat and at shutdown until they are written.
@@ -652,15 +661,32 @@ class Metering:
         in_flight.requests -= 1
         in_flight.unwritten -= meter.unwritten
         if not in_flight.requests:
-            del self._in_flight[(meter.info.user_id, meter.period)]
+            key = (meter.info.user_id, meter.period)
+            del self._in_flight[key]
+            self._ended_with(key, in_flight.snapshot)
+
+    def _ended_with(self, key: tuple[str, str], snapshot: QuotaSnapshot) -> None:
+        now = asyncio.get_running_loop().time()
+        ended = self._ended
+        ended[key] = (now, snapshot)
+        ended.move_to_end(key)
+        while now - next(iter(ended.values()))[0] > ENDED_RECENTLY:
+            ended.popitem(last=False)
 
     def _limit_changed(self, *changes: LimitChange) -> None:
         """Users' limits changed (on any instance): their requests in flight here count
         against them from now on, and push them with their checkpoints; so do those
-        that start soon after with an old limit (a principal read before the change)."""
+        that start soon after with an old limit (a principal read before the change).
+
+        A checkpoint here may have committed after the change and before its
+        announcement came, and pushed the old limit with a newer `seq` than the
+        change's: devices keep the newer. Its user's counter is then moved on once
+        more and their limit pushed again, as their tier now says.
+        """
         now = asyncio.get_running_loop().time()
         for old in [k for k, (at, _) in self._recent_changes.items() if now - at > RECENT_CHANGE]:
             del self._recent_changes[old]
+        overtaken: list[tuple[str, str]] = []
         for change in changes:
             key = (change.user_id, change.period)
             held = self._recent_changes.get(key)
@@ -668,7 +694,51 @@ class Metering:
                 self._recent_changes[key] = (now, change)
             in_flight = self._in_flight.get(key)
             if in_flight is not None:
+                pushed: QuotaSnapshot | None = in_flight.snapshot
                 in_flight.take_change(change)
+            else:
+                ended = self._ended.get(key)
+                pushed = None if ended is None or now - ended[0] > ENDED_RECENTLY else ended[1]
+            if (
+                pushed is not None
+                and pushed.seq > change.seq
+                and pushed.limit != change.limit
+                and key not in self._pushing_again
+            ):
+                overtaken.append(key)
+        if overtaken and self._tier_limit is not None:
+            self._pushing_again.update(overtaken)
+            self._in_background(self._push_limits_again(overtaken, self._tier_limit))
+
+    async def _push_limits_again(
+        self, keys: list[tuple[str, str]], tier_limit: Callable[[str], int | None]
+    ) -> None:
+        """Push each user's limit as their tier says, under a `seq` newer than any
+        pushed so far (see `_limit_changed`)."""
+        try:
+            for key in keys:
+                user_id, period = key
+                async with self.engine.begin() as conn:
+                    # The counter first: a move holds it until it commits, and the tier
+                    # read next then sees the move; a later move gets a newer `seq`.
+                    used, seq = await add_tokens(conn, user_id, period, 0)
+                    tier = await conn.scalar(sa.select(users.c.tier).where(users.c.id == user_id))
+                if tier is None:
+                    continue
+                snapshot = QuotaSnapshot(tier_limit(tier), used, period, seq)
+                if (in_flight := self._in_flight.get(key)) is not None:
+                    in_flight.read(snapshot)
+                elif key in self._ended:
+                    self._ended_with(key, snapshot)
+                self.publisher.push(user_id, snapshot)
+        except Exception:
+            logger.warning(
+                "pushing limits overtaken by a checkpoint again failed; devices show the "
+                "old limit until the user's next request",
+                exc_info=True,
+            )
+        finally:
+            self._pushing_again.difference_update(keys)
 
     def _limits_lost(self) -> None:
         if self._tier_limit is None or not self._in_flight:

@@ -424,6 +424,50 @@ async def test_a_limit_change_lost_with_the_bus_is_read_afresh_when_it_is_back(e
     assert last is not None and (last["total"], last["unlimited"]) == (40, False), last
 
 
+@pytest.mark.parametrize("when", ["at its end", "at a checkpoint"])
+async def test_a_limit_overtaken_before_its_announcement_came_is_pushed_again(env: Env, when: str):
+    """A write of the user's that commits between a tier move and the move's
+    announcement pushes the old limit under a newer `seq` than the move's, and devices
+    keep the newer: the limit is pushed once more, under a newer `seq` still. Whether
+    the request has ended by then, or ends with nothing left to write."""
+    tiers = {"free": 40, "pro": None}
+    metering = env.metering(tier_limit=tiers.__getitem__)
+    await metering.start()
+    env.started.append(metering)
+    user = await env.user()  # on "free"
+    pushes = await quota_subscription(env, user)
+    seen: list[dict[str, Any]] = []
+
+    async def pushed_within(seconds: float) -> dict[str, Any] | None:
+        message = await pushes.get(within=seconds)
+        if message is None:
+            return None
+        assert isinstance(message, str)
+        seen.append(json.loads(message))
+        return seen[-1]
+
+    meter = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
+    async with env.engine.begin() as conn:
+        moved = await move_tier(conn, user, "pro", None)  # committed, not yet announced
+    assert moved is not None
+    deliver(meter, 5)
+    if when == "at a checkpoint":
+        while (pushed := await pushed_within(5)) is not None and pushed.get("used") != 10:
+            pass
+        assert pushed is not None and pushed["total"] == 40, "no checkpoint pushed"
+    else:
+        await meter.finish(UsageStatus.COMPLETED, usage=Usage(5, 5), finish_reason="stop")
+    env.publisher.limit_changed(user, moved)  # the announcement comes
+    if when == "at a checkpoint":
+        # Nothing left to write: its end pushes nothing.
+        await meter.finish(UsageStatus.COMPLETED, usage=Usage(5, 5), finish_reason="stop")
+    while await pushed_within(0.5) is not None:
+        pass
+    newest = max((m for m in seen if m.get("type") == "quota"), key=lambda m: m["seq"])
+    assert newest["seq"] > moved.seq, seen
+    assert (newest["unlimited"], newest["used"]) == (True, 10), seen
+
+
 async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
     env: Env,
 ):
