@@ -504,9 +504,8 @@ class Metering:
         self._tier_limit = tier_limit
         self._rereading: asyncio.Task[None] | None = None
         # The newest quota pushed for users whose last request here ended lately
-        # (oldest first, with when), and the users whose limit is being pushed again.
+        # (oldest first, with when).
         self._ended: OrderedDict[tuple[str, str], tuple[float, QuotaSnapshot]] = OrderedDict()
-        self._pushing_again: set[tuple[str, str]] = set()
         self._cleanups: set[asyncio.Task[None]] = set()
         # The final writes of meters that failed all their attempts, retried at every
         # heartbeat and at shutdown until they are written.
@@ -644,6 +643,8 @@ class Metering:
             in_flight.take_change(change)
         if in_flight.limit != snapshot.limit:  # the start read its limit before a change
             snapshot = dataclasses.replace(snapshot, limit=in_flight.limit)
+            if in_flight.snapshot.seq == snapshot.seq:
+                in_flight.snapshot = snapshot  # as pushed (see `_limit_changed`)
         self.publisher.push(start.info.user_id, snapshot)
         meter = self._meter(start, start.info, snapshot)
         self.active.add(meter)
@@ -693,31 +694,29 @@ class Metering:
             if held is None or change.seq > held[1].seq:
                 self._recent_changes[key] = (now, change)
             in_flight = self._in_flight.get(key)
+            pushed: QuotaSnapshot | None = None
             if in_flight is not None:
-                pushed: QuotaSnapshot | None = in_flight.snapshot
+                if change.seq >= in_flight.change_seq:  # not overtaken by a newer change
+                    pushed = in_flight.snapshot
                 in_flight.take_change(change)
-            else:
-                ended = self._ended.get(key)
-                pushed = None if ended is None or now - ended[0] > ENDED_RECENTLY else ended[1]
-            if (
-                pushed is not None
-                and pushed.seq > change.seq
-                and pushed.limit != change.limit
-                and key not in self._pushing_again
-            ):
+            elif (ended := self._ended.get(key)) is not None and now - ended[0] <= ENDED_RECENTLY:
+                pushed = ended[1]
+            # An equal `seq`: a re-read change (`_reread_limits`) takes the counter's
+            # newest, which a write may have pushed with the old limit.
+            if pushed is not None and pushed.seq >= change.seq and pushed.limit != change.limit:
                 overtaken.append(key)
         if overtaken and self._tier_limit is not None:
-            self._pushing_again.update(overtaken)
             self._in_background(self._push_limits_again(overtaken, self._tier_limit))
 
     async def _push_limits_again(
         self, keys: list[tuple[str, str]], tier_limit: Callable[[str], int | None]
     ) -> None:
         """Push each user's limit as their tier says, under a `seq` newer than any
-        pushed so far (see `_limit_changed`)."""
-        try:
-            for key in keys:
-                user_id, period = key
+        pushed so far (see `_limit_changed`). Two such pushes of one user at once
+        are harmless: the later `seq` reads the later tier."""
+        for key in keys:
+            user_id, period = key
+            try:
                 async with self.engine.begin() as conn:
                     # The counter first: a move holds it until it commits, and the tier
                     # read next then sees the move; a later move gets a newer `seq`.
@@ -726,19 +725,18 @@ class Metering:
                 if tier is None:
                     continue
                 snapshot = QuotaSnapshot(tier_limit(tier), used, period, seq)
-                if (in_flight := self._in_flight.get(key)) is not None:
-                    in_flight.read(snapshot)
-                elif key in self._ended:
-                    self._ended_with(key, snapshot)
-                self.publisher.push(user_id, snapshot)
-        except Exception:
-            logger.warning(
-                "pushing limits overtaken by a checkpoint again failed; devices show the "
-                "old limit until the user's next request",
-                exc_info=True,
-            )
-        finally:
-            self._pushing_again.difference_update(keys)
+            except Exception:
+                logger.warning(
+                    "pushing a limit overtaken by a write again failed; the user's devices "
+                    "show the old limit until their next request",
+                    exc_info=True,
+                )
+                continue
+            if (in_flight := self._in_flight.get(key)) is not None:
+                in_flight.read(snapshot)
+            elif key in self._ended:
+                self._ended_with(key, snapshot)
+            self.publisher.push(user_id, snapshot)
 
     def _limits_lost(self) -> None:
         if self._tier_limit is None or not self._in_flight:
