@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from typing import Any
 import asyncpg
 import pytest
 import redis
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from app.api.http_protocol import HttpProtocol
@@ -227,3 +231,19 @@ async def livegate(start_livegate: StartLivegate) -> Livegate:
 # Small tiers for quota tests; every other limit left unlimited.
 def tiny_tier(monthly_tokens: int) -> dict[str, TierConfig]:
     return {"tiny": TierConfig(monthly_tokens=monthly_tokens)}
+
+
+@contextmanager
+def statements_matching(engine: AsyncEngine, pattern: re.Pattern[str]) -> Iterator[list[str]]:
+    """The statements matching `pattern` that `engine` runs while the block is open."""
+    seen: list[str] = []
+
+    def on_execute(*args: Any) -> None:
+        if pattern.match(args[2]):
+            seen.append(args[2])
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", on_execute)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 
 import httpx
 import pytest
@@ -26,28 +25,16 @@ from app.core.webhooks import Event, enqueue
 from tests.api.test_api_keys import call, create_key, models
 from tests.api.test_auth import assert_playground_error, me, refresh, register
 from tests.api.test_webhooks import FAST, create_webhook
-from tests.conftest import Livegate, StartLivegate
+from tests.conftest import Livegate, StartLivegate, statements_matching
 from tests.webhook_receiver import WAIT, Receiver
 
 # The lookup of a presented key (by its hash), not the key management's own reads.
 KEY_READ = re.compile(r"^\s*SELECT\b.*\bapi_keys\.key_hash = ", re.IGNORECASE | re.DOTALL)
 
 
-@contextmanager
-def key_reads(engine: AsyncEngine) -> Iterator[list[str]]:
+def key_reads(engine: AsyncEngine) -> AbstractContextManager[list[str]]:
     """The API-key lookups `engine` runs while the block is open."""
-    seen: list[str] = []
-
-    def on_execute(*args: Any) -> None:
-        statement = args[2]
-        if KEY_READ.match(statement):
-            seen.append(statement)
-
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
+    return statements_matching(engine, KEY_READ)
 
 
 async def status(livegate: Livegate, key: str) -> int:

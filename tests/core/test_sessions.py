@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,7 +21,7 @@ from app.core.bus import Bus, LocalBus, RedisBus
 from app.core.db import create_engine, migrate
 from app.core.sessions import TokenDenylist
 from app.core.tables import revoked_tokens
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, statements_matching
 
 
 @dataclass
@@ -186,20 +184,8 @@ async def test_a_revocation_whose_announcement_was_lost_holds_within_the_bound(
         assert await denylist.is_revoked(token)
 
 
-@contextmanager
-def sql_lookups(engine: AsyncEngine) -> Iterator[list[str]]:
-    """The denylist's reads of `revoked_tokens` on `engine` while the block is open."""
-    seen: list[str] = []
-
-    def on_execute(*args: Any) -> None:
-        if re.match(r"^\s*SELECT\b.*\brevoked_tokens\b", args[2], re.IGNORECASE | re.DOTALL):
-            seen.append(args[2])
-
-    sa.event.listen(engine.sync_engine, "before_cursor_execute", on_execute)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(engine.sync_engine, "before_cursor_execute", on_execute)
+# The denylist's reads of `revoked_tokens`.
+REVOKED_READ = re.compile(r"^\s*SELECT\b.*\brevoked_tokens\b", re.IGNORECASE | re.DOTALL)
 
 
 async def test_a_token_and_its_session_missing_from_the_cache_are_looked_up_together(
@@ -210,7 +196,7 @@ async def test_a_token_and_its_session_missing_from_the_cache_are_looked_up_toge
 
     async def lookups_made(*ids: str) -> tuple[bool, int]:
         before = await lookups(env) if env.redis is not None else 0
-        with sql_lookups(env.engine) as reads:
+        with statements_matching(env.engine, REVOKED_READ) as reads:
             revoked = await denylist.is_revoked(*ids)
         after = await lookups(env) if env.redis is not None else 0
         return revoked, after - before + len(reads)
