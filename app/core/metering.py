@@ -695,11 +695,16 @@ class Metering:
                 self._recent_changes[key] = (now, change)
             in_flight = self._in_flight.get(key)
             pushed: QuotaSnapshot | None = None
+            # An older change than one already taken was overtaken by it: not looked at.
             if in_flight is not None:
-                if change.seq >= in_flight.change_seq:  # not overtaken by a newer change
+                if change.seq >= in_flight.change_seq:
                     pushed = in_flight.snapshot
                 in_flight.take_change(change)
-            elif (ended := self._ended.get(key)) is not None and now - ended[0] <= ENDED_RECENTLY:
+            elif (
+                (held is None or change.seq >= held[1].seq)
+                and (ended := self._ended.get(key)) is not None
+                and now - ended[0] <= ENDED_RECENTLY
+            ):
                 pushed = ended[1]
             # An equal `seq`: a re-read change (`_reread_limits`) takes the counter's
             # newest, which a write may have pushed with the old limit.
@@ -736,6 +741,9 @@ class Metering:
                 in_flight.read(snapshot)
             elif key in self._ended:
                 self._ended_with(key, snapshot)
+            # Taken as an announced change: the tier read may be newer than any change
+            # announced yet, and the checkpoints and starts here must carry it too.
+            self._limit_changed(LimitChange(user_id, period, seq, snapshot.limit))
             self.publisher.push(user_id, snapshot)
 
     def _limits_lost(self) -> None:

@@ -462,7 +462,9 @@ async def test_a_limit_overtaken_before_its_announcement_came_is_pushed_again(en
         # Nothing left to write: its end pushes nothing.
         await meter.finish(UsageStatus.COMPLETED, usage=Usage(5, 5), finish_reason="stop")
     # Pushed in the background once the counter moved on: waited for, within a bound.
-    while (pushed := await pushed_within(5)) is not None and not pushed.get("unlimited"):
+    while (pushed := await pushed_within(5)) is not None and not (
+        pushed.get("unlimited") and pushed["seq"] > moved.seq
+    ):
         pass
     while await pushed_within(0.2) is not None:
         pass
@@ -473,7 +475,8 @@ async def test_a_limit_overtaken_before_its_announcement_came_is_pushed_again(en
 
 async def test_a_limit_pushed_again_is_the_one_the_tier_now_gives(env: Env):
     """Moved on again before the first move's announcement came: the limit pushed
-    again is the second tier's, and the second announcement leaves it be."""
+    again is the second tier's (read as it is now, not the announced one), and stays
+    the newest once the second announcement came."""
     tiers = {"free": 40, "pro": None, "team": 100}
     metering = env.metering(tier_limit=tiers.__getitem__)
     await metering.start()
@@ -501,6 +504,41 @@ async def test_a_limit_pushed_again_is_the_one_the_tier_now_gives(env: Env):
     newest = max((m for m in seen if m.get("type") == "quota"), key=lambda m: m["seq"])
     assert (newest["total"], newest["used"]) == (100, 10), seen
     assert newest["seq"] > to_team.seq, seen
+
+
+async def test_the_limit_pushed_again_is_the_one_later_checkpoints_carry(env: Env):
+    """The tier read to push a limit again may be newer than any change announced
+    yet: the requests in flight take it, and their checkpoints do not push the
+    announced one over it."""
+    tiers = {"free": 40, "pro": None, "team": 100}
+    metering = env.metering(tier_limit=tiers.__getitem__)
+    await metering.start()
+    env.started.append(metering)
+    user = await env.user()  # on "free"
+    pushes = await quota_subscription(env, user)
+    meter = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
+    async with env.engine.begin() as conn:
+        to_pro = await move_tier(conn, user, "pro", None)
+    assert to_pro is not None
+    deliver(meter, 5)  # a checkpoint, pushed with 40 over the move to "pro"
+    await wait_row(env.engine, meter.row_id, lambda r: r.completion_tokens == 5, "5 tokens")
+    async with env.engine.begin() as conn:
+        assert await move_tier(conn, user, "team", 100) is not None  # not yet announced
+    env.publisher.limit_changed(user, to_pro)
+    while (message := await pushes.get(within=5)) is not None:
+        assert isinstance(message, str)
+        if json.loads(message).get("total") == 100:
+            break
+    assert message is not None, "the limit was never pushed again"
+    assert meter.remaining == 100 - 10
+    deliver(meter, 5)  # the next checkpoint
+    while (message := await pushes.get(within=5)) is not None:
+        assert isinstance(message, str)
+        if (pushed := json.loads(message)).get("used") == 15:
+            break
+    assert message is not None, "the checkpoint was never pushed"
+    assert pushed["total"] == 100, pushed
+    await meter.finish(UsageStatus.COMPLETED, usage=Usage(5, 10), finish_reason="stop")
 
 
 async def test_an_upstreams_overlong_finish_reason_or_nul_in_an_error_still_ends_the_row(
