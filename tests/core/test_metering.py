@@ -55,6 +55,8 @@ pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect
 
 # Checkpoints by tokens only (the time trigger far away), a heartbeat that never
 # fires during a test, and quota pushes unthrottled.
+# The token limit of each tier the tier moves below go through.
+TIER_LIMITS = {"free": 40, "pro": None, "team": 100}
 CONFIG = MeteringConfig(
     checkpoint_tokens=5, checkpoint_ms=600_000, push_interval_ms=0, heartbeat_seconds=3600
 )
@@ -87,8 +89,12 @@ class Env:
         self.created.append(metering)
         return metering
 
-    async def started_metering(self, config: MeteringConfig = CONFIG) -> Metering:
-        metering = self.metering(config)
+    async def started_metering(
+        self,
+        config: MeteringConfig = CONFIG,
+        tier_limit: Callable[[str], int | None] | None = None,
+    ) -> Metering:
+        metering = self.metering(config, tier_limit=tier_limit)
         await metering.start()
         self.started.append(metering)
         return metering
@@ -384,10 +390,7 @@ async def test_an_announced_limit_holds_over_starts_that_read_the_old_one(env: E
 
 
 async def test_a_limit_change_lost_with_the_bus_is_read_afresh_when_it_is_back(env: Env):
-    tiers = {"free": 40, "pro": None}
-    metering = env.metering(tier_limit=tiers.__getitem__)
-    await metering.start()
-    env.started.append(metering)
+    metering = await env.started_metering(tier_limit=TIER_LIMITS.__getitem__)
     moving, staying = await env.user(), await env.user()  # both on "free"
     pushes = await quota_subscription(env, moving)
     moved = await metering.begin(request(moving, token_limit=40), prompt_tokens=5)
@@ -430,10 +433,7 @@ async def test_a_limit_overtaken_before_its_announcement_came_is_pushed_again(en
     announcement pushes the old limit under a newer `seq` than the move's, and devices
     keep the newer: the limit is pushed once more, under a newer `seq` still. Whether
     the request has ended by then, or ends with nothing left to write."""
-    tiers = {"free": 40, "pro": None}
-    metering = env.metering(tier_limit=tiers.__getitem__)
-    await metering.start()
-    env.started.append(metering)
+    metering = await env.started_metering(tier_limit=TIER_LIMITS.__getitem__)
     user = await env.user()  # on "free"
     pushes = await quota_subscription(env, user)
     seen: list[dict[str, Any]] = []
@@ -477,10 +477,7 @@ async def test_a_limit_pushed_again_is_the_one_the_tier_now_gives(env: Env):
     """Moved on again before the first move's announcement came: the limit pushed
     again is the second tier's (read as it is now, not the announced one), and stays
     the newest once the second announcement came."""
-    tiers = {"free": 40, "pro": None, "team": 100}
-    metering = env.metering(tier_limit=tiers.__getitem__)
-    await metering.start()
-    env.started.append(metering)
+    metering = await env.started_metering(tier_limit=TIER_LIMITS.__getitem__)
     user = await env.user()  # on "free"
     pushes = await quota_subscription(env, user)
     meter = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
@@ -510,10 +507,7 @@ async def test_the_limit_pushed_again_is_the_one_later_checkpoints_carry(env: En
     """The tier read to push a limit again may be newer than any change announced
     yet: the requests in flight take it, and their checkpoints do not push the
     announced one over it."""
-    tiers = {"free": 40, "pro": None, "team": 100}
-    metering = env.metering(tier_limit=tiers.__getitem__)
-    await metering.start()
-    env.started.append(metering)
+    metering = await env.started_metering(tier_limit=TIER_LIMITS.__getitem__)
     user = await env.user()  # on "free"
     pushes = await quota_subscription(env, user)
     meter = await metering.begin(request(user, token_limit=40), prompt_tokens=5)
