@@ -75,41 +75,62 @@ async def run_cli(env: dict[str, str], *args: str) -> str:
     return out.decode()
 
 
+async def start_instance(
+    env: dict[str, str], http: httpx.AsyncClient
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A `serve` process answering on a port of its own, and its URL.
+
+    A port found free may be taken before the server binds it (it migrates first):
+    the server then exits, and starts again on another.
+    """
+    for _ in range(3):
+        port = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--port",
+            str(port),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            if proc.returncode is not None:
+                break
+            try:
+                if (await http.get(f"{url}/v1/models")).status_code == 401:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+        else:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"instance at {url} did not start")
+        await proc.wait()
+    raise AssertionError("no instance started in three attempts")
+
+
 @pytest.fixture
 async def two_instances(instance_env: dict[str, str]) -> AsyncIterator[tuple[str, str]]:
+    """Started one after the other: the first holds its port when the second's is
+    chosen, so the two never share one."""
     procs, urls = [], []
     try:
-        for _ in range(2):
-            port = free_port()
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "app",
-                    "serve",
-                    "--port",
-                    str(port),
-                    env=instance_env,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-            )
-            urls.append(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient() as http:
-            for url in urls:
-                for _ in range(300):
-                    try:
-                        if (await http.get(f"{url}/v1/models")).status_code == 401:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError(f"instance at {url} did not start")
+            for _ in range(2):
+                proc, url = await start_instance(instance_env, http)
+                procs.append(proc)
+                urls.append(url)
+        assert all(proc.returncode is None for proc in procs), "an instance stopped"
         yield urls[0], urls[1]
     finally:
         for proc in procs:
-            proc.terminate()
+            if proc.returncode is None:
+                proc.terminate()
         for proc in procs:
             await proc.wait()
 
