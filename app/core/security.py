@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from app.core.config import Environment, Settings
+from app.core.strict_json import storable
 
 JWT_ALGORITHM = "HS256"
 JWT_ISSUER = "livegate"
@@ -36,6 +37,14 @@ def new_id() -> str:
     print them: every relayed request takes two.
     """
     return os.urandom(16).hex()
+
+
+# Our ids are 32 hex digits; a claim far longer is no id of ours.
+MAX_CLAIM_LENGTH = 256
+
+
+def _claim_text(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_CLAIM_LENGTH and storable(value)
 
 
 class InvalidTokenError(Exception):
@@ -117,17 +126,24 @@ class Secrets:
         except jwt.PyJWTError as exc:
             raise InvalidTokenError(str(exc)) from exc
         subject, token_id, session_id = payload["sub"], payload["jti"], payload.get("sid")
-        if (
-            not isinstance(subject, str)
-            or not isinstance(token_id, str)
-            or not isinstance(session_id, str | None)
+        # Only a holder of the secret can sign claims, but none of them may fail the
+        # lookups they go into: text a database column takes, times a datetime holds.
+        if not (
+            _claim_text(subject)
+            and _claim_text(token_id)
+            and (session_id is None or _claim_text(session_id))
         ):
             raise InvalidTokenError("malformed claims")
+        try:
+            issued_at = datetime.fromtimestamp(payload["iat"], UTC)
+            expires_at = datetime.fromtimestamp(payload["exp"], UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise InvalidTokenError("a time claim is out of range") from exc
         claims = TokenClaims(
             subject=subject,
             token_id=token_id,
-            issued_at=datetime.fromtimestamp(payload["iat"], UTC),
-            expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+            issued_at=issued_at,
+            expires_at=expires_at,
             session_id=session_id,
         )
         if len(self._verified) >= VERIFIED_TOKENS_KEPT:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import sqlalchemy as sa
 
@@ -250,6 +251,33 @@ async def test_token_from_another_secret_is_401(livegate: Livegate):
     account = await livegate.account()
     forged = Secrets("attacker-secret-" + "a" * 40).issue_token(account.user.id)
     assert_sokuji_error(await get(livegate, "/api/user/profile", bearer(forged)), 401)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"sub": "\ud800"}, {"sub": "a\x00b"}, {"exp": 1e20}, {"iat": -1e12}],
+    ids=["sub-surrogate", "sub-nul", "exp-past-any-date", "iat-before-any-date"],
+)
+@pytest.mark.parametrize("path", ["/api/user/profile", "/api/usage/quota"])
+async def test_a_signed_token_whose_claims_no_lookup_takes_is_401(
+    livegate: Livegate, claims: dict[str, Any], path: str
+):
+    """Only a holder of the secret can sign one; still a 401, on every database."""
+    account = await livegate.account()
+    now = datetime.now(UTC).timestamp()
+    payload = {
+        "sub": account.user.id,
+        "iat": now,
+        "exp": now + 3600,
+        "jti": uuid.uuid4().hex,
+        "iss": "livegate",
+        **claims,
+    }
+    secret = livegate.services.settings.jwt_secret
+    assert secret is not None
+    token = jwt.encode(payload, secret.get_secret_value(), algorithm="HS256")
+    body = assert_sokuji_error(await get(livegate, path, bearer(token)), 401)
+    assert body["details"]["code"] == "invalid_token"
 
 
 async def test_token_for_an_unknown_user_is_401(livegate: Livegate):

@@ -220,8 +220,39 @@ def test_token_missing_a_claim_is_refused(secrets_: Secrets, missing: str):
 
 @pytest.mark.parametrize(
     "changes",
-    [{"sub": 123}, {"sub": ["a"]}, {"jti": 5}, {"exp": "tomorrow"}, {"iat": "now"}],
-    ids=["sub-int", "sub-list", "jti-int", "exp-str", "iat-str"],
+    [
+        {"sub": 123},
+        {"sub": ["a"]},
+        {"jti": 5},
+        {"exp": "tomorrow"},
+        {"iat": "now"},
+        # Signed with the secret, yet no lookup could take them.
+        {"sub": "\ud800"},
+        {"sub": "a\x00b"},
+        {"sub": ""},
+        {"sub": "u" * 257},
+        {"jti": "\udfff"},
+        {"sid": "s\x00"},
+        {"sid": 5},
+        {"exp": 1e20},
+        {"iat": -1e12},
+    ],
+    ids=[
+        "sub-int",
+        "sub-list",
+        "jti-int",
+        "exp-str",
+        "iat-str",
+        "sub-surrogate",
+        "sub-nul",
+        "sub-empty",
+        "sub-too-long",
+        "jti-surrogate",
+        "sid-nul",
+        "sid-int",
+        "exp-past-any-date",
+        "iat-before-any-date",
+    ],
 )
 def test_token_with_malformed_claims_is_refused(secrets_: Secrets, changes: dict[str, Any]):
     token = hand_made_token({"alg": "HS256", "typ": "JWT"}, claims(**changes), SECRET.encode())
