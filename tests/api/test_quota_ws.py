@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +32,17 @@ from app.core.quota import add_tokens, month_period
 from app.core.security import Secrets
 from app.core.tables import usage_logs, users
 from tests.conftest import FAKE_MODEL, Account, Backend, Livegate, StartLivegate, tiny_tier
+from tests.core.test_external_jwt import (
+    JwksServer,
+    SigningKey,
+    generated_keys,
+    issuer_config,
+    jwks,
+    sign,
+)
+from tests.core.test_external_jwt import claims as external_claims
+
+__all__ = ["generated_keys", "jwks"]  # the fixtures, shared with the issuer's tests
 from tests.fake_upstream import FakeUpstream
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -652,3 +664,32 @@ async def test_deeply_nested_json_text_does_not_kill_the_socket(livegate: Livega
         await ws.send('{"a":' * 100_000)  # 500 kB of text, well under the frame limit
         await ws.send("ping")
         await recv_until(ws, is_pong)
+
+
+async def test_a_client_gone_while_its_credential_is_refused_leaves_no_error(
+    start_livegate: StartLivegate,
+    jwks: JwksServer,
+    generated_keys: dict[str, SigningKey],
+    caplog: pytest.LogCaptureFixture,
+):
+    """The issuer's keys are fetched while the client leaves: the refusal's close finds
+    no one to tell, and the socket ends without an error."""
+    jwks.gate = asyncio.Event()
+    livegate = await start_livegate(auth=issuer_config(jwks))
+    forged = sign(generated_keys["attacker-rsa"], external_claims())
+    # uvicorn's own loggers do not propagate to the root's handlers.
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(caplog.handler)
+    caplog.set_level(logging.ERROR)
+    async with quota_socket(livegate, token=forged) as ws:
+        async with asyncio.timeout(WAIT):
+            while not jwks.fetches:  # noqa: ASYNC110 (a counter: nothing to wait on)
+                await asyncio.sleep(0.01)
+        ws.transport.abort()  # gone, without a closing handshake
+    jwks.gate.set()  # now refused, its client gone
+    connections = livegate.server.server.server_state.connections
+    async with asyncio.timeout(WAIT):
+        while connections:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    server_log.removeHandler(caplog.handler)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

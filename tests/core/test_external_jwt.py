@@ -6,6 +6,7 @@ RSA and EC keys generated here. Every refused token gets a 401 and creates no us
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -83,6 +84,7 @@ class JwksServer:
     fetches: int = 0
     spare: dict[str, SigningKey] = field(default_factory=dict)
     padding: int = 0  # characters of an extra member, to make the answer long
+    gate: asyncio.Event | None = None  # if set, answers wait for it
 
     @property
     def url(self) -> str:
@@ -90,6 +92,8 @@ class JwksServer:
 
     async def jwks(self, request: Request) -> Response:
         self.fetches += 1
+        if self.gate is not None:
+            await self.gate.wait()
         answer: dict[str, Any] = {"keys": [k.jwk() for k in self.keys]}
         if self.padding:
             answer["padding"] = "x" * self.padding

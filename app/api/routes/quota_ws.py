@@ -203,7 +203,10 @@ async def quota_socket(websocket: WebSocket) -> None:
     try:
         principal = await require_principal(websocket, "usage:read", allow_query=True)
     except ApiError:
-        await websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
+        # A client may leave while its credential is checked (an issuer's keys being
+        # fetched): there is no one left to tell.
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.close(code=CLOSE_UNAUTHORIZED, reason="unauthorized")
         return
     svc = services(websocket)
     held = credential(websocket, allow_query=True)
