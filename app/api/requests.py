@@ -24,7 +24,11 @@ def services(conn: HTTPConnection) -> Services:
 
 async def read_json(request: Request) -> Any:
     """The body as JSON, refused with a 4xx if it is too large, not JSON, or not UTF-8."""
-    body = await read_body(request)
+    return json_of(await read_body(request))
+
+
+def json_of(body: bytes) -> Any:
+    """A request body read as JSON (see `read_json`)."""
     if not body:
         raise BadRequest("request body is empty; a JSON object is expected")
     return parse_json(body)

@@ -61,11 +61,16 @@ async def call(
     token: str | None = None,
     *,
     json: Any = None,
+    content: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> httpx.Response:
     async with httpx.AsyncClient(base_url=livegate.base_url, timeout=WAIT) as http:
         return await http.request(
-            method, path, json=json, headers={**bearer(token), **(headers or {})}
+            method,
+            path,
+            json=json,
+            content=content,
+            headers={**bearer(token), **(headers or {})},
         )
 
 
@@ -292,6 +297,39 @@ async def test_passthrough_errors_are_in_the_anki_envelope(
         anki_error(await call(livegate, "POST", "/api/chat", account.api_key, json=body), 400)
     missing = {"model": "no-such-model", "messages": FLASHCARD_PROMPT}
     anki_error(await call(livegate, "POST", "/api/chat", account.api_key, json=missing), 404)
+    assert fake_upstream.requests == []
+
+
+@pytest.mark.parametrize("text", ["a\\u0000b", "a\\ud800b"], ids=["nul", "lone-surrogate"])
+async def test_a_passthrough_body_the_strict_parse_refuses_is_refused_in_the_anki_envelope(
+    livegate: Livegate, fake_upstream: FakeUpstream, text: str
+):
+    """Valid JSON of AnkiLingoFlash's shape, with text no database or upstream takes."""
+    account = await livegate.account()
+    for body in (
+        f'{{"model": "{FAKE_MODEL}", "messages": [{{"role": "user", "content": "{text}"}}]}}',
+        f'{{"model": "{text}", "messages": []}}',
+    ):
+        response = await call(
+            livegate,
+            "POST",
+            "/api/chat",
+            account.api_key,
+            content=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        message = anki_error(response, 400)
+        assert "NUL" in message or "surrogate" in message
+    # Navi's shape, or no shape at all, keeps Navi's envelope.
+    navi = await call(
+        livegate,
+        "POST",
+        "/api/chat",
+        account.api_key,
+        content=f'{{"message": "{text}"}}'.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert navi.status_code == 400 and navi.json()["success"] is False
     assert fake_upstream.requests == []
 
 

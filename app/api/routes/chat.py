@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +21,8 @@ from starlette.routing import Route
 from app.api.envelopes import Surface, surface_error
 from app.api.requests import (
     client_ip,
-    read_json,
+    json_of,
+    read_body,
     request_context,
     require_principal,
     resolve_principal,
@@ -40,12 +42,31 @@ MAX_HISTORY = 100
 PING_SECONDS = 15
 
 
+def _is_anki(payload: Any) -> bool:
+    """Whether a chat body is AnkiLingoFlash's (OpenAI's shape) rather than Navi's."""
+    return isinstance(payload, dict) and "messages" in payload and "message" not in payload
+
+
+def _surface_of(body: bytes) -> Surface:
+    """Whose envelope refuses a body the strict parse refused: AnkiLingoFlash's if the
+    body has its shape once read leniently (with a NUL or a lone surrogate, say)."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # ValueError: and UnicodeDecodeError
+        return Surface.NAVI
+    return Surface.ANKI if _is_anki(payload) else Surface.NAVI
+
+
 async def chat(request: Request) -> Response:
     try:
-        payload = await read_json(request)
+        body = await read_body(request)
     except ApiError as exc:
         return surface_error(Surface.NAVI, exc)
-    if isinstance(payload, dict) and "messages" in payload and "message" not in payload:
+    try:
+        payload = json_of(body)
+    except ApiError as exc:
+        return surface_error(_surface_of(body), exc)
+    if _is_anki(payload):
         try:
             return await _anki_passthrough(request, payload)
         except ApiError as exc:
