@@ -255,8 +255,14 @@ async def test_token_from_another_secret_is_401(livegate: Livegate):
 
 @pytest.mark.parametrize(
     "claims",
-    [{"sub": "\ud800"}, {"sub": "a\x00b"}, {"exp": 1e20}, {"iat": -1e12}],
-    ids=["sub-surrogate", "sub-nul", "exp-past-any-date", "iat-before-any-date"],
+    [
+        {"sub": "\ud800"},
+        {"sub": "a\x00b"},
+        {"exp": 1e20},
+        {"iat": -1e12},
+        {"exp": "99999999999"},
+    ],
+    ids=["sub-surrogate", "sub-nul", "exp-past-any-date", "iat-before-any-date", "exp-string"],
 )
 @pytest.mark.parametrize("path", ["/api/user/profile", "/api/usage/quota"])
 async def test_a_signed_token_whose_claims_no_lookup_takes_is_401(
