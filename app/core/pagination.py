@@ -34,11 +34,24 @@ class Page:
         }
 
 
+def _whole_number(text: str | None, default: int) -> int:
+    """`text` as a number written in ASCII digits, or `default` when it is absent.
+
+    `int` alone also takes signs, spaces, "1_000" and other scripts' digits, which no
+    client means as a page number.
+    """
+    if text is None or text == "":
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_page(page: str | None, limit: str | None, sort: str | None) -> Page:
     """The Playground's `page` (from 1), `limit` (default 20, at most 100), `sort`."""
     try:
-        number = 1 if page in (None, "") else int(page)
-        size = 20 if limit in (None, "") else int(limit)
+        number = _whole_number(page, 1)
+        size = _whole_number(limit, 20)
     except ValueError:
         raise BadRequest("`page` and `limit` must be whole numbers") from None
     if not 1 <= number <= MAX_OFFSET // 100 or not 1 <= size <= 100:
@@ -53,8 +66,8 @@ def parse_offset(
 ) -> tuple[int, int]:
     """Navi's `limit` / `offset` query parameters, checked."""
     try:
-        size = default if limit in (None, "") else int(limit)
-        start = 0 if offset in (None, "") else int(offset)
+        size = _whole_number(limit, default)
+        start = _whole_number(offset, 0)
     except ValueError:
         raise BadRequest("`limit` and `offset` must be whole numbers") from None
     if not 1 <= size <= maximum or not 0 <= start <= MAX_OFFSET:

@@ -796,9 +796,25 @@ async def test_empty_usage_list(livegate: Livegate):
         {"page": "0"},
         {"page": "-1"},
         {"page": "two"},
+        {"page": "+1"},
+        {"limit": "1_0"},
+        {"limit": " 10"},
+        {"page": "\u0663"},
         {"sort": "sideways"},
     ],
-    ids=["limit-101", "limit-0", "limit-text", "page-0", "page-negative", "page-text", "sort"],
+    ids=[
+        "limit-101",
+        "limit-0",
+        "limit-text",
+        "page-0",
+        "page-negative",
+        "page-text",
+        "page-signed",
+        "limit-underscore",
+        "limit-space",
+        "page-arabic-digit",
+        "sort",
+    ],
 )
 async def test_bad_usage_list_params_are_400(livegate: Livegate, params: dict[str, str]):
     account = await livegate.account()

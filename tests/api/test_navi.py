@@ -1091,6 +1091,8 @@ async def test_invalid_save_is_400(livegate: Livegate, case: str):
         ("/api/conversations", {"limit": "ten"}),
         ("/api/conversations", {"offset": "-1"}),
         ("/api/conversations", {"limit": "201"}),
+        ("/api/conversations", {"offset": "+1"}),
+        ("/api/conversations", {"limit": "\uff11"}),
     ],
     ids=[
         "messages-no-conversation",
@@ -1102,6 +1104,8 @@ async def test_invalid_save_is_400(livegate: Livegate, case: str):
         "conversations-limit-text",
         "conversations-offset-negative",
         "conversations-limit-too-big",
+        "conversations-offset-signed",
+        "conversations-limit-fullwidth-digit",
     ],
 )
 async def test_invalid_listing_is_400(livegate: Livegate, path: str, params: dict[str, str]):
