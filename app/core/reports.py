@@ -62,8 +62,10 @@ def _instant(value: str, field: str, *, end_of_day: bool) -> datetime:
         # In UTC, as stored: SQLite compares the text, and a time one offset away from
         # year 1 or 9999 is outside what a datetime holds.
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise BadRequest(f"`{field}` must be an ISO date or datetime") from None
+    except OverflowError:
+        raise BadRequest(f"`{field}` is out of range") from None
 
 
 async def usage_report(

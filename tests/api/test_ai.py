@@ -935,4 +935,6 @@ async def test_dates_at_the_calendar_edges_are_400_not_500(livegate: Livegate, e
             headers={"Authorization": f"Bearer {account.token}"},
         )
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert error["message"] == "`end_date` is out of range"
