@@ -23,6 +23,9 @@ from app.core.upstream_transport import AiohttpTransport
 logger = logging.getLogger("livegate.routing")
 T = TypeVar("T")
 
+# A model name quoted back in an error is cut here: a body may name a megabyte.
+QUOTED_MODEL_LENGTH = 256
+
 # Failures worth another try: the upstream was busy, broken or slow, not the request wrong.
 RETRYABLE = (RateLimited, UpstreamError)
 
@@ -98,6 +101,8 @@ class ModelRouter:
         try:
             return self._chains[model]
         except KeyError:
+            if len(model) > QUOTED_MODEL_LENGTH:
+                model = model[:QUOTED_MODEL_LENGTH] + "…"
             raise NotFound(
                 f"The model `{model}` does not exist or you do not have access to it.",
                 code="model_not_found",

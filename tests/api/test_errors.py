@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.core.config import ServerConfig
+from app.core.routing import QUOTED_MODEL_LENGTH
 from app.core.tables import usage_logs
 from tests.conftest import FAKE_MODEL, Backend, Livegate, StartLivegate
 from tests.fake_upstream import FakeUpstream
@@ -191,6 +192,15 @@ async def test_unknown_model_is_404_model_not_found(livegate: Livegate, stream: 
     assert error["type"] == "invalid_request_error"
     assert "no-such-model" in error["message"]
     assert await usage_rows(livegate, account.user.id) == []
+
+
+async def test_a_long_unknown_model_is_quoted_cut(livegate: Livegate):
+    account = await livegate.account()
+    body = {"model": "m" * 100_000, "messages": HI}
+    error = assert_openai_error(await post_chat(livegate, account.api_key, body), 404)
+    assert error["code"] == "model_not_found"
+    assert f"`{'m' * QUOTED_MODEL_LENGTH}…`" in error["message"]
+    assert len(error["message"]) < QUOTED_MODEL_LENGTH + 100
 
 
 async def test_error_before_auth_check_does_not_leak(livegate: Livegate):
