@@ -22,6 +22,7 @@ import enum
 import ipaddress
 import json
 import logging
+import re
 import secrets as random
 import socket
 from collections.abc import Callable, Iterable
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("livegate.webhooks")
 
 MAX_URL_LENGTH = 2048
+# A host name's labels as DNS carries them (underscores appear in real names too).
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0[xX][0-9A-Fa-f]*)$")
 SECRET_PREFIX = "whsec_"
 USER_AGENT = "Livegate-Webhooks/1"
 # A claimed delivery is left alone by other instances this long past its timeout.
@@ -113,6 +117,31 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
+def _is_host(host: str) -> bool:
+    """Whether `host` (as in the URL, IDNA-encoded) is an IP address or a DNS name.
+
+    A name whose last label is a number is refused unless it is a dotted quad: browsers
+    and resolvers read "2130706433" or "127.1" as an IPv4 address, and nobody means one
+    written that way.
+    """
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        return False
+    if _NUMERIC_LABEL.match(labels[-1]):
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+    return True
+
+
 def validate_url(value: object, allow_private: bool) -> str:
     """An absolute http(s) URL without credentials; no private address unless allowed.
 
@@ -131,6 +160,10 @@ def validate_url(value: object, allow_private: bool) -> str:
         raise BadRequest("`url` must be an absolute http or https URL", details={"field": "url"})
     if url.userinfo:
         raise BadRequest("`url` must not carry credentials", details={"field": "url"})
+    if not _is_host(url.raw_host.decode("ascii")):
+        raise BadRequest("`url` does not name a valid host", details={"field": "url"})
+    if url.port is not None and not 0 < url.port < 65536:
+        raise BadRequest("`url` has a port outside 1-65535", details={"field": "url"})
     if not allow_private:
         host = host.lower().rstrip(".")
         try:

@@ -59,6 +59,43 @@ def test_urls_naming_private_hosts_are_refused(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "http://exa mple.com/",
+        "http://a..example.com/",
+        "http://-a.example.com/",
+        "http://" + "a" * 64 + ".example.com/",
+        # Read as IPv4 addresses by resolvers and browsers.
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0x7f.1/",
+        "http://example.com:0/",
+        "http://example.com:99999/",
+    ],
+)
+def test_urls_without_a_valid_host_or_port_are_refused(url: str) -> None:
+    for allow_private in (False, True):
+        with pytest.raises(BadRequest):
+            validate_url(url, allow_private=allow_private)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.com:8443/in?x=1",
+        "http://a_b.example.com/",
+        "http://example.com./",
+        "http://bücher.example/",
+        "http://8.8.8.8/",
+        "http://[2606:4700::1111]:65535/",
+        "http://example.123abc/",
+    ],
+)
+def test_urls_naming_public_hosts_are_taken(url: str) -> None:
+    assert validate_url(url, allow_private=False) == url
+
+
+@pytest.mark.parametrize(
     "address",
     [
         "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
