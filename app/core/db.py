@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from sqlalchemy import Dialect, TextClause, event, exc, text
 from sqlalchemy.engine import Connection, make_url
@@ -127,6 +127,13 @@ class DriverStatement:
         return args
 
 
+class TransactionNeeded(Exception):
+    """Raised by a check judging a start from its counters alone, with no connection
+    to the database (see `DriverConnection.fetch_judged`), when what it found needs one:
+    a counter to read for a refusal, an event to queue. The start then runs again in a
+    transaction of SQLAlchemy's, where the check has its connection."""
+
+
 class DriverConnection:
     """A connection of the engine's pool, held for the driver to run statements on, one
     batch at a time: `fetch` on PostgreSQL, `transaction` on SQLite.
@@ -186,13 +193,58 @@ class DriverConnection:
                 ) from error
             except BaseException as error:
                 # Lost, broken, or cancelled mid-statement: the connection's state is unknown.
-                await self._invalidate()
-                if isinstance(error, Exception):
-                    raise exc.DBAPIError(
-                        statement.sql, None, error, connection_invalidated=True
-                    ) from error
-                raise
+                await self._lost(statement.sql, error)
             return rows
+
+    async def fetch_judged(
+        self,
+        statement: DriverStatement,
+        params: Mapping[str, object],
+        judge: Callable[[list[asyncpg.Record]], Awaitable[T]],
+    ) -> T:
+        """PostgreSQL: run `statement` with `params` in a transaction, and commit it
+        unless `judge`, given the rows the statement returned, raises; what `judge`
+        returned. The transaction is rolled back when `judge` raises, and its error
+        goes to the caller as it is. Three round trips (BEGIN, the statement, COMMIT)
+        and none of SQLAlchemy's Python around them.
+
+        When the driver fails, the connection is invalidated: the server rolls back a
+        transaction left open, and a COMMIT whose answer was lost may have been done
+        all the same (the caller must treat the outcome as unknown).
+        """
+        args = statement.arguments(params)
+        async with self._lock:
+            connection = await self._connection()
+            driver = connection.driver_connection
+            assert driver is not None  # a connection checked out of the pool
+            transaction = driver.transaction()
+            try:
+                await transaction.start()
+                rows: list[asyncpg.Record] = await driver.fetch(statement.sql, *args)
+            except BaseException as error:
+                await self._lost(statement.sql, error)
+            try:
+                verdict = await judge(rows)
+            except BaseException:
+                try:
+                    await transaction.rollback()
+                except BaseException as error:
+                    with contextlib.suppress(exc.DBAPIError):  # the judge's error is told
+                        await self._lost("ROLLBACK", error)
+                raise
+            try:
+                await transaction.commit()
+            except BaseException as error:
+                await self._lost("COMMIT", error)
+            return verdict
+
+    async def _lost(self, sql: str, error: BaseException) -> NoReturn:
+        """Invalidate the connection after `error` left it in a state unknown, and
+        raise: `error` as SQLAlchemy's `DBAPIError`, or a cancellation as it is."""
+        await self._invalidate()
+        if isinstance(error, Exception):
+            raise exc.DBAPIError(sql, None, error, connection_invalidated=True) from error
+        raise error
 
     async def transaction(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """SQLite: `run` on the connection's own thread, in a transaction that commits

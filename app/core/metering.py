@@ -96,8 +96,10 @@ class RequestInfo:
 
 # Decides, inside the starting transaction, whether a request may go ahead.
 # It gets the quota with the prompt counted, and what became of `also` (see `begin`).
+# Without a connection it judges from those alone, raising `TransactionNeeded` where
+# it would read or write.
 Admission = Callable[
-    [AsyncConnection, QuotaSnapshot, list[tuple[int, int] | None]], Awaitable[None]
+    [AsyncConnection | None, QuotaSnapshot, list[tuple[int, int] | None]], Awaitable[None]
 ]
 FINISH_ATTEMPTS = 4  # a database blip must not leave a row `streaming` unbilled
 # Seconds a limit change overrides the limit a start carries: longer than a request
@@ -612,7 +614,9 @@ class Metering:
             "updated_at": now,
         }
 
-        async def check(conn: AsyncConnection, counted: list[tuple[int, int] | None]) -> None:
+        async def check(
+            conn: AsyncConnection | None, counted: list[tuple[int, int] | None]
+        ) -> None:
             used, seq = counted[0] or (0, 0)  # no limit on tokens: always applied
             await self.warnings.check(
                 conn, info.user_id, "monthly_tokens", used - prompt_tokens, used, info.token_limit

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.config import Settings, TierConfig
+from app.core.db import TransactionNeeded
 from app.core.errors import RateLimited
 from app.core.quota import (
     Increment,
@@ -181,19 +182,22 @@ class Policy:
 
     async def judge_ai_request(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | None,
         subject: str,
         increments: Sequence[Increment],
         counted: list[tuple[int, int] | None],
     ) -> dict[str, WindowUsage]:
         """Raise if a window refused the request (the caller's transaction then rolls
-        every window back: all or none); else each window's use, warnings queued."""
+        every window back: all or none); else each window's use, warnings queued.
+        Without `conn`, `TransactionNeeded` instead of reading or queuing anything."""
         usage: dict[str, WindowUsage] = {}
         windows = self._request_windows(datetime.now(UTC))
         for (window, _), (_, reset_at), inc, after in zip(
             _REQUEST_WINDOWS, windows, increments, counted, strict=True
         ):
             if after is None:
+                if conn is None:
+                    raise TransactionNeeded  # to read what the window holds
                 current = await read_counter(conn, subject, REQUESTS, inc.period)
                 raise QuotaExhausted(
                     f"{window.capitalize()} request limit reached",

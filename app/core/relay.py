@@ -134,7 +134,9 @@ class Relay:
         requests = self._policy.ai_request_increments(user.tier)
 
         async def admit(
-            conn: AsyncConnection, quota: QuotaSnapshot, counted: list[tuple[int, int] | None]
+            conn: AsyncConnection | None,
+            quota: QuotaSnapshot,
+            counted: list[tuple[int, int] | None],
         ) -> None:
             """With the prompt already counted: refuse over the quota, count the request."""
             if limit is not None:

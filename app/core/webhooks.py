@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.core.auth_cache import NEUTRAL, OF_USER
 from app.core.config import WebhooksConfig
-from app.core.db import dialect_insert
+from app.core.db import TransactionNeeded, dialect_insert
 from app.core.errors import BadRequest, Conflict, NotFound
 from app.core.pagination import Page
 from app.core.security import Secrets, new_id
@@ -472,14 +472,18 @@ class QuotaWarnings:
 
     async def check(
         self,
-        conn: AsyncConnection,
+        conn: AsyncConnection | None,
         user_id: str,
         quota_type: str,
         before: int,
         after: int,
         limit: int | None,
     ) -> None:
+        """Queue a `quota.warning` if a threshold lies in (before, after]; without
+        `conn`, raise `TransactionNeeded` instead."""
         if limit and self.crossed(before, after, limit):
+            if conn is None:
+                raise TransactionNeeded
             data = {
                 "quota_type": quota_type,
                 "used": after,

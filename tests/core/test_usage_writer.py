@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.core.db import TransactionNeeded
 from app.core.errors import QuotaExceeded
 from app.core.metering import Admission, Usage, UsageMeter
 from app.core.quota import TOKENS, Increment, QuotaSnapshot, read_counter, read_counter_state
@@ -289,6 +290,96 @@ async def test_a_lone_start_refused_by_a_limit_leaves_neither_its_row_nor_its_co
     async with env.engine.connect() as conn:
         assert await read_counter(conn, user, "requests", "all") == 1
     await first.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_lone_start_with_a_limit_is_judged_from_its_counts_without_sqlalchemy(env: Env):
+    """On PostgreSQL a lone start that a limit may refuse runs on a held connection, and
+    its check gets the counts with no connection; on SQLite, SQLAlchemy's transaction."""
+    postgres = env.engine.dialect.name == "postgresql"
+    metering = env.metering()
+    user = await env.user()
+    also = [Increment("requests", "all", 1, limit=5)]
+    given: list[AsyncConnection | None] = []
+
+    async def admit(conn: AsyncConnection | None, quota: QuotaSnapshot, counted: Counted) -> None:
+        given.append(conn)
+        if quota.used > 10:
+            raise QuotaExceeded("token quota reached")
+
+    with counting_commits(env.engine) as commits:
+        first = await metering.begin(request(user), prompt_tokens=4, admit=admit, also=also)
+        second = await metering.begin(request(user), prompt_tokens=5, admit=admit, also=also)
+        with pytest.raises(QuotaExceeded):
+            await metering.begin(request(user), prompt_tokens=6, admit=admit, also=also)
+        third = await metering.begin(request(user), prompt_tokens=1, admit=admit, also=also)
+    assert commits == ([] if postgres else [1, 1, 1])
+    assert (given[0] is None) is postgres
+    assert len(given) == 4
+    assert [(m._snapshot.used, m._snapshot.seq) for m in (first, second, third)] == [
+        (4, 1),
+        (9, 2),
+        (10, 3),
+    ]
+    rows = await rows_of(env.engine, user)
+    assert sorted(r.id for r in rows) == sorted(m.row_id for m in (first, second, third))
+    await assert_counter(env.engine, user, 10)
+    async with env.engine.connect() as conn:
+        assert await read_counter(conn, user, "requests", "all") == 3
+    for meter in (first, second, third):
+        await meter.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_lone_start_whose_check_needs_the_database_is_run_again_with_it(env: Env):
+    """A check that cannot judge from the counts alone (a count to read, an event to
+    queue) rolls the held connection's transaction back; the start then runs in
+    SQLAlchemy's, counted once."""
+    postgres = env.engine.dialect.name == "postgresql"
+    metering = env.metering()
+    user = await env.user()
+    also = [Increment("requests", "all", 1, limit=5)]
+    seen: list[tuple[bool, QuotaSnapshot, Counted]] = []
+
+    async def admit(conn: AsyncConnection | None, quota: QuotaSnapshot, counted: Counted) -> None:
+        seen.append((conn is None, quota, counted))
+        if conn is None:
+            raise TransactionNeeded
+        await read_counter(conn, user, "requests", "all")
+
+    with counting_commits(env.engine) as commits:
+        meter = await metering.begin(request(user), prompt_tokens=4, admit=admit, also=also)
+    assert commits == [1]
+    judged = QuotaSnapshot(None, 4, meter.period, 1), [(1, 1)]
+    assert seen == ([(True, *judged)] if postgres else []) + [(False, *judged)]
+    assert [r.id for r in await rows_of(env.engine, user)] == [meter.row_id]
+    await assert_counter(env.engine, user, 4)
+    async with env.engine.connect() as conn:
+        assert await read_counter(conn, user, "requests", "all") == 1
+    # The held connection was left clean: the next start goes the same way.
+    again = await metering.begin(request(user), prompt_tokens=2, admit=admit, also=also)
+    assert again._snapshot.used == 6
+    await meter.finish(UsageStatus.COMPLETED)
+    await again.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_lone_start_passing_a_warning_threshold_queues_its_warning(env: Env):
+    metering = env.metering(warnings=QuotaWarnings([50]))
+    user = await env.user()
+    await subscribe_webhook(env, user, "quota.warning")
+    also = [Increment("requests", "all", 1, limit=5)]
+
+    async def admit(conn: AsyncConnection | None, quota: QuotaSnapshot, counted: Counted) -> None:
+        pass
+
+    info = request(user, token_limit=20)
+    first = await metering.begin(info, prompt_tokens=6, admit=admit, also=also)
+    second = await metering.begin(info, prompt_tokens=6, admit=admit, also=also)
+    await assert_counter(env.engine, user, 12)
+    events = [json.loads(e.payload)["data"] for e in await queued_events(env, user)]
+    assert [(e["quota_type"], e["used"], e["limit"]) for e in events] == [
+        ("monthly_tokens", 12, 20)
+    ]
+    await first.finish(UsageStatus.COMPLETED)
+    await second.finish(UsageStatus.COMPLETED)
 
 
 async def test_starts_with_nothing_to_refuse_arriving_together_see_the_counters_one_by_one(
