@@ -10,7 +10,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from app.api.responses import iso_millis
 from app.core.errors import ApiError
@@ -32,7 +32,7 @@ _EXACT: dict[str, Surface] = {
     "/api/generate-flashcard": Surface.ANKI,
     "/api/increment-flashcard-count": Surface.ANKI,
     "/api/check-connectivity": Surface.ANKI,
-    "/oauth-redirect": Surface.ANKI,
+    "/oauth-redirect": Surface.ANKI,  # its errors are plain text (see `error_response`)
 }
 
 # (method or None for any, path prefix, surface); the first match wins.
@@ -137,7 +137,15 @@ def error_body(surface: Surface, exc: ApiError) -> dict[str, Any]:
     return body
 
 
-def error_response(method: str, path: str, exc: ApiError) -> JSONResponse:
+# A page a browser opens, not an API: its spec's one error is this text.
+OAUTH_PAGE = "/oauth-redirect"
+OAUTH_PAGE_FAILURE = "Authentication failed"
+
+
+def error_response(method: str, path: str, exc: ApiError) -> Response:
+    if path == OAUTH_PAGE:
+        text = OAUTH_PAGE_FAILURE if exc.status_code == 400 else exc.message
+        return PlainTextResponse(text, status_code=exc.status_code, headers=exc.headers)
     return surface_error(surface_for(method, path), exc)
 
 

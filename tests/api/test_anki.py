@@ -957,3 +957,23 @@ async def test_oauth_redirect_error_is_400(livegate: Livegate):
     empty = await call(livegate, "GET", "/oauth-redirect?access_token=")
     assert empty.status_code == 400
     assert empty.text == "Authentication failed"
+
+
+@pytest.mark.parametrize(
+    "url", ["/oauth-redirect?access_token=%00", "/oauth-redirect?access_token=a%00b"]
+)
+async def test_oauth_redirect_refused_before_the_route_is_plain_text_too(
+    livegate: Livegate, url: str
+):
+    response = await call(livegate, "GET", url)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text == "Authentication failed"
+    assert response.headers["x-request-id"]
+
+
+async def test_oauth_redirect_wrong_method_is_plain_text(livegate: Livegate):
+    response = await call(livegate, "POST", "/oauth-redirect")
+    assert response.status_code == 405
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "GET" in response.headers["allow"]

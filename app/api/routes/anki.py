@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from app.api.envelopes import OAUTH_PAGE_FAILURE
 from app.api.requests import read_json_object, resolve_principal, services
 from app.core import anki
 from app.core.anki import AnkiCaller, AnkiUser, ProfileChanges
@@ -145,10 +146,10 @@ def _script_literal(value: object) -> str:
 
 async def oauth_redirect(request: Request) -> Response:
     if request.query_params.get("error"):
-        return Response("Authentication failed", status_code=400, media_type="text/plain")
+        return Response(OAUTH_PAGE_FAILURE, status_code=400, media_type="text/plain")
     token = request.query_params.get("access_token")
     if token is not None and (not token or len(token) > 4096):
-        return Response("Authentication failed", status_code=400, media_type="text/plain")
+        return Response(OAUTH_PAGE_FAILURE, status_code=400, media_type="text/plain")
     origins = services(request).settings.anki.opener_origins or ["*"]
     page = _OAUTH_PAGE.replace(
         "__SERVER_TOKEN__", _script_literal(token) if token else "null"
