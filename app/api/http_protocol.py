@@ -19,8 +19,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+from app.api.envelopes import error_response
+from app.core.errors import BadRequest
+from app.core.security import new_id
 
 # The start of every head uvicorn's httptools protocol writes (and of a WebSocket
 # handshake's answer): a body starting with it is held too, which costs nothing but
@@ -88,6 +92,10 @@ class HeadWithBodyTransport:
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a `HeadWithBodyTransport`; pass it as `http`.
 
+    A request it cannot parse (a bad `Content-Length`, a control character in a
+    header, an unknown method) gets its 400 in the envelope of the path's surface,
+    where uvicorn answers in plain text and without a request id.
+
     It also answers 400 to a WebSocket upgrade that the WebSocket protocol would refuse
     for its size (a line past `websockets`' limit, say a long `?token=`): uvicorn's
     default implementation then sends no answer at all and leaves the connection open.
@@ -96,6 +104,21 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         wrapped = HeadWithBodyTransport(transport, self.loop)
         super().connection_made(wrapped)  # type: ignore[arg-type]
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse or hand on, in the envelope of
+        the surface its path names (as far as it was read), with an `X-Request-Id` as
+        every answer of ours has; the connection is closed after it."""
+        path = getattr(self, "url", b"").partition(b"?")[0].decode("latin-1")
+        response = error_response("", path, BadRequest(msg))
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        for name, value in response.raw_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"x-request-id: ", new_id().encode(), b"\r\nconnection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + response.body)
+        self.transport.close()
 
     def handle_websocket_upgrade(self) -> None:
         headers = list(self.scope["headers"])

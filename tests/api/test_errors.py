@@ -731,3 +731,58 @@ async def test_nul_characters_are_400_in_the_surfaces_envelope(start_livegate: S
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "BAD_REQUEST"  # Navi's
     assert literal.status_code in (200, 201), literal.text
+
+
+# --- requests the HTTP parser refuses ----------------------------------------------------
+
+
+async def _raw_exchange(livegate: Livegate, request: bytes) -> tuple[bytes, bytes]:
+    """The head and body answered to `request`, sent as it is; the server then closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", livegate.server.port)
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "envelope"),
+    [
+        (b"GET /v1/models HTTP/1.1\r\nHost: t\r\nContent-Length: 1x\r\n\r\n", "openai"),
+        (b"GET /api/v1/usage HTTP/1.1\r\nHost: t\r\nX-A: a\x01b\r\n\r\n", "playground"),
+        (b"GET /api/user/profile\xff HTTP/1.1\r\nHost: t\r\n\r\n", "sokuji"),
+        (b"BREW /api/user/profile HTTP/1.1\r\nHost: t\r\n\r\n", "sokuji"),
+        (b"GET /oauth-redirect HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", "page"),
+    ],
+    ids=[
+        "bad-content-length",
+        "control-character-in-header",
+        "raw-byte-in-path",
+        "unknown-method",
+        "page",
+    ],
+)
+async def test_a_request_the_parser_refuses_is_a_400_in_its_surfaces_envelope(
+    livegate: Livegate, request_bytes: bytes, envelope: str
+):
+    head, body = await _raw_exchange(livegate, request_bytes)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 400 Bad Request"
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers[b"x-request-id"]
+    assert headers[b"connection"] == b"close"
+    assert int(headers[b"content-length"]) == len(body)
+    if envelope == "page":
+        assert body == b"Authentication failed"
+        return
+    error = json.loads(body)["error"]
+    if envelope == "openai":
+        assert error["type"] == "invalid_request_error"
+        assert error["message"] == "Invalid HTTP request received."
+    elif envelope == "playground":
+        assert error["code"] == "VALIDATION_ERROR"
+    else:
+        assert error == "Invalid HTTP request received."
