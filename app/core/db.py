@@ -205,8 +205,8 @@ class DriverConnection:
         """PostgreSQL: run `statement` with `params` in a transaction, and commit it
         unless `judge`, given the rows the statement returned, raises; what `judge`
         returned. The transaction is rolled back when `judge` raises, and its error
-        goes to the caller as it is. Three round trips (BEGIN, the statement, COMMIT)
-        and none of SQLAlchemy's Python around them.
+        goes to the caller as it is (unless the ROLLBACK fails). Three round trips
+        (BEGIN, the statement, COMMIT) and none of SQLAlchemy's Python around them.
 
         When the driver fails, the connection is invalidated: the server rolls back a
         transaction left open, and a COMMIT whose answer was lost may have been done
@@ -217,21 +217,23 @@ class DriverConnection:
             connection = await self._connection()
             driver = connection.driver_connection
             assert driver is not None  # a connection checked out of the pool
-            transaction = driver.transaction()
             try:
+                # Inside: `transaction()` itself refuses a connection found closed.
+                transaction = driver.transaction()
                 await transaction.start()
                 rows: list[asyncpg.Record] = await driver.fetch(statement.sql, *args)
             except BaseException as error:
                 await self._lost(statement.sql, error)
             try:
                 verdict = await judge(rows)
-            except BaseException:
+            except BaseException as judged:
                 try:
                     await transaction.rollback()
                 except BaseException as error:
-                    with contextlib.suppress(exc.DBAPIError):  # the judge's error is told
-                        await self._lost("ROLLBACK", error)
-                raise
+                    # Not the judge's error: a caller that would run the work again
+                    # could wait on the locks of a session the server has yet to end.
+                    await self._lost("ROLLBACK", error)
+                raise judged
             try:
                 await transaction.commit()
             except BaseException as error:

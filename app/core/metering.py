@@ -89,8 +89,8 @@ class RequestInfo:
     token_limit: int | None
     device_id: str | None = None
     platform: str | None = None
-    # False: the user had no active webhook when the request started, so its end
-    # queues no event and skips looking for subscribers.
+    # False: the user had no active webhook when the request started, so neither its
+    # start nor its end queues an event or looks for subscribers.
     has_webhooks: bool = True
 
 
@@ -618,9 +618,15 @@ class Metering:
             conn: AsyncConnection | None, counted: list[tuple[int, int] | None]
         ) -> None:
             used, seq = counted[0] or (0, 0)  # no limit on tokens: always applied
-            await self.warnings.check(
-                conn, info.user_id, "monthly_tokens", used - prompt_tokens, used, info.token_limit
-            )
+            if info.has_webhooks:
+                await self.warnings.check(
+                    conn,
+                    info.user_id,
+                    "monthly_tokens",
+                    used - prompt_tokens,
+                    used,
+                    info.token_limit,
+                )
             if admit is not None:
                 # What requests in flight here delivered and have yet to write is used too.
                 used += self.unwritten_tokens(info.user_id, period)

@@ -186,10 +186,13 @@ class Policy:
         subject: str,
         increments: Sequence[Increment],
         counted: list[tuple[int, int] | None],
+        *,
+        warn: bool = True,
     ) -> dict[str, WindowUsage]:
         """Raise if a window refused the request (the caller's transaction then rolls
-        every window back: all or none); else each window's use, warnings queued.
-        Without `conn`, `TransactionNeeded` instead of reading or queuing anything."""
+        every window back: all or none); else each window's use, warnings queued
+        (unless not `warn`: the user has no webhook). Without `conn`,
+        `TransactionNeeded` instead of reading or queuing anything."""
         usage: dict[str, WindowUsage] = {}
         windows = self._request_windows(datetime.now(UTC))
         for (window, _), (_, reset_at), inc, after in zip(
@@ -206,7 +209,8 @@ class Policy:
                 )
             used = after[0]
             usage[window] = WindowUsage(used, inc.limit, reset_at)
-            await self._warnings.check(conn, subject, window, used - 1, used, inc.limit)
+            if warn:
+                await self._warnings.check(conn, subject, window, used - 1, used, inc.limit)
         return usage
 
     async def refund_ai_request(self, subject: str, at: datetime) -> None:

@@ -151,7 +151,9 @@ class Relay:
                         "The prompt alone would use up the remaining token quota",
                         details={"quota": before.as_dict(), "prompt_tokens": prompt_tokens},
                     )
-            await self._policy.judge_ai_request(conn, user.id, requests, counted)
+            await self._policy.judge_ai_request(
+                conn, user.id, requests, counted, warn=user.has_webhooks
+            )
 
         info = RequestInfo(
             request_id=context.request_id,

@@ -231,6 +231,69 @@ async def test_a_connection_lost_under_a_driver_statement_leaves_the_pool(
     assert fresh["pid"] != victim["pid"]
 
 
+class Refused(Exception):
+    pass
+
+
+async def test_a_judged_statement_commits_unless_its_judge_raises(
+    engine: AsyncEngine, driver: DriverConnection
+):
+    statement, pid = driven(INSERT, engine), driven(PID, engine)
+    [held] = await driver.fetch(pid, {})
+    seen: list[list[str]] = []
+
+    async def judge(rows: list[asyncpg.Record]) -> str:
+        seen.append([row["id"] for row in rows])
+        # Inside the transaction: another connection does not see the row yet.
+        assert await driven_ids(engine) == []
+        if rows[0]["id"] == "refused":
+            raise Refused
+        return "kept"
+
+    at = datetime.now(UTC)
+    with pytest.raises(Refused):
+        await driver.fetch_judged(statement, {"id": "refused", "at": at}, judge)
+    assert await driven_ids(engine) == []
+    assert await driver.fetch_judged(statement, {"id": "kept", "at": at}, judge) == "kept"
+    assert seen == [["refused"], ["kept"]]
+    assert await driven_ids(engine) == ["kept"]
+    [after] = await driver.fetch(pid, {})
+    assert after["pid"] == held["pid"]  # a refusal rolls back; the connection stays
+
+
+async def test_a_connection_lost_before_a_judged_statement_leaves_the_pool(
+    engine: AsyncEngine, driver: DriverConnection, postgres_url: str
+):
+    statement, pid = driven(INSERT, engine), driven(PID, engine)
+    [victim] = await driver.fetch(pid, {})
+    admin = create_engine(postgres_url)
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(TERMINATE, {"pid": victim["pid"]})
+    finally:
+        await admin.dispose()
+
+    # The driver has read the server's goodbye: the held connection is known closed.
+    assert driver._held is not None
+    held = driver._held.driver_connection
+    for _ in range(500):
+        if held.is_closed():
+            break
+        await asyncio.sleep(0.01)
+    assert held.is_closed()
+
+    async def judge(rows: list[asyncpg.Record]) -> str:
+        return str(rows[0]["id"])
+
+    at = datetime.now(UTC)
+    with pytest.raises(sa.exc.DBAPIError) as lost:
+        await driver.fetch_judged(statement, {"id": "lost", "at": at}, judge)
+    assert lost.value.connection_invalidated
+    assert await driver.fetch_judged(statement, {"id": "after", "at": at}, judge) == "after"
+    [fresh] = await driver.fetch(pid, {})
+    assert fresh["pid"] != victim["pid"]
+
+
 SLEEPING = sa.text(
     "SELECT 1 FROM pg_stat_activity WHERE pid = :pid AND query LIKE 'SELECT pg_sleep%'"
 )

@@ -313,8 +313,8 @@ async def test_a_lone_start_with_a_limit_is_judged_from_its_counts_without_sqlal
             await metering.begin(request(user), prompt_tokens=6, admit=admit, also=also)
         third = await metering.begin(request(user), prompt_tokens=1, admit=admit, also=also)
     assert commits == ([] if postgres else [1, 1, 1])
-    assert (given[0] is None) is postgres
     assert len(given) == 4
+    assert all((conn is None) is postgres for conn in given)
     assert [(m._snapshot.used, m._snapshot.seq) for m in (first, second, third)] == [
         (4, 1),
         (9, 2),
@@ -354,11 +354,41 @@ async def test_a_lone_start_whose_check_needs_the_database_is_run_again_with_it(
     await assert_counter(env.engine, user, 4)
     async with env.engine.connect() as conn:
         assert await read_counter(conn, user, "requests", "all") == 1
-    # The held connection was left clean: the next start goes the same way.
-    again = await metering.begin(request(user), prompt_tokens=2, admit=admit, also=also)
+    # The held connection was rolled back, not replaced, and takes the next start.
+    held = metering.writer._checked_start_connection._held
+
+    async def admit_any(conn: AsyncConnection | None, quota: QuotaSnapshot, counted: Counted):
+        pass
+
+    with counting_commits(env.engine) as commits:
+        again = await metering.begin(request(user), prompt_tokens=2, admit=admit_any, also=also)
+    assert commits == ([] if postgres else [1])
+    assert metering.writer._checked_start_connection._held is held
     assert again._snapshot.used == 6
     await meter.finish(UsageStatus.COMPLETED)
     await again.finish(UsageStatus.COMPLETED)
+
+
+async def test_a_lone_start_of_a_user_without_webhooks_passing_a_threshold_queues_nothing(
+    env: Env,
+):
+    """Nothing to look for, so on PostgreSQL it stays on the held connection."""
+    postgres = env.engine.dialect.name == "postgresql"
+    metering = env.metering(warnings=QuotaWarnings([50]))
+    user = await env.user()
+    await subscribe_webhook(env, user, "quota.warning")  # made after the request read it
+    also = [Increment("requests", "all", 1, limit=5)]
+
+    async def admit(conn: AsyncConnection | None, quota: QuotaSnapshot, counted: Counted) -> None:
+        pass
+
+    info = dataclasses.replace(request(user, token_limit=20), has_webhooks=False)
+    with counting_commits(env.engine) as commits:
+        meter = await metering.begin(info, prompt_tokens=12, admit=admit, also=also)
+    assert commits == ([] if postgres else [1])
+    await assert_counter(env.engine, user, 12)
+    assert await queued_events(env, user) == []
+    await meter.finish(UsageStatus.COMPLETED)
 
 
 async def test_a_lone_start_passing_a_warning_threshold_queues_its_warning(env: Env):
