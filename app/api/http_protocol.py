@@ -109,8 +109,10 @@ class HttpProtocol(HttpToolsProtocol):
         """uvicorn's answer to a request it cannot parse or hand on, in the envelope of
         the surface its path names (as far as it was read), with an `X-Request-Id` as
         every answer of ours has; the connection is closed after it."""
+        # What uvicorn has read of the request: the method once the head was whole.
+        method = getattr(self, "scope", {}).get("method", "")
         path = getattr(self, "url", b"").partition(b"?")[0].decode("latin-1")
-        response = error_response("", path, BadRequest(msg))
+        response = error_response(method, path, BadRequest(msg))
         head = [STATUS_LINE[400]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
