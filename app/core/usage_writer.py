@@ -217,8 +217,7 @@ class UsageWriter:
             raise TransactionNeeded from None  # every increment past its limit
 
         async def judge(rows: list[Any]) -> Counted:
-            counters = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
-            counted = [counters.get((i.metric, i.period)) for i in start.increments]
+            counted = _counted(start, rows)
             if admit is not None:
                 await admit(None, counted)
             return counted
@@ -249,8 +248,7 @@ class UsageWriter:
             insert = RowInsert(usage_logs, start.row)
             statement, params = increments_upsert(start.user_id, start.increments, insert)
             rows = await connection.fetch(self._driver(statement), params)
-            counters = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
-            return [[counters.get((i.metric, i.period)) for i in start.increments]]
+            return [_counted(start, rows)]
         by_keys: dict[tuple[str, ...], list[dict[str, object]]] = {}
         for start in starts:
             by_keys.setdefault(tuple(start.row), []).append(start.row)
@@ -398,6 +396,13 @@ class UsageWriter:
         found = await self._update_connection.transaction(run)
         counters = {(user, period): counter for (user, _, period), counter in found.items()}
         return [counters] * len(writes)
+
+
+def _counted(start: RequestStart, rows: Iterable[Any]) -> Counted:
+    """What became of each of a lone start's increments, from the rows its statement
+    (`increments_upsert`) returned: the counter's (used, seq), or None if refused."""
+    counters = {(row["metric"], row["period"]): (row["used"], row["seq"]) for row in rows}
+    return [counters.get((i.metric, i.period)) for i in start.increments]
 
 
 def _json(value: object) -> str:
