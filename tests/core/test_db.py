@@ -266,13 +266,7 @@ async def test_a_connection_lost_before_a_judged_statement_leaves_the_pool(
 ):
     statement, pid = driven(INSERT, engine), driven(PID, engine)
     [victim] = await driver.fetch(pid, {})
-    admin = create_engine(postgres_url)
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(TERMINATE, {"pid": victim["pid"]})
-    finally:
-        await admin.dispose()
-
+    await terminate_backend(postgres_url, victim["pid"])
     # The driver has read the server's goodbye: the held connection is known closed.
     assert driver._held is not None
     held = driver._held.driver_connection
@@ -298,6 +292,16 @@ SLEEPING = sa.text(
     "SELECT 1 FROM pg_stat_activity WHERE pid = :pid AND query LIKE 'SELECT pg_sleep%'"
 )
 TERMINATE = sa.text("SELECT pg_terminate_backend(:pid)")
+
+
+async def terminate_backend(postgres_url: str, pid: int) -> None:
+    """End the server's side of a connection, from another one."""
+    admin = create_engine(postgres_url)
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(TERMINATE, {"pid": pid})
+    finally:
+        await admin.dispose()
 
 
 # A batch of rows updated by key, joined on arrays: the shape of the usage writer's.
@@ -366,12 +370,7 @@ async def test_a_held_connection_with_settings_lost_is_closed_not_pooled(
     """Its settings cannot be reset: on close it leaves the pool, and nothing raises."""
     driver = DriverConnection(engine, settings=db.PLAN_EACH_RUN)
     [held] = await driver.fetch(driven(PID, engine), {})
-    admin = create_engine(postgres_url)
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(TERMINATE, {"pid": held["pid"]})
-    finally:
-        await admin.dispose()
+    await terminate_backend(postgres_url, held["pid"])
     await driver.close()
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     async with engine.connect() as conn:
